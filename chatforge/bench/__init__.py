@@ -1,0 +1,1 @@
+"""`chatforge bench ...`: speed measurements that print a table (one module per subject)."""

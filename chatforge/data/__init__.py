@@ -1,0 +1,1 @@
+"""Pretraining data: downloads, document streams, and the packing loader."""

@@ -1,0 +1,1 @@
+"""Evaluation: bits per byte, CORE, and the chat task suite."""

@@ -1,0 +1,1 @@
+"""Inference: the KV-cache engine, sampling, and the Python sandbox for tool calls."""

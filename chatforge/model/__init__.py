@@ -1,0 +1,1 @@
+"""The GPT, its optimizer, the --depth dial, and checkpoints."""

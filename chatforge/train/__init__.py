@@ -1,0 +1,1 @@
+"""Training stages (pretrain, midtrain, sft, rl) and the loop pieces they share."""
