@@ -25,6 +25,10 @@ COMMANDS: dict = {
         "eval": ("chatforge.tokenizer_stage:eval", "compression ratio next to GPT-2/GPT-4 encodings"),
     }),
     "pretrain": ("chatforge.train.pretrain", "pretrain a base model; --depth sets its size"),
+    "eval": ("evaluate a checkpoint", {
+        "base": ("chatforge.eval.base_stage", "CORE and bits per byte of a base model"),
+        "chat": ("chatforge.eval.chat_stage", "the chat task suite and ChatCORE"),
+    }),
     "chat": ("chatforge.chat_cli", "chat with a checkpoint in the terminal"),
     "bench": ("measure speed; each prints a table", {
         "tokenizer": ("chatforge.bench.tokenizer", "tokenizer training time and encode throughput"),
