@@ -1,0 +1,357 @@
+"""The GPT: a decoder-only Transformer, its training forward, its KV-cache forward, and its FLOPs.
+
+Where it sits: `train/*` calls `forward(idx, targets)` for a loss; `infer/engine.py` allocates a
+`KVCache` and calls `forward(idx, kv_cache=cache)` for logits; `model/optim.py` updates the weights;
+`model/parallel.py` wraps a built model in compile/FP8 from outside (this file knows neither).
+
+The architecture, top to bottom, and why:
+- token embedding, untied from the output head (separate tables learn faster at small scale);
+- n_layer blocks of  x + attn(norm(x))  then  x + mlp(norm(x))  (pre-norm residual stream);
+- RMSNorm without learnable gain (`F.rms_norm`): the optimizer has nothing to tune there;
+- attention with rotary position embeddings (RoFormer), QK-norm (keeps attention logits bounded so
+  higher learning rates stay stable), optional grouped-query attention (n_kv_head divides n_head,
+  as in GQA, Ainslie et al. 2023) and an optional per-layer sliding window;
+- MLP with ReLU² activation (Primer, So et al. 2021), 4x width, no biases anywhere;
+- a final norm, the output head, and logit soft-capping  softcap * tanh(logits / softcap)  (Gemma 2)
+  which keeps early-training logits from running away.
+
+Sliding windows: `window_pattern` is a string of `S`/`L` tiled over the layers; `L` attends to the
+whole context, `S` to the last `short_window(config)` = sequence_len // 4 tokens (512 at seq 2048:
+a quarter of the context cuts attention cost while the L layers keep long-range reach). The last
+layer is always `L`, whatever the pattern says, so the final representation sees everything.
+
+Precision: every parameter is fp32 (the optimizer's master copy). On CUDA the training stage runs
+the forward under autocast (bf16); the embedding output is cast to the autocast dtype right away so
+the residual stream is bf16 too. We do not store the embedding table itself in bf16: AdamW updates
+of ~1e-4 relative size vanish in bf16's 8-bit mantissa, and the table is small next to activations.
+Logits are always returned in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chatforge.errors import UsageError
+
+# Rotary tables cover this many times sequence_len, so generation may run past the training length.
+ROTARY_MARGIN = 10
+ROTARY_BASE = 10000.0
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "L"
+    softcap: float = 15.0
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise UsageError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}; change --depth or the head size")
+        if (self.n_embd // self.n_head) % 2 != 0:
+            raise UsageError(f"head_dim {self.n_embd // self.n_head} must be even for rotary embeddings; change the head size")
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0:
+            raise UsageError(f"n_kv_head {self.n_kv_head} must divide n_head {self.n_head}; change --n-kv-head")
+        pattern = self.window_pattern.upper()
+        if not pattern or set(pattern) - {"S", "L"}:
+            raise UsageError(f"--window-pattern {self.window_pattern!r} must be a non-empty string of S and L, e.g. SSSL")
+        self.window_pattern = pattern
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def short_window(config: GPTConfig) -> int:
+    """How many past tokens (including itself) an `S` layer's query may see."""
+    return max(1, config.sequence_len // 4)
+
+
+def layer_windows(config: GPTConfig) -> list[int | None]:
+    """Per layer: a window length for `S` layers, None for full-context `L` layers (the last is always L)."""
+    pattern = config.window_pattern
+    windows = [short_window(config) if pattern[i % len(pattern)] == "S" else None for i in range(config.n_layer)]
+    windows[-1] = None
+    return windows
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary position embeddings
+
+
+def rotary_tables(head_dim: int, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (length, head_dim // 2), fp32: pair i of a head rotates at base^(-2i/D)."""
+    inv_freq = 1.0 / (ROTARY_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, D) by cos/sin broadcastable to (B, T, 1, D/2); the two halves of D form the pairs."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],))
+
+
+# ---------------------------------------------------------------------------------------------
+# the blocks
+
+_block_masks: dict = {}
+
+
+def _window_block_mask(T: int, window: int, device: torch.device):
+    """FlexAttention block mask for causal attention within `window` tokens; built once per shape."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (T, window, str(device))
+    if key not in _block_masks:
+        def sliding_causal(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+        _block_masks[key] = create_block_mask(sliding_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+    return _block_masks[key]
+
+
+_flex_attention = None
+
+
+def _flex(q, k, v, block_mask, enable_gqa):
+    # FlexAttention is only fast as a compiled kernel; compiling just this call is how it is meant to
+    # be used, and it nests inside a whole-model torch.compile from parallel.py.
+    global _flex_attention
+    if _flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int, window: int | None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.window = window
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache=None, positions=None):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)      # (B, T, H, D)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)   # (B, T, Hkv, D)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)   # (B, T, Hkv, D)
+        # QK-norm, then rotate (RMS over D is unchanged by the rotation, so the order is free)
+        q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        if kv_cache is None:
+            y = self._attend_training(q, k, v)
+        else:
+            y = self._attend_cached(q, k, v, kv_cache, positions)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
+        return self.c_proj(y)
+
+    def _attend_training(self, q, k, v):
+        T = q.shape[2]
+        gqa = self.n_kv_head != self.n_head
+        if self.window is None or self.window >= T:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if q.device.type == "cuda":
+            return _flex(q, k, v, _window_block_mask(T, self.window, q.device), gqa)
+        i = torch.arange(T, device=q.device)
+        allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)  # (Tq, Tk)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
+
+    def _attend_cached(self, q, k, v, cache: "KVCache", positions):
+        """Write k/v at each row's positions, then attend over the whole static cache with a mask.
+
+        positions: (B, T) absolute positions of the new tokens. Shapes never depend on the values
+        in `cache.lengths`, so a decode step has no host sync and can be captured in a CUDA graph.
+        """
+        B, H, T, D = q.shape
+        k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]  # (B, Hkv, L, D)
+        L = k_cache.shape[2]
+        where = positions[:, None, :, None].expand(B, self.n_kv_head, T, D)
+        k_cache.scatter_(2, where, k.to(k_cache.dtype))
+        v_cache.scatter_(2, where, v.to(v_cache.dtype))
+        key_pos = torch.arange(L, device=q.device)
+        delta = positions[:, :, None] - key_pos[None, None, :]  # (B, T, L): query pos - key pos
+        allowed = delta >= 0
+        if self.window is not None:
+            allowed = allowed & (delta < self.window)
+        # GQA without copying the cache: fold each kv head's G query heads into the query axis
+        G = H // self.n_kv_head
+        q = q.reshape(B, self.n_kv_head, G * T, D).to(k_cache.dtype)  # (B, Hkv, G*T, D)
+        mask = allowed[:, None].repeat(1, 1, G, 1)                     # (B, 1, G*T, L)
+        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+        return y.reshape(B, H, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int, window: int | None):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx, window)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache=None, positions=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, positions)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.windows = layer_windows(config)
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i, w) for i, w in enumerate(self.windows)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.rotary_len = config.sequence_len * ROTARY_MARGIN
+        cos, sin = rotary_tables(config.head_dim, self.rotary_len)
+        # not saved in checkpoints: recomputed by init_weights() (call it after `to_empty`)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Fresh weights, and the rotary tables recomputed on the model's device.
+
+        Input-side matrices get uniform(-a, a) with std 1/sqrt(fan_in); output projections of each
+        residual branch start at zero, so at step 0 every block is the identity and the signal path
+        is the embedding straight into the head. The head starts tiny so initial logits are ~uniform.
+        """
+        cfg = self.config
+        bound = math.sqrt(3.0 / cfg.n_embd)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -bound, bound)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        cos, sin = rotary_tables(cfg.head_dim, self.rotary_len, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if include_embedding else n - self.transformer.wte.weight.numel()
+
+    def estimate_flops(self) -> float:
+        """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention scores.
+
+        Attention per layer per token: 12 * n_head * head_dim * span, where span is the window for
+        `S` layers and sequence_len for `L` layers (counted over the full span, as nanochat and
+        the PaLM paper's MFU do, not halved for causality). The embedding is a lookup, not a matmul.
+        """
+        cfg = self.config
+        matmul_params = self.num_params(include_embedding=False)
+        attn = sum(12 * cfg.n_head * cfg.head_dim * min(w or cfg.sequence_len, cfg.sequence_len) for w in self.windows)
+        return 6.0 * matmul_params + attn
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: "KVCache | None" = None,
+                loss_reduction: str = "mean"):
+        """idx (B, T) int64. Returns fp32 logits (B, T, V), or with targets the cross-entropy loss:
+        a scalar for "mean"/"sum", (B, T) for "none" (0 where targets == -1, which is ignored)."""
+        B, T = idx.shape
+        if kv_cache is None:
+            if T > self.rotary_len:
+                raise UsageError(f"sequence of {T} tokens is longer than the rotary table ({self.rotary_len}); lower --max-seq-len")
+            positions = None
+            cos, sin = self.cos[None, :T, None, :], self.sin[None, :T, None, :]  # (1, T, 1, D/2)
+        else:
+            positions = kv_cache.lengths[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]  # (B, T, 1, D/2)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = norm(x)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache, positions)
+        x = norm(x)
+        logits = self.lm_head(x).float()  # (B, T, V)
+        if self.config.softcap > 0:
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        if kv_cache is not None:
+            kv_cache.lengths += T
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
+                               reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
+
+
+class KVCache:
+    """Static keys and values for generation: (n_layer, B, n_kv_head, max_len, head_dim) each.
+
+    Row b's next tokens go at positions lengths[b], lengths[b]+1, ...; the model advances `lengths`
+    after each forward. Rows may sit at different lengths during decode; attention always runs over
+    the whole max_len with a mask, so no shape depends on the data.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype=torch.float32):
+        limit = config.sequence_len * ROTARY_MARGIN
+        if max_len > limit:
+            raise UsageError(f"KV cache max_len {max_len} exceeds the model's rotary range {limit}; ask for fewer tokens")
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.config = config
+        self.batch_size, self.max_len = batch_size, max_len
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+
+    @torch.no_grad()
+    def copy_rows(self, src_cache: "KVCache", src_rows, dst_rows) -> None:
+        """Copy rows src_rows of src_cache into rows dst_rows of this cache (keys, values, lengths).
+
+        src_cache may be shorter (max_len) than this one; its positions land at the same indices.
+        """
+        src = torch.as_tensor(src_rows, dtype=torch.int64, device=src_cache.k.device)
+        dst = torch.as_tensor(dst_rows, dtype=torch.int64, device=self.k.device)
+        if src.numel() != dst.numel():
+            raise ValueError(f"copy_rows got {src.numel()} source rows and {dst.numel()} destination rows")
+        n = src_cache.max_len
+        if n > self.max_len:
+            raise ValueError(f"source cache max_len {n} is longer than this cache's {self.max_len}")
+        self.k[:, dst, :, :n] = src_cache.k[:, src].to(self.k)
+        self.v[:, dst, :, :n] = src_cache.v[:, src].to(self.v)
+        self.lengths[dst] = src_cache.lengths[src].to(self.lengths.device)
