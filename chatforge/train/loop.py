@@ -1,0 +1,249 @@
+"""What every training stage shares: schedules, the accumulated training step, divergence checks,
+eval/save cadence, and throughput/MFU/memory bookkeeping.
+
+Small functions rather than a trainer class, so pretrain, midtrain, SFT and RL each keep their own
+loop in plain sight and share only the arithmetic that must not drift between them.
+
+Schedule defaults follow nanochat's current pretraining recipe (ARCHITECTURE/REFERENCE.md): no
+warmup (Muon is stable from step 0), a constant phase, then a linear warmdown over the last 65% of
+the steps to 5% of the peak LR — the warmup-stable-decay ("WSD") shape, which keeps a high LR for
+most of the run and gets the annealing gain at the end. Muon's momentum warms from 0.85 to 0.95
+over the first 300 steps (modded-nanogpt's recipe: low momentum while the gradients are large and
+noisy), and weight decay falls linearly to zero so the final weights are not pulled toward zero
+while the LR is already small.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from chatforge.errors import TrainingDiverged
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+
+@dataclass
+class Schedule:
+    num_iterations: int
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.65
+    final_lr_frac: float = 0.05
+    momentum_start: float = 0.85
+    momentum_end: float = 0.95
+    momentum_warmup_steps: int = 300
+    decay_weight_decay: bool = True
+
+    def lr_multiplier(self, step: int) -> float:
+        """1.0 on the plateau; ramps up over warmup, down linearly to final_lr_frac over warmdown."""
+        n = self.num_iterations
+        warmup = round(self.warmup_ratio * n)
+        warmdown = round(self.warmdown_ratio * n)
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if warmdown <= 0 or step <= n - warmdown:
+            return 1.0
+        left = max(n - step, 0) / warmdown  # 1 at the start of warmdown, 0 at the last step
+        return self.final_lr_frac + (1.0 - self.final_lr_frac) * left
+
+    def muon_momentum(self, step: int) -> float:
+        if self.momentum_warmup_steps <= 0:
+            return self.momentum_end
+        frac = min(step / self.momentum_warmup_steps, 1.0)
+        return self.momentum_start + (self.momentum_end - self.momentum_start) * frac
+
+    def weight_decay_multiplier(self, step: int) -> float:
+        if not self.decay_weight_decay or self.num_iterations <= 0:
+            return 1.0
+        return max(1.0 - step / self.num_iterations, 0.0)
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, step: int, schedule: Schedule) -> dict:
+    """Set every param group's lr (from its `initial_lr`), Muon momentum and weight decay for `step`.
+
+    The first call records each group's starting weight decay as `initial_weight_decay`, which
+    then travels inside the optimizer's state_dict, so a resumed run scales the same base value.
+    Returns the values set, for logging.
+    """
+    lrm = schedule.lr_multiplier(step)
+    momentum = schedule.muon_momentum(step)
+    wdm = schedule.weight_decay_multiplier(step)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group.get("kind") == "muon":
+            group["momentum"] = momentum
+        if "weight_decay" in group:
+            group.setdefault("initial_weight_decay", group["weight_decay"])
+            group["weight_decay"] = group["initial_weight_decay"] * wdm
+    return {"lr_multiplier": lrm, "muon_momentum": momentum, "weight_decay_multiplier": wdm}
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer step's worth of forward/backward
+
+def grad_accum_steps(total_batch_tokens: int, device_batch_size: int, seq_len: int, world_size: int) -> int:
+    """How many micro-batches each rank runs so that all ranks together fill the total batch.
+
+    Returns 0 when it does not divide; the caller names the flags in its error (it knows them).
+    """
+    per_micro = device_batch_size * seq_len * world_size
+    if per_micro <= 0 or total_batch_tokens % per_micro:
+        return 0
+    return total_batch_tokens // per_micro
+
+
+def accumulate_gradients(model: torch.nn.Module, batches, accum_steps: int, runtime) -> torch.Tensor:
+    """Forward/backward `accum_steps` micro-batches from `batches`; returns the mean loss (detached).
+
+    Each micro loss is divided by `accum_steps` before backward, so the summed gradient equals the
+    gradient of the mean loss over the whole batch — the same update as one big batch, provided
+    every micro-batch has the same number of counted targets (true for packed pretraining rows).
+    Gradients are not all-reduced here: the optimizer does its own communication across ranks.
+    """
+    total = None
+    for _ in range(accum_steps):
+        inputs, targets = next(batches)
+        with runtime.autocast():
+            loss = model(inputs, targets)
+        (loss / accum_steps).backward()
+        detached = loss.detach().float()
+        total = detached if total is None else total + detached
+    return total / accum_steps
+
+
+def global_mean(value: torch.Tensor) -> float:
+    """The mean of a scalar over all ranks (one tiny all-reduce), as a Python float.
+
+    Used on the loss every step: a NaN on one rank then stops every rank at the same step instead
+    of leaving the others waiting in the next collective.
+    """
+    value = value.detach().float().clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value.item()
+
+
+def check_finite(loss: float, step: int, last_checkpoint: str | None) -> None:
+    if math.isfinite(loss):
+        return
+    where = (f"the last good checkpoint is {last_checkpoint} (resume from it with --resume, perhaps "
+             "with a lower learning rate)") if last_checkpoint else "no checkpoint was saved yet"
+    raise TrainingDiverged(f"loss became {loss} at step {step}; {where}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cadence
+
+def is_due(step: int, every: int, last_step: int) -> bool:
+    """True every `every` steps (never when `every` <= 0) and always at the final step."""
+    if every <= 0:
+        return False
+    return step % every == 0 or step == last_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput, MFU, memory
+
+# Dense bf16 peak of one GPU, from the vendors' datasheets (no sparsity).
+_PEAK_BF16_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("4090", 165e12),
+)
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    """Peak bf16 FLOP/s of the device, or None where we do not know it (CPU, MPS, other GPUs)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in _PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+def memory_stats(device: torch.device | str) -> dict:
+    """Peak allocated/reserved GPU memory in GiB; empty off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+    return {
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+        "reserved_memory_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+    }
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps timed so far, skipping the first few (compilation, warmup)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float | None, peak_flops_per_device: float | None,
+                 world_size: int = 1, skip_steps: int = 3):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops_per_device * world_size if peak_flops_per_device else None
+        self.skip_steps = skip_steps
+        self.steps_seen = 0
+        self.timed_steps = 0
+        self.timed_seconds = 0.0
+        self.last_step_seconds = 0.0
+
+    def record(self, seconds: float) -> None:
+        self.steps_seen += 1
+        self.last_step_seconds = seconds
+        if self.steps_seen > self.skip_steps:
+            self.timed_steps += 1
+            self.timed_seconds += seconds
+
+    @property
+    def step_seconds(self) -> float:
+        if self.timed_steps:
+            return self.timed_seconds / self.timed_steps
+        return self.last_step_seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        s = self.step_seconds
+        return self.tokens_per_step / s if s > 0 else 0.0
+
+    @property
+    def mfu(self) -> float | None:
+        """Model FLOPs utilisation as a fraction (0.47 = 47%); None without a known peak."""
+        if not self.peak or not self.flops_per_token:
+            return None
+        return self.flops_per_token * self.tokens_per_second / self.peak
+
+    def eta_seconds(self, steps_left: int) -> float:
+        return steps_left * self.step_seconds
+
+    def summary(self) -> dict:
+        out = {"tok_per_s": round(self.tokens_per_second, 1), "step_ms": round(1000 * self.step_seconds, 2)}
+        if self.mfu is not None:
+            out["mfu"] = round(100 * self.mfu, 2)
+        return out
+
+
+class StepTimer:
+    """Wall time of one step, synchronising the device so queued GPU work is counted."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+        self.start = 0.0
+
+    def __enter__(self):
+        self.runtime.synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.runtime.synchronize()
+        self.seconds = time.perf_counter() - self.start
