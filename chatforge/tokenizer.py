@@ -56,6 +56,10 @@ _FORMAT = "chatforge-bpe"
 _FORMAT_VERSION = 1
 
 
+class EmptyCorpusError(DataError):
+    """Training was given no text at all."""
+
+
 def utf8_safe(text: str) -> str:
     """`text` with every lone surrogate replaced by U+FFFD (a surrogate pair becomes its character)."""
     try:
@@ -114,7 +118,7 @@ class Tokenizer:
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(cleaned(), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
         if seen["chars"] == 0:
-            raise DataError("the training corpus is empty (no non-empty documents); check --data or --corpus")
+            raise EmptyCorpusError("the training corpus is empty (no non-empty documents); check --data or --corpus")
         ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
         tokenizer = cls(ranks, trainer.get_pattern())
         if tokenizer.vocab_size < vocab_size:
