@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mb", type=float, default=100.0, help="MB of text to train and encode on")
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--data", default=None, help="text to use (default: ../shared/data/pretrain if present)")
-    parser.add_argument("--doc-cap", type=int, default=10000, help="characters kept from each document")
+    parser.add_argument("--doc-cap", type=int, default=10000, help="documents are cut into pieces of this many characters")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for encode_batch")
 
 
@@ -51,12 +51,15 @@ def collect_documents(data: str | None, n_bytes: int, doc_cap: int) -> tuple[lis
     from chatforge.data.corpus import open_corpus
 
     docs, total = [], 0
-    for text in open_corpus(source).iter_texts(n_bytes, doc_cap):
-        size = len(text.encode("utf-8"))
-        if total + size > n_bytes:
-            break
-        docs.append(text)
-        total += size
+    for document in open_corpus(source).iter_documents("train"):
+        # Long documents are cut into doc_cap pieces (not truncated) so that all the text is used.
+        for start in range(0, len(document), doc_cap):
+            piece = document[start:start + doc_cap]
+            size = len(piece.encode("utf-8"))
+            if total + size > n_bytes:
+                return docs, source
+            docs.append(piece)
+            total += size
     return docs, source
 
 
