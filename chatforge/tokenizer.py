@@ -166,6 +166,8 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text for the ids; a token sequence cut inside a UTF-8 character decodes to U+FFFD there."""
+        if hasattr(ids, "tolist"):  # a tensor or array of ids
+            ids = ids.tolist()
         return self._enc.decode(list(ids))
 
     def id_to_bytes(self, token_id: int) -> bytes:

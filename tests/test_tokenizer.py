@@ -77,6 +77,15 @@ def test_round_trip_arbitrary_text(tok, text):
     assert not any(tok.is_special(i) for i in ids)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=511), max_size=30))
+def test_decode_any_ids(tok, ids):
+    # Any id sequence decodes (a cut UTF-8 character becomes U+FFFD), also from a tensor.
+    text = tok.decode(ids)
+    assert isinstance(text, str)
+    assert tok.decode(torch.tensor(ids, dtype=torch.long)) == text
+
+
 def test_lone_surrogates_become_replacement_char(tok):
     assert utf8_safe("a\ud800b") == "a\ufffdb"
     assert tok.decode(tok.encode("a\udcffb")) == "a\ufffdb"
