@@ -1,0 +1,229 @@
+"""The --depth dial: one integer derives the model's shape, learning rates, batch size and horizon.
+
+Where it sits: `chatforge pretrain --depth D` calls `derive(D, **flags)`, prints `describe()`, builds
+`GPT(s.model_config())` and `build_optimizer(model, **s.optimizer_kwargs())`, and trains for
+`s.num_iterations` steps of `s.total_batch_size` tokens. Every value can be overridden by its flag
+(`FLAGS` names it); a value given explicitly is shown as such, a derived one with its rule.
+
+The rules (after nanochat, which tuned them on the same architecture):
+- width n_embd = 64 x depth, rounded up to a multiple of head_dim (128 by default; toys may use
+  less), n_head = n_embd / head_dim, n_kv_head = n_head (plain multi-head attention);
+- token budget = ratio x non-embedding parameters (every matmul weight, lm_head included; the
+  embedding is a lookup and Chinchilla-style fits work better without it), ratio 10.5;
+- total batch: the ideal batch grows with the budget as D^0.383 (the "Power Lines" fit of Bergsma
+  et al. 2025), anchored at 2^19 tokens for depth 12's budget; we take the largest power-of-two
+  multiple of the tokens one micro-step processes (device batch x seq len x ranks) not above that
+  ideal (smaller batches spend tokens more efficiently; at least one micro-step), so gradient
+  accumulation always divides evenly. At seq 2048 this gives 0.5M tokens for d12-d20, 1M for d26;
+- learning rates: Muon 0.02, AdamW 0.2 (embedding), 0.004 (head), 0.5 (scalars) at width 768 and
+  batch 2^19. AdamW rates scale as 1/sqrt(n_embd / 768) (muP-like: wider layers take smaller
+  per-coordinate steps); all rates scale as sqrt(batch / 2^19) (the square-root rule for adaptive
+  optimizers), clamped to [1/4, 2] so CPU toys with 100-token batches keep rates that still learn;
+- num_iterations = budget / total batch, rounded up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from chatforge.errors import UsageError
+from chatforge.model.gpt import GPT, GPTConfig
+
+ASPECT = 64                 # n_embd per layer of depth
+REFERENCE_WIDTH = 768       # the width the base learning rates were tuned at
+REFERENCE_BATCH = 2 ** 19   # tokens per step the base learning rates were tuned at
+REFERENCE_DEPTH = 12        # whose token budget gets REFERENCE_BATCH
+BATCH_EXPONENT = 0.383      # ideal batch ~ budget^0.383
+BATCH_LR_CLAMP = (0.25, 2.0)
+
+# the command-line flag that overrides each derived value (used in messages and by add_arguments)
+FLAGS = {
+    "head_dim": "--head-dim", "n_embd": "--n-embd", "n_head": "--n-head", "n_kv_head": "--n-kv-head",
+    "sequence_len": "--max-seq-len", "vocab_size": "--vocab-size", "window_pattern": "--window-pattern",
+    "device_batch_size": "--device-batch-size", "world_size": "--world-size",
+    "total_batch_size": "--total-batch-size", "target_param_data_ratio": "--target-param-data-ratio",
+    "num_iterations": "--num-iterations", "matrix_lr": "--matrix-lr", "embedding_lr": "--embedding-lr",
+    "unembedding_lr": "--unembedding-lr", "scalar_lr": "--scalar-lr", "weight_decay": "--weight-decay",
+}
+
+
+@dataclass
+class Scaling:
+    depth: int
+    head_dim: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int
+    sequence_len: int
+    vocab_size: int
+    window_pattern: str
+    num_params: int
+    num_scaling_params: int
+    flops_per_token: float
+    target_param_data_ratio: float
+    target_tokens: int
+    device_batch_size: int
+    world_size: int
+    total_batch_size: int
+    grad_accum_steps: int
+    num_iterations: int
+    matrix_lr: float
+    embedding_lr: float
+    unembedding_lr: float
+    scalar_lr: float
+    weight_decay: float
+    sources: dict = field(default_factory=dict, repr=False)
+
+    def model_config(self) -> GPTConfig:
+        return GPTConfig(sequence_len=self.sequence_len, vocab_size=self.vocab_size, n_layer=self.depth,
+                         n_head=self.n_head, n_kv_head=self.n_kv_head, n_embd=self.n_embd,
+                         window_pattern=self.window_pattern)
+
+    def optimizer_kwargs(self) -> dict:
+        return dict(matrix_lr=self.matrix_lr, embedding_lr=self.embedding_lr, unembedding_lr=self.unembedding_lr,
+                    scalar_lr=self.scalar_lr, weight_decay=self.weight_decay)
+
+    def describe(self) -> str:
+        """Every value, one per line, with where it came from."""
+        lines = []
+        for f in fields(self):
+            if f.name == "sources":
+                continue
+            value = getattr(self, f.name)
+            shown = f"{value:,}" if isinstance(value, int) else (f"{value:.4g}" if isinstance(value, float) else value)
+            lines.append(f"  {f.name:<24} {shown:<16} {self.sources.get(f.name, '')}")
+        return "derived from --depth:\n" + "\n".join(lines)
+
+
+def _count(config: GPTConfig) -> tuple[int, int, float]:
+    """(total params, non-embedding params, FLOPs per token) of a model of this shape, built on meta."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return model.num_params(), model.num_params(include_embedding=False), model.estimate_flops()
+
+
+def _budget(depth: int, head_dim: int, sequence_len: int, vocab_size: int, ratio: float) -> int:
+    n_embd = math.ceil(ASPECT * depth / head_dim) * head_dim
+    cfg = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
+                    n_head=n_embd // head_dim, n_kv_head=n_embd // head_dim, n_embd=n_embd)
+    return int(ratio * _count(cfg)[1])
+
+
+def derive(depth: int, **overrides) -> Scaling:
+    """All values for a model of `depth` layers; keyword overrides (None = not given) win over the rules."""
+    unknown = set(overrides) - set(FLAGS)
+    if unknown:
+        raise TypeError(f"derive() got unknown overrides {sorted(unknown)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    src: dict[str, str] = {"depth": "--depth"}
+
+    def pick(name, rule, value):
+        if name in given:
+            src[name] = f"{FLAGS[name]} (given)"
+            return given[name]
+        src[name] = rule
+        return value
+
+    if not isinstance(depth, int) or depth < 1:
+        raise UsageError(f"--depth {depth} must be a positive integer (e.g. --depth 4 for a CPU toy, 20 for GPU)")
+    for name in ("head_dim", "n_embd", "n_head", "n_kv_head", "sequence_len", "vocab_size",
+                 "device_batch_size", "world_size", "total_batch_size", "num_iterations"):
+        if name in given and (not isinstance(given[name], int) or given[name] < 1):
+            raise UsageError(f"{FLAGS[name]} {given[name]} must be a positive integer")
+
+    n_embd_default_head = given.get("head_dim", 128)
+    if "n_head" in given and "head_dim" in given:
+        raise UsageError("give --n-head or --head-dim, not both (one follows from the other and --n-embd)")
+    n_embd = pick("n_embd", f"{ASPECT} x depth rounded up to head_dim",
+                  math.ceil(ASPECT * depth / n_embd_default_head) * n_embd_default_head)
+    if "n_head" in given:
+        n_head = pick("n_head", "", given["n_head"])
+        if n_embd % n_head:
+            raise UsageError(f"--n-embd {n_embd} is not divisible by --n-head {n_head}; change one of them")
+        head_dim = n_embd // n_head
+        src["head_dim"] = "n_embd / n_head"
+    else:
+        head_dim = pick("head_dim", "default", 128)
+        if n_embd % head_dim:
+            raise UsageError(f"--n-embd {n_embd} is not divisible by --head-dim {head_dim}; change one of them")
+        n_head = n_embd // head_dim
+        src["n_head"] = "n_embd / head_dim"
+    n_kv_head = pick("n_kv_head", "= n_head (no GQA)", n_head)
+    if n_head % n_kv_head:
+        raise UsageError(f"--n-kv-head {n_kv_head} must divide the number of heads {n_head}")
+    sequence_len = pick("sequence_len", "default", 2048)
+    vocab_size = pick("vocab_size", "default (the tokenizer's size when training)", 32768)
+    window_pattern = pick("window_pattern", "default (full attention)", "L")
+
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                       n_kv_head=n_kv_head, n_embd=n_embd, window_pattern=window_pattern)
+    num_params, num_scaling, flops = _count(config)
+    src.update(num_params="counted", num_scaling_params="counted: all but the embedding",
+               flops_per_token="6 x matmul params + attention")
+
+    ratio = pick("target_param_data_ratio", "default (tokens per non-embedding param)", 10.5)
+    target_tokens = int(ratio * num_scaling)
+    src["target_tokens"] = "ratio x non-embedding params"
+
+    device_batch_size = pick("device_batch_size", "default", 32)
+    world_size = pick("world_size", "ranks started by torchrun", 1)
+    micro_tokens = device_batch_size * sequence_len * world_size
+    reference = _budget(REFERENCE_DEPTH, 128, sequence_len, vocab_size, ratio)
+    ideal = REFERENCE_BATCH * (target_tokens / reference) ** BATCH_EXPONENT
+    doublings = max(0, math.floor(math.log2(ideal / micro_tokens)))
+    total_batch_size = pick("total_batch_size",
+                            f"largest power-of-2 multiple of {micro_tokens:,} tokens/micro-step up to "
+                            f"{ideal:,.0f} (budget^{BATCH_EXPONENT})", micro_tokens * 2 ** doublings)
+    if total_batch_size % micro_tokens:
+        raise UsageError(
+            f"--total-batch-size {total_batch_size} is not a multiple of --device-batch-size x --max-seq-len "
+            f"x ranks = {device_batch_size} x {sequence_len} x {world_size} = {micro_tokens}; change one of them")
+    grad_accum_steps = total_batch_size // micro_tokens
+    src["grad_accum_steps"] = "total batch / tokens per micro-step"
+    num_iterations = pick("num_iterations", "target tokens / total batch, rounded up",
+                          max(1, math.ceil(target_tokens / total_batch_size)))
+
+    width_scale = (n_embd / REFERENCE_WIDTH) ** -0.5
+    batch_scale = min(max((total_batch_size / REFERENCE_BATCH) ** 0.5, BATCH_LR_CLAMP[0]), BATCH_LR_CLAMP[1])
+    why = f"x batch scale {batch_scale:.3g}"
+    matrix_lr = pick("matrix_lr", f"0.02 {why}", 0.02 * batch_scale)
+    embedding_lr = pick("embedding_lr", f"0.2 x width scale {width_scale:.3g} {why}", 0.2 * width_scale * batch_scale)
+    unembedding_lr = pick("unembedding_lr", f"0.004 x width scale {width_scale:.3g} {why}",
+                          0.004 * width_scale * batch_scale)
+    scalar_lr = pick("scalar_lr", f"0.5 {why}", 0.5 * batch_scale)
+    weight_decay = pick("weight_decay", "default (Muon groups only)", 0.0)
+    checked = dict(target_param_data_ratio=ratio, matrix_lr=matrix_lr, embedding_lr=embedding_lr,
+                   unembedding_lr=unembedding_lr, scalar_lr=scalar_lr, weight_decay=weight_decay)
+    for name, value in checked.items():
+        if not math.isfinite(value) or value < 0:
+            raise UsageError(f"{FLAGS[name]} {value} must be a finite non-negative number")
+
+    return Scaling(depth=depth, head_dim=head_dim, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head,
+                   sequence_len=sequence_len, vocab_size=vocab_size, window_pattern=config.window_pattern,
+                   num_params=num_params, num_scaling_params=num_scaling, flops_per_token=flops,
+                   target_param_data_ratio=ratio, target_tokens=target_tokens,
+                   device_batch_size=device_batch_size, world_size=world_size, total_batch_size=total_batch_size,
+                   grad_accum_steps=grad_accum_steps, num_iterations=num_iterations, matrix_lr=matrix_lr,
+                   embedding_lr=embedding_lr, unembedding_lr=unembedding_lr, scalar_lr=scalar_lr,
+                   weight_decay=weight_decay, sources=src)
+
+
+def add_scaling_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add every override flag (default None = derive it); `skip` leaves out fields a stage sets itself."""
+    group = parser.add_argument_group("model size and schedule (derived from --depth unless given)")
+    types = {"window_pattern": str, "target_param_data_ratio": float, "matrix_lr": float, "embedding_lr": float,
+             "unembedding_lr": float, "scalar_lr": float, "weight_decay": float}
+    for name, flag in FLAGS.items():
+        if name in skip:
+            continue
+        group.add_argument(flag, dest=name, type=types.get(name, int), default=None,
+                           help=f"override the derived {name.replace('_', ' ')}")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """The override keywords for derive() that a parsed namespace carries."""
+    return {name: getattr(args, name) for name in FLAGS if hasattr(args, name)}
