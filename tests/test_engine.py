@@ -1,0 +1,198 @@
+"""The engine: cached decode equals an uncached forward, seeds repeat, tools force their output, errors."""
+
+import pytest
+import torch
+
+from chatforge.conversation import render_for_completion
+from chatforge.errors import CheckpointError, UsageError
+from chatforge.infer.engine import Engine, IncrementalDecoder
+from chatforge.model.gpt import GPTConfig
+from tiny_chat import save_tiny_checkpoint, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(tok.vocab_size, sequence_len=64)
+
+
+def prompt(tok, text):
+    return render_for_completion(tok, {"messages": [{"role": "user", "content": text}]})
+
+
+def greedy_uncached(model, ids, max_tokens, stops):
+    """Reference computed another way: the full sequence through the training forward at every step."""
+    ids, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+            out.append(nxt)
+            ids.append(nxt)
+            if nxt in stops or len(ids) >= model.config.sequence_len:
+                break
+    return out
+
+
+def test_cached_greedy_equals_uncached_forward(tok, model):
+    engine = Engine(model, tok)
+    prompts = [prompt(tok, "hello how are you"), prompt(tok, "the cat sat on a mat and the dog ran"), [tok.bos_id]]
+    stops = {tok.special_id("<|assistant_end|>"), tok.bos_id}
+    # 30 new tokens on a 64-token context run past the 16-token sliding window of the S layer
+    results = engine.generate_batch(prompts, num_samples=2, max_tokens=30, temperature=0.0, use_tools=False)
+    for i, p in enumerate(prompts):
+        expected = greedy_uncached(model, p, 30, stops)
+        for j in range(2):
+            r = results[i * 2 + j]
+            assert r.tokens == expected, (i, j)
+            assert r.sampled_mask == [1] * len(expected)
+
+
+def test_same_seed_same_output(tok, model):
+    engine = Engine(model, tok)
+    p = [prompt(tok, "we said hello")]
+    kw = dict(num_samples=3, max_tokens=20, temperature=1.0, top_k=50, use_tools=False)
+    a = [r.tokens for r in engine.generate_batch(p, seed=11, **kw)]
+    b = [r.tokens for r in engine.generate_batch(p, seed=11, **kw)]
+    c = [r.tokens for r in engine.generate_batch(p, seed=12, **kw)]
+    assert a == b
+    assert a != c
+    assert len({tuple(t) for t in a}) > 1  # samples of one prompt differ from each other
+
+
+def test_streaming_matches_batch_and_reports_finish(tok, model):
+    engine = Engine(model, tok)
+    p = [prompt(tok, "the dog")]
+    steps = list(engine.generate(p, max_tokens=7, temperature=0.0, use_tools=False))
+    streamed = [s[0].token for s in steps]
+    assert all(len(s) == 1 for s in steps)
+    assert streamed == engine.generate_batch(p, max_tokens=7, temperature=0.0, use_tools=False)[0].tokens
+    assert steps[-1][0].done and steps[-1][0].finish_reason in ("length", "stop")
+    if steps[-1][0].finish_reason == "length":
+        assert len(steps) == 7
+
+
+def test_context_end_stops_a_row(tok, model):
+    engine = Engine(model, tok)
+    p = [[tok.bos_id] + tok.encode("the cat sat on a mat " * 20)[:58]]  # 59 tokens of a 64-token context
+    r = engine.generate_batch(p, max_tokens=50, temperature=0.0, use_tools=False, stop_ids=[])[0]
+    assert len(r.tokens) <= 5
+    if r.finish_reason != "stop":
+        assert r.finish_reason == "context" and len(p[0]) + len(r.tokens) == 64
+
+
+def test_stop_string_ends_the_row(tok, model):
+    engine = Engine(model, tok)
+    p = [prompt(tok, "hello")]
+    free = engine.generate_batch(p, max_tokens=30, temperature=0.0, use_tools=False)[0]
+    text = tok.decode([t for t in free.tokens if not tok.is_special(t)])
+    if len(text) < 4:
+        pytest.skip("the random model stopped too early to pick a stop string")
+    stop = text[2:4]
+    r = engine.generate_batch(p, max_tokens=30, temperature=0.0, use_tools=False, stop_strings=[stop])[0]
+    assert r.finish_reason == "stop"
+    assert stop in tok.decode(r.tokens) and len(r.tokens) <= len(free.tokens)
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tok, model):
+    engine = Engine(model, tok)
+    with pytest.raises(UsageError, match=r"prompt 0 is 80 tokens but the model's context is 64"):
+        engine.generate_batch([[tok.bos_id] * 80], max_tokens=4)
+    with pytest.raises(UsageError, match="--temperature"):
+        engine.generate_batch([[tok.bos_id]], temperature=-1)
+
+
+class ScriptedModel(torch.nn.Module):
+    """A stand-in GPT that follows a script, using the real KVCache protocol.
+
+    It writes each input id into the cache's keys (as the real model writes its keys), so its whole
+    history survives prefill, copy_rows and decode; it then says the next script token, skipping
+    whatever was forced in between <|output_start|> and <|output_end|>.
+    """
+
+    def __init__(self, tok, script, sequence_len=128):
+        super().__init__()
+        self.config = GPTConfig(sequence_len=sequence_len, vocab_size=tok.vocab_size, n_layer=1, n_head=1,
+                                n_kv_head=1, n_embd=2)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.tok, self.script = tok, script
+
+    def forward(self, idx, kv_cache=None):
+        B, T = idx.shape
+        logits = torch.zeros(B, T, self.config.vocab_size)
+        start, end = self.tok.special_id("<|output_start|>"), self.tok.special_id("<|output_end|>")
+        assistant_start = self.tok.special_id("<|assistant_start|>")
+        for b in range(B):
+            at = int(kv_cache.lengths[b])
+            kv_cache.k[0, b, 0, at:at + T, 0] = idx[b].float()
+            history = kv_cache.k[0, b, 0, :at + T, 0].long().tolist()
+            generated = history[len(history) - history[::-1].index(assistant_start):]
+            inside, produced = False, 0
+            for t in generated:
+                if t == start:
+                    inside = True
+                elif t == end:
+                    inside = False
+                elif not inside:
+                    produced += 1
+            nxt = 0 if inside else (self.script[produced] if produced < len(self.script)
+                                     else self.tok.special_id("<|assistant_end|>"))
+            logits[b, -1, nxt] = 10.0
+        kv_cache.lengths += T
+        return logits
+
+
+def test_tool_call_forces_sandbox_output_and_masks_it(tok):
+    sp = tok.special_id
+    code, after = tok.encode("6 * 7"), tok.encode(" the answer is 42")
+    script = [sp("<|python_start|>"), *code, sp("<|python_end|>"), *after]
+    engine = Engine(ScriptedModel(tok, script), tok)
+    p = [prompt(tok, "what is 6 * 7"), prompt(tok, "and again")]
+    results = engine.generate_batch(p, num_samples=2, max_tokens=60, temperature=0.0)  # 4 rows call the tool at once
+    forced = [sp("<|output_start|>"), *tok.encode("42"), sp("<|output_end|>")]
+    expected = script[:len(code) + 2] + forced + after + [sp("<|assistant_end|>")]
+    mask = [1] * (len(code) + 2) + [0] * len(forced) + [1] * (len(after) + 1)
+    for r in results:
+        assert r.tokens == expected
+        assert r.sampled_mask == mask
+        assert r.finish_reason == "stop"
+
+
+def test_tool_errors_are_forced_too(tok):
+    sp = tok.special_id
+    script = [sp("<|python_start|>"), *tok.encode("1 / 0"), sp("<|python_end|>")]
+    engine = Engine(ScriptedModel(tok, script), tok)
+    r = engine.generate_batch([prompt(tok, "divide")], max_tokens=60, temperature=0.0)[0]
+    out = tok.decode([t for t, m in zip(r.tokens, r.sampled_mask) if m == 0])
+    assert out == "<|output_start|>ZeroDivisionError: division by zero<|output_end|>"
+    # with tools off the same tokens pass through, nothing is forced
+    r = engine.generate_batch([prompt(tok, "divide")], max_tokens=60, temperature=0.0, use_tools=False)[0]
+    assert all(r.sampled_mask)
+
+
+def test_incremental_decoder_holds_partial_characters(tok):
+    text = "naïve café 東京 😀 done"
+    ids = tok.encode(text)
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.push(t) for t in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_from_checkpoint_loads_and_checks_the_tokenizer():
+    with pytest.raises(CheckpointError, match=r"no sft checkpoints.*chatforge sft"):
+        Engine.from_checkpoint("sft", device="cpu")
+    tok, model = save_tiny_checkpoint("sft", "d2")
+    engine = Engine.from_checkpoint("sft", device="cpu")
+    assert engine.meta["tag"] == "d2" and engine.meta["step"] == 1
+    p = [prompt(tok, "hello")]
+    ours = Engine(model, tok).generate_batch(p, max_tokens=10, temperature=0.0, use_tools=False)[0]
+    assert engine.generate_batch(p, max_tokens=10, temperature=0.0, use_tools=False)[0].tokens == ours.tokens
+    with pytest.raises(CheckpointError, match="available tags: d2"):
+        Engine.from_checkpoint("sft", tag="d99", device="cpu")
+    save_tiny_checkpoint("mid", "d2", vocab_size=tok.vocab_size + 64)
+    with pytest.raises(CheckpointError, match=r"trained with a \d+-token tokenizer"):
+        Engine.from_checkpoint("mid", device="cpu")
