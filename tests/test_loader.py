@@ -1,0 +1,180 @@
+"""PackedLoader: bos-aligned best-fit rows, every document token used exactly once, rank sharding, exact resume."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from chatforge.data.corpus import open_corpus
+from chatforge.data.loader import PackedLoader, RowPacker
+from chatforge.errors import DataError, UsageError
+from chatforge.tokenizer import Tokenizer
+
+WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "music", "north", "quiet", "seven",
+         "tiger", "paper", "cloud", "ember", "frost", "grove", "harbor", "ivory", "jungle"]
+
+
+def make_texts(n, seed=0, max_words=120):
+    rng = random.Random(seed)
+    texts = []
+    for k in range(n):
+        length = rng.choice([3, 8, 20, 40, max_words]) + rng.randrange(5)
+        texts.append(f"doc{k} " + " ".join(rng.choice(WORDS) for _ in range(length)) + f" end{k}.")
+    return texts
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(iter(make_texts(200, seed=1)), 300)
+
+
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def split_at_bos(row, bos):
+    starts = [i for i, t in enumerate(row) if t == bos]
+    assert starts and starts[0] == 0, "every row starts with <|bos|>"
+    return [row[a:b] for a, b in zip(starts, starts[1:] + [len(row)])]
+
+
+def reconstruct(rows, bos, expected):
+    """Documents from rows: a row's first segment continues the previous row's last one when that one
+    is not yet a whole document (no test document is a token-prefix of another)."""
+    done, current = [], None
+    for row in rows:
+        for k, seg in enumerate(split_at_bos(list(row), bos)):
+            if k == 0 and current is not None and tuple(current) not in expected:
+                current = current + seg[1:]
+                continue
+            if current is not None:
+                done.append(tuple(current))
+            current = seg
+    return done, current
+
+
+def rows_of(batches):
+    return [torch.cat([x, y[:, -1:]], dim=1) for x, y in batches]
+
+
+def test_row_packer_uses_every_token_exactly_once():
+    rng = random.Random(3)
+    bos = 0
+    # a distinct second token per document: no document is a prefix of another
+    docs = [[bos, 1000 + i] + [rng.randrange(1, 1000) for _ in range(rng.choice([0, 5, 17, 30, 95, 250]))]
+            for i in range(300)]
+    packer = RowPacker(row_len=33, bos_id=bos)
+    rows = []
+    pending = list(enumerate(docs))
+    while pending or not packer.empty():
+        while pending and len(packer) < 16:
+            i, d = pending.pop(0)
+            packer.add((0, i), np.array(d))
+        row, filled = packer.next_row()
+        rows.append(row[:filled])
+        assert filled == 33 or (not pending and packer.empty())
+    done, last = reconstruct(rows, bos, {tuple(d) for d in docs})
+    assert sorted(done + [tuple(last)]) == sorted(tuple(d) for d in docs)
+    assert sum(map(len, rows)) == sum(map(len, docs)) + packer.splits
+
+
+def test_rows_are_bos_aligned_packed_and_reconstruct_the_documents(tmp_path, tokenizer):
+    texts = make_texts(120, seed=2)
+    corpus = open_corpus(write_jsonl(tmp_path / "docs.jsonl", texts))
+    expected = [tuple(tokenizer.encode(t, prepend="<|bos|>")) for i, t in enumerate(texts) if i % 20 != 19]
+    assert len(set(expected)) == len(expected)
+    loader = PackedLoader(corpus, tokenizer, batch_size=2, seq_len=48, loop=False, buffer_docs=8,
+                          tokenize_batch=7)
+    batches = list(loader)
+    for x, y in batches:
+        assert x.shape == y.shape == (2, 48) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x[:, 1:], y[:, :-1])
+    rows = [r for b in rows_of(batches) for r in b.tolist()]
+    assert all(r[0] == tokenizer.bos_id for r in rows)
+    done, last = reconstruct(rows, tokenizer.bos_id, set(expected))
+    assert len(done) == len(set(done)) and set(done) <= set(expected)  # nothing duplicated or invented
+    stats = loader.stats()
+    # tokens of the documents + one bos per split = tokens in rows + tokens of the unfinished last rows
+    assert stats["tokens_used"] == sum(map(len, rows)) == len(rows) * 49
+    assert stats["tokens_used"] + stats["tokens_dropped"] == sum(map(len, expected)) + stats["splits"]
+    assert stats["documents"] == len(expected)
+    assert stats["splits"] > 0 and stats["tokens_dropped"] < 2 * 49  # only the unfinished last batch
+
+
+def test_long_documents_are_split_into_row_pieces_not_cropped(tmp_path, tokenizer):
+    texts = make_texts(40, seed=4, max_words=400)
+    corpus = open_corpus(write_jsonl(tmp_path / "docs.jsonl", texts))
+    expected = {tuple(tokenizer.encode(t, prepend="<|bos|>")) for i, t in enumerate(texts) if i % 20 != 19}
+    assert max(map(len, expected)) > 3 * 33
+    loader = PackedLoader(corpus, tokenizer, batch_size=1, seq_len=32, loop=False, buffer_docs=4)
+    rows = [r for b in rows_of(list(loader)) for r in b.tolist()]
+    done, _ = reconstruct(rows, tokenizer.bos_id, expected)
+    assert max(map(len, done)) > 3 * 33 and set(done) <= expected
+    assert loader.stats()["tokens_dropped"] < 33
+
+
+def test_two_ranks_cover_every_document_exactly_once(tmp_path, tokenizer):
+    texts = make_texts(81, seed=5)
+    corpus = open_corpus(write_jsonl(tmp_path / "docs.jsonl", texts))
+    seen = []
+    for rank in range(2):
+        docs = list(corpus.iter_documents("train", rank, 2))
+        seen += docs
+        loader = PackedLoader(corpus, tokenizer, batch_size=1, seq_len=16, rank=rank, world_size=2, loop=False)
+        list(loader)
+        assert loader.stats()["documents"] == len(docs)
+    train = [t for i, t in enumerate(texts) if i % 20 != 19]
+    assert sorted(seen) == sorted(train)
+    val = list(corpus.iter_documents("val"))
+    assert val == [texts[19], texts[39], texts[59], texts[79]]
+
+
+def take(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 5, 13])
+def test_resume_from_state_gives_the_same_next_batches(tmp_path, tokenizer, k):
+    texts = make_texts(60, seed=6, max_words=200)
+    corpus = open_corpus(write_jsonl(tmp_path / "docs.jsonl", texts))
+    kwargs = dict(batch_size=3, seq_len=40, buffer_docs=6, tokenize_batch=5)
+    reference = take(PackedLoader(corpus, tokenizer, **kwargs), k + 12)  # > one epoch: resume across it
+    first = PackedLoader(corpus, tokenizer, **kwargs)
+    take(first, k)
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint's meta.json stores it
+    first.close()
+    resumed = take(PackedLoader(corpus, tokenizer, state=state, **kwargs), 12)
+    for (x0, y0), (x1, y1) in zip(reference[k:], resumed):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    assert len(resumed) == 12 and len(reference) == k + 12
+    assert state["buffer"], "the saved state holds a non-empty packing buffer"
+
+
+def test_val_pass_ends_and_can_be_repeated(tmp_path, tokenizer):
+    corpus = open_corpus(write_jsonl(tmp_path / "docs.jsonl", make_texts(200, seed=7)))
+    loader = PackedLoader(corpus, tokenizer, batch_size=2, seq_len=16, split="val", loop=False)
+    first = list(loader)
+    second = list(loader)
+    assert len(first) == len(second) > 0
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+
+
+def test_bad_state_and_empty_split_are_clear_errors(tmp_path, tokenizer):
+    corpus = open_corpus(write_jsonl(tmp_path / "docs.jsonl", make_texts(30, seed=8)))
+    loader = PackedLoader(corpus, tokenizer, batch_size=1, seq_len=16)
+    take(loader, 2)
+    state = loader.state_dict()
+    loader.close()
+    with pytest.raises(UsageError, match="world_size=1 but this run has 2"):
+        PackedLoader(corpus, tokenizer, batch_size=1, seq_len=16, rank=0, world_size=2, state=state)
+    few = open_corpus(write_jsonl(tmp_path / "few.jsonl", make_texts(3)))
+    with pytest.raises(DataError, match="val split has no documents for rank 0 of 1"):
+        list(PackedLoader(few, tokenizer, batch_size=1, seq_len=16, split="val"))
