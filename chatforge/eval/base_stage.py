@@ -1,0 +1,157 @@
+"""`chatforge eval base`: CORE, train/val bits per byte and a few greedy samples of a base model.
+
+    chatforge eval base                                   # latest base checkpoint, every CORE task
+    chatforge eval base --max-per-task 100 --eval-bundle ../shared/data/eval/core
+    torchrun --nproc_per_node=8 -m chatforge eval base    # items and batches split over 8 GPUs
+
+Writes, under <base>/eval/<source>/<tag>/: core.json (per-task accuracy, centered accuracy, CORE,
+skipped tasks), bpb.json (train and val bits per byte), samples.json (greedy continuations), each
+with the checkpoint step and the run's provenance; prints a table of the CORE tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from chatforge import paths
+from chatforge.errors import UsageError
+from chatforge.eval import core
+from chatforge.progress import provenance
+from chatforge.runtime import add_runtime_arguments, init_runtime, print0
+
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+)
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, default_source: str) -> None:
+    parser.add_argument("--source", default=default_source, choices=("base", "mid", "sft", "rl"),
+                        help=f"which stage's checkpoint to evaluate (default {default_source})")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the most recently written)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser, "base")
+    core.add_core_arguments(parser)
+    parser.add_argument("--data", default=None,
+                        help="corpus for bits per byte (text file, folder or glob; default the downloaded shards)")
+    parser.add_argument("--corpus", default="fineweb-edu", help="downloaded corpus to use when --data is not given")
+    parser.add_argument("--eval-tokens", type=int, default=20 * 524288,
+                        help="tokens per split for bits per byte (default 20 x 524,288, as nanochat)")
+    parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward for bits per byte")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated parts to leave out: core, bpb, samples")
+    add_runtime_arguments(parser)
+
+
+def load_for_eval(args, runtime):
+    """(model, tokenizer, tag, step) of the checkpoint the flags name."""
+    from chatforge.model.checkpoint import build_model, resolve
+    from chatforge.tokenizer import load_tokenizer
+
+    tag, step, _ = resolve(args.source, args.tag, args.step)
+    model, meta = build_model(args.source, tag, step, device=runtime.device)
+    tokenizer = load_tokenizer()
+    if meta.get("vocab_size") not in (None, tokenizer.vocab_size):
+        raise UsageError(f"checkpoint {meta['path']} was trained with vocab size {meta['vocab_size']} but the "
+                         f"tokenizer in {paths.tokenizer_dir()} has {tokenizer.vocab_size}; use the matching tokenizer")
+    return model, tokenizer, tag, step
+
+
+def write_result(source: str, tag: str, name: str, payload: dict) -> None:
+    path = paths.eval_dir(source, tag) / name
+    paths.atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+    print0(f"wrote {path}")
+
+
+@torch.no_grad()
+def greedy_samples(model, tokenizer, runtime, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 16) -> list[dict]:
+    """Greedy continuations, by re-running the whole prefix each step (a handful of short prompts)."""
+    out = []
+    limit = model.config.sequence_len
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
+        start = len(ids)
+        for _ in range(max_new_tokens):
+            with runtime.autocast():
+                logits = model(torch.tensor([ids[-limit:]], device=runtime.device))
+            ids.append(int(logits[0, -1].argmax()))
+        out.append({"prompt": prompt, "completion": tokenizer.decode(ids[start:])})
+    return out
+
+
+def bits_per_byte(model, tokenizer, runtime, args) -> dict:
+    from chatforge.data.corpus import open_corpus
+    from chatforge.data.loader import PackedLoader
+    from chatforge.eval.bpb import evaluate_bpb
+
+    seq_len = model.config.sequence_len
+    per_step = args.device_batch_size * seq_len * runtime.world_size
+    steps = max(1, args.eval_tokens // per_step)
+    corpus = open_corpus(args.data, args.corpus)
+    result = {"eval_tokens": steps * per_step, "seq_len": seq_len}
+    for split in ("train", "val"):
+        loader = PackedLoader(corpus, tokenizer, args.device_batch_size, seq_len, split=split, rank=runtime.rank,
+                              world_size=runtime.world_size, device=runtime.device, loop=True)
+        batches = (batch for _, batch in zip(range(steps), loader))
+        result[f"{split}_bpb"] = evaluate_bpb(model, batches, tokenizer.token_bytes(), runtime)
+        print0(f"{split} bits per byte: {result[f'{split}_bpb']:.4f}")
+    return result
+
+
+def parse_skip(value: str) -> set[str]:
+    parts = {p.strip() for p in value.split(",") if p.strip()}
+    unknown = parts - {"core", "bpb", "samples"}
+    if unknown:
+        raise UsageError(f"--skip {', '.join(sorted(unknown))} is not a part; choose from core, bpb, samples")
+    return parts
+
+
+def print_core_table(result: dict) -> None:
+    print0(f"{'task':<34} {'items':>6} {'accuracy':>9} {'centered':>9}")
+    for label, r in result["tasks"].items():
+        print0(f"{label:<34} {r['num_items']:>6} {r['accuracy']:>9.4f} {r['centered']:>9.4f}")
+    print0(f"{'CORE':<34} {'':>6} {'':>9} {result['core']:>9.4f}  ({result['num_tasks']} tasks)")
+    if result["skipped_tasks"]:
+        print0(f"skipped (no file in the bundle): {', '.join(result['skipped_tasks'])}")
+    if result["note"]:
+        print0(result["note"])
+
+
+def main(args) -> int:
+    skip = parse_skip(args.skip)
+    if args.max_per_task is not None and args.max_per_task < 1:
+        raise UsageError("--max-per-task must be at least 1")
+    runtime = init_runtime(args.device, args.dtype)
+    model, tokenizer, tag, step = load_for_eval(args, runtime)
+    common = {"source": args.source, "tag": tag, "step": step, "args": vars(args), **provenance()}
+    if "core" not in skip:
+        bundle = core.resolve_bundle(args.eval_bundle)
+        labels = [s.strip() for s in args.core_tasks.split(",")] if args.core_tasks else None
+        with runtime.autocast():
+            result = core.evaluate_core(model, tokenizer, bundle, runtime.device, args.max_per_task,
+                                        model.config.sequence_len, args.batch_tokens, runtime.rank,
+                                        runtime.world_size, labels)
+        print_core_table(result)
+        if runtime.is_main:
+            write_result(args.source, tag, "core.json", {**result, **common})
+    if "bpb" not in skip:
+        result = bits_per_byte(model, tokenizer, runtime, args)
+        if runtime.is_main:
+            write_result(args.source, tag, "bpb.json", {**result, **common})
+    if "samples" not in skip and runtime.is_main:
+        samples = greedy_samples(model, tokenizer, runtime)
+        for s in samples:
+            print0(f"{s['prompt']!r} -> {s['completion']!r}")
+        write_result(args.source, tag, "samples.json", {"samples": samples, **common})
+    return 0

@@ -1,0 +1,66 @@
+"""`chatforge eval base` and `chatforge eval chat` end to end on a tiny checkpoint."""
+
+import json
+
+import pytest
+import torch
+
+from chatforge import paths
+from chatforge.cli import main
+from chatforge.model.checkpoint import save_checkpoint
+from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.tokenizer import Tokenizer
+
+
+def tiny_checkpoint(stage: str) -> None:
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    tok.save(paths.tokenizer_dir())
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    model = GPT(config)
+    model.init_weights()
+    save_checkpoint(stage, "d1", 5, model, None, model_config=config.to_dict(), vocab_size=tok.vocab_size)
+
+
+@pytest.mark.slow
+def test_eval_base_end_to_end(shared_data, tmp_path, capsys):
+    tiny_checkpoint("base")
+    corpus = tmp_path / "corpus.jsonl"  # every 20th document is validation
+    corpus.write_text("".join(json.dumps({"text": f"document {i} is a short text about cats and dogs."}) + "\n"
+                              for i in range(60)))
+    main(["eval", "base", "--device", "cpu", "--max-per-task", "2", "--core-tasks", "copa,winograd,lambada_openai",
+          "--eval-bundle", str(shared_data / "eval" / "core"), "--data", str(corpus),
+          "--eval-tokens", "256", "--device-batch-size", "2"])
+    out = capsys.readouterr().out
+    assert "CORE" in out and "lambada_openai" in out
+    folder = paths.eval_dir("base", "d1")
+    core = json.loads((folder / "core.json").read_text())
+    assert core["num_tasks"] == 3 and core["step"] == 5 and core["note"]
+    assert set(core["tasks"]) == {"copa", "winograd", "lambada_openai"}
+    bpb = json.loads((folder / "bpb.json").read_text())
+    assert bpb["train_bpb"] > 0 and bpb["val_bpb"] > 0
+    samples = json.loads((folder / "samples.json").read_text())["samples"]
+    assert samples and all(isinstance(s["completion"], str) for s in samples)
+
+
+@pytest.mark.slow
+def test_eval_chat_end_to_end(shared_data, capsys):
+    tiny_checkpoint("sft")
+    main(["eval", "chat", "--device", "cpu", "-a", "ARC-Easy,SpellingBee", "--max-problems", "3",
+          "--data-dir", str(shared_data), "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert "ChatCORE" in out and "over 2 task(s)" in out
+    result = json.loads((paths.eval_dir("sft", "d1") / "chat.json").read_text())
+    assert set(result["tasks"]) == {"ARC-Easy", "SpellingBee"}
+    assert result["tasks"]["ARC-Easy"]["num_problems"] == 3
+
+
+def test_bad_usage_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "chat", "-a", "ARC-Easy,Nope"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Nope" in err and "known tasks" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "base", "--skip", "everything"])
+    assert exc.value.code == 2 and "--skip" in capsys.readouterr().err
