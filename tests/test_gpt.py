@@ -166,3 +166,21 @@ def test_bad_configs_name_the_setting():
         GPTConfig(window_pattern="SXL")
     with pytest.raises(UsageError, match="max_len"):
         KVCache(GPTConfig(sequence_len=8, n_layer=1, n_head=1, n_kv_head=1, n_embd=8), 1, 1000, "cpu")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_cuda_window_mask_for_flex_attention_matches_the_cpu_mask():
+    # the CUDA training path uses FlexAttention with a block mask; check its mask_mod against the
+    # boolean mask of the CPU path (FlexAttention's eager reference runs on CPU)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from chatforge.model.gpt import _window_block_mask
+
+    torch.manual_seed(0)
+    B, H, Hkv, T, D, W = 2, 4, 2, 40, 16, 7
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    got = flex_attention(q, k, v, block_mask=_window_block_mask(T, W, torch.device("cpu")), enable_gqa=True)
+    i = torch.arange(T)
+    allowed = (i[None] <= i[:, None]) & (i[:, None] - i[None] < W)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -117,30 +117,38 @@ _block_masks: dict = {}
 
 
 def _window_block_mask(T: int, window: int, device: torch.device):
-    """FlexAttention block mask for causal attention within `window` tokens; built once per shape."""
+    """FlexAttention block mask for causal attention within `window` tokens.
+
+    Eager: built once per shape and kept. Inside torch.compile it is traced into the graph instead
+    (cheap: one bit per 128x128 tile), since a cache mutated during tracing would not be replayed.
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
+    def sliding_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    if torch.compiler.is_compiling():
+        return create_block_mask(sliding_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
     key = (T, window, str(device))
     if key not in _block_masks:
-        def sliding_causal(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
-
         _block_masks[key] = create_block_mask(sliding_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
     return _block_masks[key]
 
 
-_flex_attention = None
+_flex_compiled = None
 
 
 def _flex(q, k, v, block_mask, enable_gqa):
-    # FlexAttention is only fast as a compiled kernel; compiling just this call is how it is meant to
-    # be used, and it nests inside a whole-model torch.compile from parallel.py.
-    global _flex_attention
-    if _flex_attention is None:
-        from torch.nn.attention.flex_attention import flex_attention
+    """FlexAttention is fast only as a compiled kernel: inside a compiled model it is traced like any op;
+    in an eager model we compile just this call (how FlexAttention is meant to be used)."""
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import flex_attention
 
-        _flex_attention = torch.compile(flex_attention, dynamic=False)
-    return _flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,0 +1,121 @@
+"""`chatforge bench train`: training throughput, MFU and peak memory of the real model and optimizer.
+
+Feeds random tokens (no data loading, no tokenizer) through forward, backward and the full
+MuonAdamW step, so the figure is the model+optimizer speed alone. MFU = (6 x matmul params +
+attention FLOPs) per token x tokens/s per GPU, over the GPU's dense bf16 peak (989 TFLOP/s for
+H100/H200 SXM): the same definition nanochat's numbers in REFERENCE.md use.
+
+    chatforge bench train --depth 20                          # seq 2048, batch 32, vocab 32768
+    chatforge bench train --depth 20 --window-pattern SSSL --fp8
+    chatforge bench train --depth 2 --seq-len 64 --batch-size 2 --steps 3 --no-compile   # CPU check
+    torchrun --nproc_per_node=8 -m chatforge bench train --depth 20                      # sharded optimizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from chatforge.errors import UsageError
+from chatforge.model.gpt import GPT
+from chatforge.model.optim import build_optimizer
+from chatforge.model.parallel import prepare_model
+from chatforge.model.scaling import derive
+from chatforge.runtime import add_runtime_arguments, init_runtime, print0, shutdown
+
+# dense bf16 peak FLOP/s by GPU name fragment (no sparsity)
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12,
+             "L40S": 362e12, "4090": 165e12, "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--depth", type=int, default=20, help="model depth (the scaling dial)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per row")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per device per step")
+    parser.add_argument("--vocab-size", type=int, default=32768)
+    parser.add_argument("--head-dim", type=int, default=None, help="attention head size (default 128)")
+    parser.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for GQA (default: all)")
+    parser.add_argument("--window-pattern", default="L", help="S/L per layer, e.g. SSSL (S = seq_len/4 window)")
+    parser.add_argument("--fp8", action="store_true", help="FP8 matmuls in the blocks (sm89/sm90+ GPUs)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.compile the model (CUDA only; default on)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    add_runtime_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> dict:
+    if args.steps < 1 or args.warmup < 0:
+        raise UsageError("--steps must be at least 1 and --warmup at least 0")
+    rt = init_runtime(args.device, args.dtype, seed=0)
+    s = derive(args.depth, sequence_len=args.seq_len, vocab_size=args.vocab_size, head_dim=args.head_dim,
+               n_kv_head=args.n_kv_head, window_pattern=args.window_pattern, device_batch_size=args.batch_size,
+               world_size=rt.world_size)
+    with torch.device("meta"):
+        model = GPT(s.model_config())
+    model.to_empty(device=rt.device)
+    model.init_weights()
+    prepare_model(model, rt, compile=args.compile, fp8=args.fp8)
+    optimizer = build_optimizer(model, **s.optimizer_kwargs())
+    gen = torch.Generator(device=rt.device).manual_seed(1234 + rt.rank)
+    tokens = torch.randint(0, s.vocab_size, (args.batch_size, args.seq_len + 1), device=rt.device, generator=gen)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def train_step() -> torch.Tensor:
+        with rt.autocast():
+            loss = model(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    print0(f"bench train: depth {s.depth}, {s.num_params / 1e6:.1f}M params, seq {args.seq_len}, "
+           f"batch {args.batch_size}, vocab {s.vocab_size}, window {s.window_pattern}, fp8 {args.fp8}, "
+           f"compile {args.compile}; {args.warmup} warmup + {args.steps} timed steps")
+    try:
+        if rt.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(rt.device)
+        for _ in range(args.warmup):
+            train_step()
+        rt.synchronize()
+        rt.barrier()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            loss = train_step()
+        rt.synchronize()
+        elapsed = time.perf_counter() - start
+    except torch.OutOfMemoryError:
+        raise UsageError(f"out of GPU memory at depth {s.depth} with --batch-size {args.batch_size} x "
+                         f"--seq-len {args.seq_len}; lower --batch-size") from None
+
+    step_time = elapsed / args.steps
+    tok_per_s = args.batch_size * args.seq_len / step_time  # per device
+    peak = peak_flops(rt.device)
+    mfu = s.flops_per_token * tok_per_s / peak if peak else None
+    mem = torch.cuda.max_memory_allocated(rt.device) / 2**30 if rt.device.type == "cuda" else None
+    result = dict(depth=s.depth, params=s.num_params, window_pattern=s.window_pattern, fp8=args.fp8,
+                  compile=args.compile, tokens_per_s=tok_per_s, tokens_per_s_total=tok_per_s * rt.world_size,
+                  mfu=mfu, peak_memory_gib=mem, step_time_s=step_time, loss=loss.item(),
+                  device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else rt.device.type)
+    header = "| depth | params | attention | fp8 | tokens/s/device | MFU | peak memory | step time |"
+    params = f"{s.num_params / 1e6:.0f}M" if s.num_params >= 1e7 else f"{s.num_params / 1e6:.2f}M"
+    row = (f"| {s.depth} | {params} | {s.window_pattern} | {'yes' if args.fp8 else 'no'} | "
+           f"{tok_per_s:,.0f} | {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | "
+           f"{f'{mem:.1f} GiB' if mem is not None else 'n/a'} | {1000 * step_time:.1f} ms |")
+    print0(f"{result['device']} x{rt.world_size}, torch {torch.__version__}, dtype {str(rt.dtype).replace('torch.', '')}")
+    print0(header)
+    print0("|" + "---|" * 8)
+    print0(row)
+    if rt.world_size > 1:
+        print0(f"all {rt.world_size} devices: {tok_per_s * rt.world_size:,.0f} tokens/s")
+    shutdown()
+    return result
