@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chatforge.errors import CheckpointError
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.optim import build_optimizer, newton_schulz
 
@@ -116,6 +117,15 @@ def test_state_dict_round_trip_continues_identically():
     _train_steps(resumed, opt2, batches[2:])
     for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_loading_a_shard_from_another_world_size_names_the_fix():
+    model = _model()
+    opt = build_optimizer(model)
+    saved = opt.state_dict()
+    saved["sharding"] = {"rank": 1, "world_size": 4}
+    with pytest.raises(CheckpointError, match="nproc_per_node=4"):
+        build_optimizer(model).load_state_dict(saved)
 
 
 WORKER = textwrap.dedent("""

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from chatforge.errors import CheckpointError
+
 # torch 2.13 renamed the single-tensor collectives; 2.11 only has the old names
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -76,6 +78,24 @@ class MuonAdamW(torch.optim.Optimizer):
             elif group["kind"] != "adamw":
                 raise ValueError(f"unknown param group kind {group['kind']!r}")
 
+    # ---- this rank's shard of the state
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["sharding"] = dict(zip(("rank", "world_size"), _world()))
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("sharding", None)
+        now = dict(zip(("rank", "world_size"), _world()))
+        if saved is not None and saved != now:
+            raise CheckpointError(
+                f"optimizer shard was saved by rank {saved['rank']} of {saved['world_size']} but this is rank "
+                f"{now['rank']} of {now['world_size']}; resume with the same number of processes "
+                f"(torchrun --nproc_per_node={saved['world_size']})")
+        super().load_state_dict(state_dict)
+
     # ---- the step
 
     @torch.no_grad()
@@ -113,6 +133,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if world > 1:
             job["grad"] = torch.empty((per_rank, rows, cols), device=grads.device, dtype=grads.dtype)
             job["work"] = _reduce_scatter(job["grad"], grads, dist.ReduceOp.SUM, async_op=True)
+            job["send"] = grads  # keep the input alive until the collective is done
         else:
             job["grad"], job["work"] = grads, None
         return job
@@ -152,7 +173,7 @@ class MuonAdamW(torch.optim.Optimizer):
         gathered = torch.empty((per_rank * world,) + tuple(params[0].shape), device=grad.device, dtype=grad.dtype)
         work = _all_gather(gathered, new_values, async_op=True)
 
-        def finish():
+        def finish(_send=new_values):  # holding the input keeps it alive until the gather is done
             work.wait()
             torch._foreach_copy_(params, list(gathered[:len(params)].unbind(0)))
         return finish
@@ -167,6 +188,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if world > 1:
             job["grad"] = torch.empty(shard, device=p.device, dtype=p.dtype)
             job["work"] = _reduce_scatter(job["grad"], flat, dist.ReduceOp.SUM, async_op=True)
+            job["send"] = flat  # keep the input alive until the collective is done
         else:
             job["grad"], job["work"] = flat, None
         return job
@@ -202,9 +224,10 @@ class MuonAdamW(torch.optim.Optimizer):
             p.copy_(full[:numel].view_as(p))
             return lambda: None
         gathered = torch.empty_like(full)
-        work = _all_gather(gathered, value.contiguous(), async_op=True)
+        send = value.contiguous()
+        work = _all_gather(gathered, send, async_op=True)
 
-        def finish():
+        def finish(_send=send):  # holding the input keeps it alive until the gather is done
             work.wait()
             p.copy_(gathered[:numel].view_as(p))
         return finish
