@@ -183,6 +183,8 @@ class CausalSelfAttention(nn.Module):
         if self.window is None or self.window >= T:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         if q.device.type == "cuda":
+            # unlike SDPA, FlexAttention is not an autocast op: give it one dtype (v's is the linear's)
+            q, k = q.to(v.dtype), k.to(v.dtype)
             return _flex(q, k, v, _window_block_mask(T, self.window, q.device), gqa)
         i = torch.arange(T, device=q.device)
         allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)  # (Tq, Tk)
@@ -330,7 +332,8 @@ class KVCache:
 
     Row b's next tokens go at positions lengths[b], lengths[b]+1, ...; the model advances `lengths`
     after each forward. Rows may sit at different lengths during decode; attention always runs over
-    the whole max_len with a mask, so no shape depends on the data.
+    the whole max_len with a mask, so no shape depends on the data. Nothing checks (that would be a
+    host sync) that lengths + T <= max_len: the engine keeps within the cache it allocated.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype=torch.float32):
