@@ -90,12 +90,6 @@ def test_gradient_accumulation_equals_the_big_batch():
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
 
-def test_grad_accum_steps_divides_or_says_zero():
-    assert loop.grad_accum_steps(524288, 32, 2048, 8) == 1
-    assert loop.grad_accum_steps(524288, 16, 2048, 2) == 8
-    assert loop.grad_accum_steps(1000, 4, 64, 1) == 0
-
-
 def test_non_finite_loss_names_step_and_checkpoint():
     loop.check_finite(2.5, 10, None)
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 12; the last good checkpoint is /x/step_000010"):

@@ -123,7 +123,7 @@ def save_checkpoint(stage: str, tag: str, step: int, model: torch.nn.Module,
     """
     rank = dist.get_rank() if _dist_ready() else 0
     world_size = dist.get_world_size() if _dist_ready() else 1
-    device = next(iter(model.parameters())).device if any(True for _ in model.parameters()) else None
+    device = next(model.parameters(), torch.empty(0)).device
     tag_dir = paths.checkpoint_dir(stage, tag)
     final = tag_dir / step_dir_name(step)
     tmp = tag_dir / f"{_TMP_PREFIX}{step_dir_name(step)}"

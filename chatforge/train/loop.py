@@ -86,17 +86,6 @@ def apply_schedules(optimizer: torch.optim.Optimizer, step: int, schedule: Sched
 # ---------------------------------------------------------------------------------------------
 # One optimizer step's worth of forward/backward
 
-def grad_accum_steps(total_batch_tokens: int, device_batch_size: int, seq_len: int, world_size: int) -> int:
-    """How many micro-batches each rank runs so that all ranks together fill the total batch.
-
-    Returns 0 when it does not divide; the caller names the flags in its error (it knows them).
-    """
-    per_micro = device_batch_size * seq_len * world_size
-    if per_micro <= 0 or total_batch_tokens % per_micro:
-        return 0
-    return total_batch_tokens // per_micro
-
-
 def accumulate_gradients(model: torch.nn.Module, batches, accum_steps: int, runtime) -> torch.Tensor:
     """Forward/backward `accum_steps` micro-batches from `batches`; returns the mean loss (detached).
 

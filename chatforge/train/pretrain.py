@@ -1,0 +1,294 @@
+"""`chatforge pretrain`: train a base model from the tokenized corpus; `--depth` sets its size.
+
+    chatforge pretrain --depth 12                                  # one device
+    torchrun --nproc_per_node=8 -m chatforge pretrain --depth 20   # one node, 8 GPUs
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 -m chatforge pretrain --depth 26
+    chatforge pretrain --preset smoke --data notes.txt             # a depth-2 toy on CPU, ~1 minute
+
+What happens, in order:
+1. The depth dial (`model/scaling.py`) derives width, heads, learning rates, the total batch and the
+   number of steps (from a tokens:params ratio); every value is printed, and every flag overrides.
+2. The tokenizer (`chatforge tokenizer train`), the corpus (`--data` or the downloaded shards) and a
+   rank-sharded, BOS-aligned packed loader are opened; the model is built and initialised and the
+   Muon+AdamW optimizer created (it shards itself across ranks, so there is no DDP wrapper).
+3. Each step runs `accum` micro-batches per rank so that all ranks together fill the total batch
+   (`train/loop.py`), then one optimizer step under the warmup/constant/warmdown schedule.
+4. Every --eval-every steps: validation bits per byte (`eval/bpb.py`); every --sample-every steps:
+   greedy continuations of a few prompts; every step: loss, tokens/s, MFU, memory, ETA into the
+   run's metrics.jsonl (and wandb with --wandb).
+5. Every --save-every steps and at the end: an atomic checkpoint under checkpoints/base/<tag>/ with
+   the loader's position, RNG states and the optimizer shards. `--resume` continues from the latest
+   complete one and, on CPU, reproduces the uninterrupted run's losses bit for bit.
+6. At the end eval/base/<tag>/pretrain.json summarises the run for the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from dataclasses import fields
+
+import torch
+
+from chatforge import paths
+from chatforge.errors import CheckpointError, UsageError
+from chatforge.progress import MetricsLogger, Progress, format_duration, provenance
+from chatforge.runtime import add_runtime_arguments, init_runtime, print0
+from chatforge.train import loop
+
+STAGE = "base"
+
+# A depth-2 model on short rows: learns visibly on two CPU cores in about a minute.
+PRESETS = {
+    "smoke": dict(depth=2, sequence_len=128, device_batch_size=8, total_batch_size=1024, num_iterations=300,
+                  eval_every=100, eval_tokens=8192, sample_every=300, compile="off"),
+}
+
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "The opposite of hot is",
+    "If yesterday was Friday, then tomorrow will be",
+    "A function in Python is defined with the keyword",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from chatforge.model.scaling import add_scaling_arguments
+
+    parser.add_argument("--depth", type=int, default=None, help="number of layers; sets everything else (default 20)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="smoke: a depth-2 model on short rows that learns on CPU in about a minute")
+    # the vocabulary comes from the tokenizer and the world size from torchrun, never from flags
+    add_scaling_arguments(parser, skip=("vocab_size", "world_size"))
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=None, help="a text file, a folder of txt/jsonl/parquet, or a glob")
+    data.add_argument("--corpus", default="fineweb-edu", help="downloaded corpus to read when --data is not given")
+    sched = parser.add_argument_group("schedule")
+    sched.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of LR warmup")
+    sched.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps of final LR warmdown")
+    sched.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the last step, as a fraction of peak")
+    run = parser.add_argument_group("evaluation, checkpoints, logging")
+    run.add_argument("--eval-every", type=int, default=None, help="steps between validation bpb evals (default 250)")
+    run.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per eval (default 10M)")
+    run.add_argument("--sample-every", type=int, default=None, help="steps between sample generations (default 2000)")
+    run.add_argument("--save-every", type=int, default=None,
+                     help="steps between checkpoints (default: only at the end); the last step always saves")
+    run.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
+    run.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint of --tag")
+    run.add_argument("--tag", default=None, help="checkpoint tag (default d<depth>)")
+    run.add_argument("--seed", type=int, default=42, help="seed for initialisation")
+    run.add_argument("--wandb", default=None, metavar="RUN", help="also log to wandb under this run name")
+    run.add_argument("--run-id", default=None, help="name of runs/<run-id>/ (default pretrain-<time>)")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--compile", choices=("auto", "on", "off"), default=None,
+                       help="torch.compile the model (auto/on: on CUDA; CPU always runs eager)")
+    speed.add_argument("--fp8", action="store_true", help="FP8 matmuls in the blocks (Hopper GPUs)")
+    add_runtime_arguments(parser)
+
+
+_DEFAULTS = dict(depth=20, eval_every=250, eval_tokens=10 * 2**20, sample_every=2000, save_every=-1,
+                 compile="auto")
+
+
+def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill flags left unset from the preset, then from the defaults; check the ones derive() does not."""
+    preset = PRESETS.get(args.preset or "", {})
+    for name, value in {**_DEFAULTS, **preset}.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    for name in ("depth", "eval_tokens", "keep_last"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if not 0 <= args.warmup_ratio + args.warmdown_ratio <= 1:
+        raise UsageError("--warmup-ratio plus --warmdown-ratio must lie between 0 and 1")
+    args.tag = paths.safe_name(args.tag or f"d{args.depth}")
+    return args
+
+
+def main(args: argparse.Namespace) -> dict:
+    args = resolve_arguments(args)
+    rt = init_runtime(args.device, args.dtype, seed=args.seed)
+    try:
+        return _train(args, rt)
+    except torch.cuda.OutOfMemoryError:
+        raise UsageError(
+            f"out of GPU memory with --device-batch-size {args.device_batch_size} at --max-seq-len "
+            f"{args.sequence_len}; lower --device-batch-size (gradient accumulation keeps the total batch)"
+        ) from None
+
+
+def _train(args: argparse.Namespace, rt) -> dict:
+    from chatforge.data.corpus import open_corpus
+    from chatforge.data.loader import PackedLoader
+    from chatforge.eval.bpb import evaluate_bpb
+    from chatforge.model import checkpoint
+    from chatforge.model.gpt import GPT
+    from chatforge.model.optim import build_optimizer
+    from chatforge.model.parallel import prepare_model
+    from chatforge.model.scaling import derive, overrides_from_args
+    from chatforge.tokenizer import load_tokenizer
+
+    started = time.time()
+    tokenizer = load_tokenizer()
+    token_bytes = tokenizer.token_bytes()
+    corpus = open_corpus(args.data, args.corpus)
+    settings = derive(args.depth, vocab_size=tokenizer.vocab_size, world_size=rt.world_size,
+                      **overrides_from_args(args))
+    print0(settings.describe())
+    config = settings.model_config()
+    seq_len, device_batch, accum = config.sequence_len, settings.device_batch_size, settings.grad_accum_steps
+    num_iterations = settings.num_iterations
+    print0(f"corpus: {corpus.description} | vocab {tokenizer.vocab_size:,} | {accum} micro-step(s) of "
+           f"{device_batch}x{seq_len} per rank per step | {num_iterations:,} steps | "
+           f"{num_iterations * settings.total_batch_size:,} training tokens")
+
+    # --- model and optimizer (fresh, or from the checkpoint we resume)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=rt.device)
+    model.init_weights()
+    optimizer = build_optimizer(model, **settings.optimizer_kwargs())
+    start_step, loader_state, last_checkpoint = 0, None, None
+    existing = checkpoint.latest_step(STAGE, args.tag)
+    if args.resume and existing is not None:
+        ckpt = checkpoint.load_checkpoint(STAGE, args.tag, existing, device=rt.device, rank=rt.rank)
+        checkpoint.check_config(ckpt["meta"], config.to_dict(), ckpt["path"])
+        checkpoint.load_model_state(model, ckpt["model"], ckpt["path"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        checkpoint.restore_rng_state(ckpt["meta"]["rng"][rt.rank], rt.device)
+        loader_state = ckpt["meta"]["loader_state"][rt.rank]
+        start_step, last_checkpoint = ckpt["meta"]["step"], str(ckpt["path"])
+        if ckpt["meta"].get("num_iterations", num_iterations) != num_iterations:
+            raise CheckpointError(
+                f"{ckpt['path']} belongs to a run of {ckpt['meta']['num_iterations']} steps but this one has "
+                f"{num_iterations}; resume with --num-iterations {ckpt['meta']['num_iterations']}"
+            )
+        del ckpt
+        print0(f"resuming from {last_checkpoint} (step {start_step})")
+    elif args.resume:
+        print0(f"--resume: no checkpoint under {paths.checkpoint_dir(STAGE, args.tag, create=False)} yet; "
+               "starting from step 0")
+    elif existing is not None:
+        raise UsageError(
+            f"checkpoints/{STAGE}/{args.tag} already holds step {existing}; pass --resume to continue it, "
+            "or --tag NAME to start a separate run"
+        )
+    train_model = prepare_model(model, rt, compile=args.compile != "off", fp8=args.fp8)
+
+    train_loader = PackedLoader(corpus, tokenizer, device_batch, seq_len, split="train", rank=rt.rank,
+                                world_size=rt.world_size, device=rt.device, state=loader_state)
+    batches = iter(train_loader)
+    eval_steps = max(1, args.eval_tokens // (device_batch * seq_len * rt.world_size))
+
+    def val_bpb() -> float:
+        val_loader = PackedLoader(corpus, tokenizer, device_batch, seq_len, split="val", rank=rt.rank,
+                                  world_size=rt.world_size, device=rt.device)
+        train_model.eval()
+        try:
+            return evaluate_bpb(train_model, itertools.islice(iter(val_loader), eval_steps), token_bytes, rt)
+        finally:
+            val_loader.close()
+            train_model.train()
+
+    schedule = loop.Schedule(num_iterations, warmup_ratio=args.warmup_ratio, warmdown_ratio=args.warmdown_ratio,
+                             final_lr_frac=args.final_lr_frac)
+    flops_per_token = model.estimate_flops()
+    throughput = loop.Throughput(settings.total_batch_size, flops_per_token, loop.peak_flops(rt.device),
+                                 rt.world_size)
+    logger = MetricsLogger("pretrain", args=vars(args), run_id=args.run_id, wandb_run=args.wandb)
+    print0(f"parameters: {model.num_params():,} | FLOPs/token: {flops_per_token:.3e} | metrics: {logger.path}")
+    settings_dict = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "sources"}
+    meta_extra = {"num_iterations": num_iterations, "depth": args.depth, "settings": settings_dict}
+
+    def save(step: int, metrics: dict) -> str:
+        folder = checkpoint.save_checkpoint(
+            STAGE, args.tag, step, model, optimizer, model_config=config.to_dict(),
+            vocab_size=tokenizer.vocab_size, loader_state=train_loader.state_dict(), metrics=metrics,
+            args=vars(args), extra=meta_extra, keep_last=args.keep_last)
+        print0(f"step {step}: saved {folder}")
+        return str(folder)
+
+    step, last_loss, bpb_history = start_step, None, []
+    progress = Progress(num_iterations - start_step, "pretrain", unit="step")
+    while True:
+        last = step == num_iterations
+        # a resumed run skips the eval and samples its checkpoint's step already had
+        fresh_step = step > start_step or start_step == 0
+        if fresh_step and loop.is_due(step, args.eval_every, num_iterations):
+            bpb = val_bpb()
+            bpb_history.append((step, bpb))
+            logger.log(step, val_bpb=bpb)
+            print0(f"step {step}: val bpb {bpb:.4f}")
+        if fresh_step and loop.is_due(step, args.sample_every, num_iterations) and rt.is_main:
+            for prompt, text in generate_samples(model, tokenizer, rt, SAMPLE_PROMPTS):
+                print0(f"  {prompt!r} -> {text!r}")
+        if step > start_step and (last or loop.is_due(step, args.save_every, num_iterations)):
+            last_checkpoint = save(step, {"train_loss": last_loss, **({"val_bpb": bpb_history[-1][1]}
+                                                                        if bpb_history else {})})
+        if last:
+            break
+
+        sched = loop.apply_schedules(optimizer, step, schedule)
+        with loop.StepTimer(rt) as timer:
+            loss = loop.accumulate_gradients(train_model, batches, accum, rt)
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+        last_loss = loop.global_mean(loss)
+        loop.check_finite(last_loss, step, last_checkpoint)
+        step += 1
+        throughput.record(timer.seconds)
+        record = {"train_loss": last_loss, "lr_multiplier": sched["lr_multiplier"], **throughput.summary(),
+                  **loop.memory_stats(rt.device)}
+        logger.log(step, **record)
+        progress.update(1, loss=f"{last_loss:.4f}", **{k: v for k, v in throughput.summary().items()
+                                                       if k != "step_ms"})
+    progress.close()
+    logger.close()
+
+    summary = {
+        "stage": STAGE, "tag": args.tag, "depth": args.depth, "parameters": model.num_params(),
+        "num_iterations": num_iterations, "total_batch_size": settings.total_batch_size,
+        "training_tokens": num_iterations * settings.total_batch_size, "world_size": rt.world_size,
+        "final_train_loss": last_loss,
+        "final_val_bpb": bpb_history[-1][1] if bpb_history else None,
+        "min_val_bpb": min(b for _, b in bpb_history) if bpb_history else None,
+        "val_bpb_history": bpb_history, "flops_per_token": flops_per_token, **throughput.summary(),
+        **loop.memory_stats(rt.device), "wall_time_s": round(time.time() - started, 1),
+        "resumed_from_step": start_step or None, "checkpoint": last_checkpoint,
+        "settings": settings_dict, "args": vars(args), **provenance(),
+    }
+    if rt.is_main:
+        out = paths.eval_dir(STAGE, args.tag) / "pretrain.json"
+        paths.atomic_write_text(out, json.dumps(summary, indent=2, default=str))
+        print0(f"done in {format_duration(summary['wall_time_s'])}: final val bpb "
+               f"{summary['final_val_bpb']}; summary in {out}")
+    return summary
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, rt, prompts, max_new_tokens: int = 16) -> list[tuple[str, str]]:
+    """Greedy continuations with a plain forward per token (short, so no KV cache is needed).
+
+    `model.forward` is called directly so a compiled model runs eagerly here instead of recompiling
+    for every length; rows are padded on the right to a multiple of 16 (FP8 matmuls need it), which
+    a causal model's earlier positions never see.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend="<|bos|>")
+        prompt_len = len(ids)
+        for _ in range(max_new_tokens):
+            context = ids[-model.config.sequence_len:]
+            padded = context + [tokenizer.bos_id] * (-len(context) % 16)
+            window = torch.tensor([padded], dtype=torch.long, device=rt.device)
+            with rt.autocast():
+                logits = model.forward(window)
+            ids.append(int(logits[0, len(context) - 1].argmax()))
+        out.append((prompt, tokenizer.decode(ids[prompt_len:])))
+    model.train(was_training)
+    return out

@@ -1,0 +1,157 @@
+"""`chatforge pretrain` end to end on a tiny synthetic corpus: exact resume, bad input, the smoke preset,
+and two gloo ranks under torchrun."""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatforge import paths
+from chatforge.errors import CheckpointError, TrainingDiverged, UsageError
+from chatforge.model import checkpoint
+from chatforge.progress import read_metrics
+from chatforge.tokenizer import Tokenizer
+from chatforge.train import pretrain
+
+SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "our neighbour", "the old man", "a small bird",
+            "the children", "her brother", "the baker"]
+VERBS = ["sees", "likes", "finds", "helps", "calls", "follows", "paints", "visits", "watches", "thanks"]
+OBJECTS = ["the river", "a red house", "the garden", "an apple", "the library", "a blue boat", "the market",
+           "the mountain", "a quiet road", "the station"]
+ENDINGS = ["in the morning.", "at night.", "every day.", "after lunch.", "before the rain.", "on sunday."]
+
+
+def write_corpus(folder: Path, num_docs: int = 400, seed: int = 0) -> Path:
+    """Documents of template sentences: word choices are random, the grammar is fixed."""
+    rng = random.Random(seed)
+    path = folder / "stories.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(num_docs):
+            sentences = [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(ENDINGS)}"
+                         for _ in range(rng.randint(4, 10))]
+            f.write(json.dumps({"text": " ".join(s.capitalize() for s in sentences)}) + "\n")
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    data = write_corpus(tmp_path)
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    Tokenizer.train(iter(texts), 384).save(paths.tokenizer_dir())
+    return data
+
+
+def run(*argv: str) -> dict:
+    parser = argparse.ArgumentParser()
+    pretrain.add_arguments(parser)
+    return pretrain.main(parser.parse_args(list(argv)))
+
+
+def tiny_flags(data: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--preset", "smoke", "--device", "cpu", "--max-seq-len", "32",
+            "--device-batch-size", "2", "--total-batch-size", "128", "--eval-tokens", "256",
+            "--sample-every", "0", *extra]
+
+
+def losses(run_id: str) -> dict[int, float]:
+    records = read_metrics(paths.runs_dir() / run_id / "metrics.jsonl")
+    return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+
+
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(corpus):
+    run(*tiny_flags(corpus, "--num-iterations", "8", "--save-every", "4", "--eval-every", "4",
+                    "--run-id", "straight"))
+    straight = losses("straight")
+    assert sorted(straight) == list(range(1, 9))  # 2 micro-steps of 2x32 per step fill 128 tokens
+    # pretend the run was killed after the step-4 save: only step 4 survives
+    tag_dir = paths.checkpoint_dir("base", "d2")
+    kept = tag_dir.parent / "step8-uninterrupted"
+    shutil.move(tag_dir / "step_000008", kept)
+    assert checkpoint.latest_step("base", "d2") == 4
+
+    summary = run(*tiny_flags(corpus, "--num-iterations", "8", "--save-every", "4", "--eval-every", "4",
+                              "--run-id", "resumed", "--resume"))
+    resumed = losses("resumed")
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert [resumed[s] for s in range(5, 9)] == [straight[s] for s in range(5, 9)]  # exact, not approx
+    assert summary["resumed_from_step"] == 4
+    a = torch.load(kept / "model.pt", weights_only=True)
+    b = torch.load(tag_dir / "step_000008" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    report = json.loads((paths.eval_dir("base", "d2") / "pretrain.json").read_text())
+    assert report["num_iterations"] == 8 and report["final_val_bpb"] > 0 and report["git_commit"] is not None
+
+
+def test_bad_input_messages(corpus):
+    with pytest.raises(UsageError, match=r"--total-batch-size 100 is not a multiple of --device-batch-size x --max-seq-len"):
+        run(*tiny_flags(corpus, "--total-batch-size", "100", "--num-iterations", "2"))
+    with pytest.raises(UsageError, match="--depth must be a positive integer"):
+        run(*tiny_flags(corpus, "--depth", "0"))
+
+    run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--tag", "shape"))
+    with pytest.raises(UsageError, match=r"already holds step 2; pass --resume"):
+        run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--tag", "shape"))
+    with pytest.raises(CheckpointError, match=r"another model shape .*n_layer=2 vs 3"):
+        run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--tag", "shape", "--depth", "3",
+                        "--resume"))
+
+
+def test_diverging_loss_stops_with_step_and_checkpoint(corpus):
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step \d+; the last good checkpoint is .*step_0000"):
+        run(*tiny_flags(corpus, "--num-iterations", "20", "--eval-every", "0", "--save-every", "1",
+                        "--matrix-lr", "1e30", "--embedding-lr", "1e30", "--unembedding-lr", "1e30"))
+
+
+def unigram_entropy_bits_per_byte(data: Path) -> float:
+    """The bits per byte of the best model that ignores context: token frequencies only."""
+    tokenizer = Tokenizer.load(paths.tokenizer_dir())
+    counts, nbytes = Counter(), 0
+    for line in data.read_text().splitlines():
+        text = json.loads(line)["text"]
+        counts.update(tokenizer.encode(text))
+        nbytes += len(text.encode("utf-8"))
+    total = sum(counts.values())
+    nats_per_token = -sum(c / total * math.log(c / total) for c in counts.values())
+    return nats_per_token * total / (math.log(2) * nbytes)
+
+
+@pytest.mark.slow
+def test_smoke_preset_learns_well_below_the_unigram_entropy(corpus):
+    summary = run("--preset", "smoke", "--data", str(corpus), "--device", "cpu", "--sample-every", "0")
+    unigram = unigram_entropy_bits_per_byte(corpus)
+    first_bpb = summary["val_bpb_history"][0][1]
+    assert first_bpb > unigram  # step 0: an untrained model is worse than counting tokens
+    assert summary["final_val_bpb"] < 0.6 * unigram, (summary["val_bpb_history"], unigram)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_under_torchrun(corpus, chatforge_home):
+    env = {**os.environ, "CHATFORGE_HOME": str(chatforge_home), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chatforge",
+           "pretrain", *tiny_flags(corpus, "--num-iterations", "4", "--save-every", "2", "--eval-every", "2",
+                                   "--run-id", "two-ranks")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = paths.checkpoint_dir("base", "d2") / "step_000004"
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "model.pt", "optim_rank0.pt", "optim_rank1.pt"]
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["world_size"] == 2 and len(meta["loader_state"]) == 2 and meta["loader_state"][0] != meta["loader_state"][1]
+    straight = losses("two-ranks")
+    assert sorted(straight) == [1, 2, 3, 4]
+
+    shutil.rmtree(folder)
+    cmd[-1] = "two-ranks-resumed"
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = losses("two-ranks-resumed")
+    assert [resumed[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
