@@ -155,3 +155,14 @@ def test_compiled_prefix_is_stripped():
     fresh = GPT(config)
     ckpt.load_model_state(fresh, state, "memory")
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_build_model_casts_parameters_but_keeps_rotary_tables_fp32():
+    model, opt, config = trained_pair()
+    save(model, opt, config, 1)
+    rebuilt, _ = ckpt.build_model("base", dtype=torch.bfloat16)
+    assert {p.dtype for p in rebuilt.parameters()} == {torch.bfloat16}
+    assert rebuilt.cos.dtype == torch.float32
+    x = torch.randint(0, config.vocab_size, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x), atol=0.1, rtol=0.05)

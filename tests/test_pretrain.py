@@ -98,9 +98,15 @@ def test_bad_input_messages(corpus):
     with pytest.raises(UsageError, match="--depth must be a positive integer"):
         run(*tiny_flags(corpus, "--depth", "0"))
 
-    run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--tag", "shape"))
+    first = run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--tag", "shape"))
+    # resuming a finished run trains nothing and keeps its summary
+    assert run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--tag", "shape",
+                           "--resume"))["final_train_loss"] == first["final_train_loss"]
     with pytest.raises(UsageError, match=r"already holds step 2; pass --resume"):
-        run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--tag", "shape"))
+        first = run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--tag", "shape"))
+    # resuming a finished run trains nothing and keeps its summary
+    assert run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--tag", "shape",
+                           "--resume"))["final_train_loss"] == first["final_train_loss"]
     with pytest.raises(CheckpointError, match=r"another model shape .*n_layer=2 vs 3"):
         run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--tag", "shape", "--depth", "3",
                         "--resume"))

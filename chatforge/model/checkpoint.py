@@ -330,8 +330,8 @@ def build_model(stage: str, tag: str | None = None, step: int | None = None, *,
                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
     """A GPT rebuilt from a checkpoint of any stage, in eval mode, plus its meta.
 
-    `dtype` None keeps the weights as trained (fp32 master weights, embeddings as the model keeps
-    them); a float dtype casts every floating parameter, e.g. bf16 for inference on a GPU.
+    `dtype` None keeps the weights as trained (fp32 master weights); a float dtype casts every
+    parameter, e.g. bf16 for inference on a GPU.
     """
     from chatforge.model.gpt import GPT, GPTConfig
 
@@ -346,8 +346,9 @@ def build_model(stage: str, tag: str | None = None, step: int | None = None, *,
     model.to_empty(device=device)
     model.init_weights()  # buffers (e.g. rotary tables) are not in the state dict
     load_model_state(model, ckpt["model"], ckpt["path"])
-    if dtype is not None:
-        model.to(dtype=dtype)
+    if dtype is not None:  # parameters only: the rotary tables stay fp32 (they are cast per use)
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
     model.eval()
     meta["path"] = str(ckpt["path"])
     return model, meta

@@ -176,6 +176,10 @@ def _train(args: argparse.Namespace, rt) -> dict:
             f"checkpoints/{STAGE}/{args.tag} already holds step {existing}; pass --resume to continue it, "
             "or --tag NAME to start a separate run"
         )
+    summary_path = paths.eval_dir(STAGE, args.tag, create=False) / "pretrain.json"
+    if start_step >= num_iterations:
+        print0(f"{args.tag} already finished its {num_iterations} steps; nothing to do (summary: {summary_path})")
+        return json.loads(summary_path.read_text()) if summary_path.is_file() else {"checkpoint": last_checkpoint}
     train_model = prepare_model(model, rt, compile=args.compile != "off", fp8=args.fp8)
 
     train_loader = PackedLoader(corpus, tokenizer, device_batch, seq_len, split="train", rank=rt.rank,
@@ -223,8 +227,11 @@ def _train(args: argparse.Namespace, rt) -> dict:
             logger.log(step, val_bpb=bpb)
             print0(f"step {step}: val bpb {bpb:.4f}")
         if fresh_step and loop.is_due(step, args.sample_every, num_iterations) and rt.is_main:
-            for prompt, text in generate_samples(model, tokenizer, rt, SAMPLE_PROMPTS):
+            samples = generate_samples(model, tokenizer, rt, SAMPLE_PROMPTS)
+            print0(f"step {step}: greedy samples")
+            for prompt, text in samples:
                 print0(f"  {prompt!r} -> {text!r}")
+            logger.log(step, samples=[prompt + text for prompt, text in samples])
         if step > start_step and (last or loop.is_due(step, args.save_every, num_iterations)):
             last_checkpoint = save(step, {"train_loss": last_loss, **({"val_bpb": bpb_history[-1][1]}
                                                                         if bpb_history else {})})
@@ -241,7 +248,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
         step += 1
         throughput.record(timer.seconds)
         record = {"train_loss": last_loss, "lr_multiplier": sched["lr_multiplier"], **throughput.summary(),
-                  **loop.memory_stats(rt.device)}
+                  "eta_s": round(throughput.eta_seconds(num_iterations - step)), **loop.memory_stats(rt.device)}
         logger.log(step, **record)
         progress.update(1, loss=f"{last_loss:.4f}", **{k: v for k, v in throughput.summary().items()
                                                        if k != "step_ms"})
@@ -261,10 +268,9 @@ def _train(args: argparse.Namespace, rt) -> dict:
         "settings": settings_dict, "args": vars(args), **provenance(),
     }
     if rt.is_main:
-        out = paths.eval_dir(STAGE, args.tag) / "pretrain.json"
-        paths.atomic_write_text(out, json.dumps(summary, indent=2, default=str))
+        paths.atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str))
         print0(f"done in {format_duration(summary['wall_time_s'])}: final val bpb "
-               f"{summary['final_val_bpb']}; summary in {out}")
+               f"{summary['final_val_bpb']}; summary in {summary_path}")
     return summary
 
 
