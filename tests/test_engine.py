@@ -196,3 +196,19 @@ def test_from_checkpoint_loads_and_checks_the_tokenizer():
     save_tiny_checkpoint("mid", "d2", vocab_size=tok.vocab_size + 64)
     with pytest.raises(CheckpointError, match=r"trained with a \d+-token tokenizer"):
         Engine.from_checkpoint("mid", device="cpu")
+
+
+def test_bench_infer_runs_on_cpu_with_tiny_numbers():
+    import argparse
+
+    from chatforge.bench import infer
+
+    parser = argparse.ArgumentParser()
+    infer.add_arguments(parser)
+    args = parser.parse_args("--depth 1 --head-dim 16 --vocab-size 300 --seq-len 64 --prompt-len 8 --new-tokens 4 "
+                             "--batch-sizes 1,3 --device cpu".split())
+    rows = infer.main(args)
+    assert [r["batch"] for r in rows] == [1, 3]
+    assert all(r["tokens_per_s"] > 0 and r["bandwidth_fraction"] is None for r in rows)
+    with pytest.raises(UsageError, match="--batch-sizes"):
+        infer.main(parser.parse_args(["--batch-sizes", "0", "--device", "cpu"]))

@@ -11,8 +11,8 @@ How a call runs:
    (`KVCache.copy_rows` copies it into each of their rows of the decode cache).
 2. Decode. One forward of (R, 1) tokens per step for all rows together; rows sit at different
    lengths and the model masks per row. Shapes never change, so on CUDA the step is captured once
-   in a CUDA graph (optionally around a `torch.compile`d step, which fuses the small kernels) and
-   replayed; the only host sync per step is reading the R new token ids, which streaming and the
+   in a CUDA graph (optionally around a `torch.compile`d step, which fuses the small kernels; see
+   chatforge/bench/infer.py for why that is off by default) and replayed; the only host sync per step is reading the R new token ids, which streaming and the
    tool state machine need anyway.
 3. Tool use, per row: after `<|python_start|>` the sampled tokens are collected until
    `<|python_end|>`; the code runs in the sandbox and `<|output_start|> result <|output_end|>` is
@@ -139,13 +139,16 @@ class Engine:
     def generate(self, prompts: list[list[int]], num_samples: int = 1, max_tokens: int = 256,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop_ids: list[int] | None = None,
-                 stop_strings: list[str] | None = None, use_tools: bool = True) -> Iterator[list[StepToken]]:
-        """Yield, once per decode step, the StepToken of every row still running."""
+                 stop_strings: list[str] | None = None, use_tools: bool = True,
+                 ignore_stops: bool = False) -> Iterator[list[StepToken]]:
+        """Yield, once per decode step, the StepToken of every row still running.
+
+        ignore_stops: generate exactly max_tokens per row (benchmarks; random weights stop anywhere)."""
         prompts = self._check_prompts(prompts, num_samples, max_tokens)
         check_sampling_args(temperature, top_k, top_p)
         R = len(prompts) * num_samples
         rows = [_Row(len(p)) for p in prompts for _ in range(num_samples)]
-        stop_set = {self.assistant_end, self.bos, *(stop_ids or [])}
+        stop_set = set() if ignore_stops else {self.assistant_end, self.bos, *(stop_ids or [])}
         stop_strings = [s for s in (stop_strings or []) if s]
         tail_len = max((len(s.encode("utf-8")) for s in stop_strings), default=0) + 1
         generator = torch.Generator(device=self.device)
