@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sched.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the last step, as a fraction of peak")
     run = parser.add_argument_group("evaluation, checkpoints, logging")
     run.add_argument("--eval-every", type=int, default=None, help="steps between validation bpb evals (default 250)")
-    run.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per eval (default 10M)")
+    run.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per eval, at most one pass over the val split (default 10M)")
     run.add_argument("--sample-every", type=int, default=None, help="steps between sample generations (default 2000)")
     run.add_argument("--save-every", type=int, default=None,
                      help="steps between checkpoints (default: only at the end); the last step always saves")
@@ -188,8 +188,9 @@ def _train(args: argparse.Namespace, rt) -> dict:
     eval_steps = max(1, args.eval_tokens // (device_batch * seq_len * rt.world_size))
 
     def val_bpb() -> float:
+        # one pass at most (loop=False): a small val split is measured once, not counted several times
         val_loader = PackedLoader(corpus, tokenizer, device_batch, seq_len, split="val", rank=rt.rank,
-                                  world_size=rt.world_size, device=rt.device)
+                                  world_size=rt.world_size, device=rt.device, loop=False)
         train_model.eval()
         try:
             return evaluate_bpb(train_model, itertools.islice(iter(val_loader), eval_steps), token_bytes, rt)
