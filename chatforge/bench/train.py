@@ -24,18 +24,7 @@ from chatforge.model.optim import build_optimizer
 from chatforge.model.parallel import prepare_model
 from chatforge.model.scaling import derive
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0, shutdown
-
-# dense bf16 peak FLOP/s by GPU name fragment (no sparsity)
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12,
-             "L40S": 362e12, "4090": 165e12, "B200": 2250e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
-
+from chatforge.train.loop import peak_flops
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=20, help="model depth (the scaling dial)")

@@ -141,9 +141,9 @@ def is_due(step: int, every: int, last_step: int) -> bool:
 
 # Dense bf16 peak of one GPU, from the vendors' datasheets (no sparsity).
 _PEAK_BF16_FLOPS = (
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
+    ("H200", 989e12), ("H100", 989e12), ("H800", 989e12),   # GH200 matches "H200"
+    ("B200", 2250e12),
+    ("A100", 312e12), ("A800", 312e12),
     ("L40S", 362e12),
     ("4090", 165e12),
 )
