@@ -84,6 +84,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(corpus):
     assert sorted(resumed) == [5, 6, 7, 8]
     assert [resumed[s] for s in range(5, 9)] == [straight[s] for s in range(5, 9)]  # exact, not approx
     assert summary["resumed_from_step"] == 4
+    assert [step for step, _ in summary["val_bpb_history"]] == [0, 4, 8]  # the history survives the resume
     a = torch.load(kept / "model.pt", weights_only=True)
     b = torch.load(tag_dir / "step_000008" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)

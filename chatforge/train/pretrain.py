@@ -18,7 +18,8 @@ What happens, in order:
    run's metrics.jsonl (and wandb with --wandb).
 5. Every --save-every steps and at the end: an atomic checkpoint under checkpoints/base/<tag>/ with
    the loader's position, RNG states and the optimizer shards. `--resume` continues from the latest
-   complete one and, on CPU, reproduces the uninterrupted run's losses bit for bit.
+   complete one and, on CPU, reproduces the uninterrupted run's losses bit for bit. It appends to
+   the original run's metrics.jsonl, so steps replayed after a kill appear twice: the later line wins.
 6. At the end eval/base/<tag>/pretrain.json summarises the run for the report.
 """
 
@@ -151,7 +152,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
     model.to_empty(device=rt.device)
     model.init_weights()
     optimizer = build_optimizer(model, **settings.optimizer_kwargs())
-    start_step, loader_state, last_checkpoint = 0, None, None
+    start_step, loader_state, last_checkpoint, resumed_meta = 0, None, None, {}
     existing = checkpoint.latest_step(STAGE, args.tag)
     if args.resume and existing is not None:
         ckpt = checkpoint.load_checkpoint(STAGE, args.tag, existing, device=rt.device, rank=rt.rank)
@@ -160,7 +161,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         checkpoint.restore_rng_state(ckpt["meta"]["rng"][rt.rank], rt.device)
         loader_state = ckpt["meta"]["loader_state"][rt.rank]
-        start_step, last_checkpoint = ckpt["meta"]["step"], str(ckpt["path"])
+        start_step, last_checkpoint, resumed_meta = ckpt["meta"]["step"], str(ckpt["path"]), ckpt["meta"]
         if ckpt["meta"].get("num_iterations", num_iterations) != num_iterations:
             raise CheckpointError(
                 f"{ckpt['path']} belongs to a run of {ckpt['meta']['num_iterations']} steps but this one has "
@@ -203,20 +204,24 @@ def _train(args: argparse.Namespace, rt) -> dict:
     flops_per_token = model.estimate_flops()
     throughput = loop.Throughput(settings.total_batch_size, flops_per_token, loop.peak_flops(rt.device),
                                  rt.world_size)
-    logger = MetricsLogger("pretrain", args=vars(args), run_id=args.run_id, wandb_run=args.wandb)
+    # a resumed run keeps appending to its original metrics.jsonl unless --run-id says otherwise
+    logger = MetricsLogger("pretrain", args=vars(args), run_id=args.run_id or resumed_meta.get("run_id"),
+                           wandb_run=args.wandb)
     print0(f"parameters: {model.num_params():,} | FLOPs/token: {flops_per_token:.3e} | metrics: {logger.path}")
     settings_dict = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "sources"}
-    meta_extra = {"num_iterations": num_iterations, "depth": args.depth, "settings": settings_dict}
 
     def save(step: int, metrics: dict) -> str:
         folder = checkpoint.save_checkpoint(
             STAGE, args.tag, step, model, optimizer, model_config=config.to_dict(),
             vocab_size=tokenizer.vocab_size, loader_state=train_loader.state_dict(), metrics=metrics,
-            args=vars(args), extra=meta_extra, keep_last=args.keep_last)
+            args=vars(args), keep_last=args.keep_last,
+            extra={"num_iterations": num_iterations, "depth": args.depth, "settings": settings_dict,
+                   "run_id": logger.run_id, "val_bpb_history": bpb_history})
         print0(f"step {step}: saved {folder}")
         return str(folder)
 
-    step, last_loss, bpb_history = start_step, None, []
+    step, last_loss = start_step, resumed_meta.get("metrics", {}).get("train_loss")
+    bpb_history = [tuple(point) for point in resumed_meta.get("val_bpb_history", [])]
     progress = Progress(num_iterations - start_step, "pretrain", unit="step")
     while True:
         last = step == num_iterations
