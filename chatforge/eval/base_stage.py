@@ -14,23 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from chatforge import paths
 from chatforge.errors import UsageError
 from chatforge.eval import core
 from chatforge.progress import provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
-
-SAMPLE_PROMPTS = (
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-)
+from chatforge.train.loop import greedy_samples
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, default_source: str) -> None:
@@ -72,22 +61,6 @@ def write_result(source: str, tag: str, name: str, payload: dict) -> None:
     path = paths.eval_dir(source, tag) / name
     paths.atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
     print0(f"wrote {path}")
-
-
-@torch.no_grad()
-def greedy_samples(model, tokenizer, runtime, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 16) -> list[dict]:
-    """Greedy continuations, by re-running the whole prefix each step (a handful of short prompts)."""
-    out = []
-    limit = model.config.sequence_len
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
-        start = len(ids)
-        for _ in range(max_new_tokens):
-            with runtime.autocast():
-                logits = model(torch.tensor([ids[-limit:]], device=runtime.device))
-            ids.append(int(logits[0, -1].argmax()))
-        out.append({"prompt": prompt, "completion": tokenizer.decode(ids[start:])})
-    return out
 
 
 def bits_per_byte(model, tokenizer, runtime, args) -> dict:

@@ -47,14 +47,6 @@ PRESETS = {
                   eval_every=100, eval_tokens=8192, sample_every=300, compile="off"),
 }
 
-SAMPLE_PROMPTS = (
-    "The capital of France is",
-    "The opposite of hot is",
-    "If yesterday was Friday, then tomorrow will be",
-    "A function in Python is defined with the keyword",
-)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from chatforge.model.scaling import add_scaling_arguments
 
@@ -233,11 +225,11 @@ def _train(args: argparse.Namespace, rt) -> dict:
             logger.log(step, val_bpb=bpb)
             print0(f"step {step}: val bpb {bpb:.4f}")
         if fresh_step and loop.is_due(step, args.sample_every, num_iterations) and rt.is_main:
-            samples = generate_samples(model, tokenizer, rt, SAMPLE_PROMPTS)
+            samples = loop.greedy_samples(model, tokenizer, rt)
             print0(f"step {step}: greedy samples")
-            for prompt, text in samples:
-                print0(f"  {prompt!r} -> {text!r}")
-            logger.log(step, samples=[prompt + text for prompt, text in samples])
+            for sample in samples:
+                print0(f"  {sample['prompt']!r} -> {sample['completion']!r}")
+            logger.log(step, samples=[sample["prompt"] + sample["completion"] for sample in samples])
         if step > start_step and (last or loop.is_due(step, args.save_every, num_iterations)):
             last_checkpoint = save(step, {"train_loss": last_loss, **({"val_bpb": bpb_history[-1][1]}
                                                                         if bpb_history else {})})
@@ -279,28 +271,3 @@ def _train(args: argparse.Namespace, rt) -> dict:
                f"{summary['final_val_bpb']}; summary in {summary_path}")
     return summary
 
-
-@torch.no_grad()
-def generate_samples(model, tokenizer, rt, prompts, max_new_tokens: int = 16) -> list[tuple[str, str]]:
-    """Greedy continuations with a plain forward per token (short, so no KV cache is needed).
-
-    `model.forward` is called directly so a compiled model runs eagerly here instead of recompiling
-    for every length; rows are padded on the right to a multiple of 16 (FP8 matmuls need it), which
-    a causal model's earlier positions never see.
-    """
-    was_training = model.training
-    model.eval()
-    out = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt, prepend="<|bos|>")
-        prompt_len = len(ids)
-        for _ in range(max_new_tokens):
-            context = ids[-model.config.sequence_len:]
-            padded = context + [tokenizer.bos_id] * (-len(context) % 16)
-            window = torch.tensor([padded], dtype=torch.long, device=rt.device)
-            with rt.autocast():
-                logits = model.forward(window)
-            ids.append(int(logits[0, len(context) - 1].argmax()))
-        out.append((prompt, tokenizer.decode(ids[prompt_len:])))
-    model.train(was_training)
-    return out
