@@ -162,3 +162,11 @@ def test_two_gloo_ranks_under_torchrun(corpus, chatforge_home):
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = losses("two-ranks-resumed")
     assert [resumed[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
+
+
+@pytest.mark.shared_data
+def test_core_at_the_end_on_the_real_bundle(corpus, shared_data):
+    summary = run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--core-max-per-task", "2",
+                              "--eval-bundle", str(shared_data / "eval" / "core")))
+    assert summary["core_tasks"] and len(summary["core_tasks"]) >= 20
+    assert summary["core"] == pytest.approx(sum(summary["core_tasks"].values()) / len(summary["core_tasks"]))

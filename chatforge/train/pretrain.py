@@ -20,7 +20,8 @@ What happens, in order:
    the loader's position, RNG states and the optimizer shards. `--resume` continues from the latest
    complete one and, on CPU, reproduces the uninterrupted run's losses bit for bit. It appends to
    the original run's metrics.jsonl, so steps replayed after a kill appear twice: the later line wins.
-6. At the end eval/base/<tag>/pretrain.json summarises the run for the report.
+6. At the end (optionally) CORE on a few items per task (--core-max-per-task N), and
+   eval/base/<tag>/pretrain.json summarises the run for the report.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--sample-every", type=int, default=None, help="steps between sample generations (default 2000)")
     run.add_argument("--save-every", type=int, default=None,
                      help="steps between checkpoints (default: only at the end); the last step always saves")
+    run.add_argument("--core-max-per-task", type=int, default=0,
+                     help="after the last step, CORE with at most N items per task (default 0: skip it; "
+                          "`chatforge eval base` runs the full CORE)")
+    run.add_argument("--eval-bundle", default=None,
+                     help="CORE bundle folder for --core-max-per-task (default: $CHATFORGE_EVAL_BUNDLE, else download)")
     run.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
     run.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint of --tag")
     run.add_argument("--tag", default=None, help="checkpoint tag (default d<depth>)")
@@ -95,6 +101,8 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.core_max_per_task < 0:
+        raise UsageError(f"--core-max-per-task must be 0 (skip) or positive, got {args.core_max_per_task}")
     if not 0 <= args.warmup_ratio + args.warmdown_ratio <= 1:
         raise UsageError("--warmup-ratio plus --warmdown-ratio must lie between 0 and 1")
     args.tag = paths.safe_name(args.tag or f"d{args.depth}")
@@ -251,6 +259,9 @@ def _train(args: argparse.Namespace, rt) -> dict:
         progress.update(1, loss=f"{last_loss:.4f}", **{k: v for k, v in throughput.summary().items()
                                                        if k != "step_ms"})
     progress.close()
+    core_result = final_core(args, rt, tokenizer) if args.core_max_per_task else None
+    if core_result is not None:
+        logger.log(step, core=core_result["core"])
     logger.close()
 
     summary = {
@@ -260,7 +271,9 @@ def _train(args: argparse.Namespace, rt) -> dict:
         "final_train_loss": last_loss,
         "final_val_bpb": bpb_history[-1][1] if bpb_history else None,
         "min_val_bpb": min(b for _, b in bpb_history) if bpb_history else None,
-        "val_bpb_history": bpb_history, "flops_per_token": flops_per_token, **throughput.summary(),
+        "val_bpb_history": bpb_history, "core": core_result and core_result["core"],
+        "core_tasks": core_result and {k: v["centered"] for k, v in core_result["tasks"].items()},
+        "flops_per_token": flops_per_token, **throughput.summary(),
         **loop.memory_stats(rt.device), "wall_time_s": round(time.time() - started, 1),
         "resumed_from_step": start_step or None, "checkpoint": last_checkpoint,
         "settings": settings_dict, "args": vars(args), **provenance(),
@@ -271,3 +284,17 @@ def _train(args: argparse.Namespace, rt) -> dict:
                f"{summary['final_val_bpb']}; summary in {summary_path}")
     return summary
 
+
+def final_core(args: argparse.Namespace, rt, tokenizer) -> dict:
+    """CORE of the final checkpoint, rebuilt without compile/FP8 (it scores prompts of every length)."""
+    from chatforge.eval import core
+    from chatforge.model.checkpoint import build_model
+
+    bundle = core.resolve_bundle(args.eval_bundle)
+    model, meta = build_model(STAGE, args.tag, device=rt.device)
+    with rt.autocast():
+        result = core.evaluate_core(model, tokenizer, bundle, rt.device, args.core_max_per_task,
+                                    model.config.sequence_len, rank=rt.rank, world_size=rt.world_size)
+    print0(f"step {meta['step']}: CORE {result['core']:.4f} over {result['num_tasks']} task(s), "
+           f"at most {args.core_max_per_task} items each")
+    return result
