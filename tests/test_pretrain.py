@@ -170,3 +170,15 @@ def test_core_at_the_end_on_the_real_bundle(corpus, shared_data):
                               "--eval-bundle", str(shared_data / "eval" / "core")))
     assert summary["core_tasks"] and len(summary["core_tasks"]) >= 20
     assert summary["core"] == pytest.approx(sum(summary["core_tasks"].values()) / len(summary["core_tasks"]))
+
+
+def test_epochs_sets_the_steps_from_the_train_split(corpus):
+    from chatforge.data.corpus import open_corpus
+
+    tokenizer = Tokenizer.load(paths.tokenizer_dir())
+    texts = list(open_corpus(corpus).iter_documents("train"))
+    tokens = sum(len(tokenizer.encode(t)) + 1 for t in texts)  # + its bos
+    summary = run(*tiny_flags(corpus, "--epochs", "0.05", "--eval-every", "0"))
+    assert summary["num_iterations"] == int(0.05 * tokens) // 128
+    with pytest.raises(UsageError, match="--epochs"):
+        run(*tiny_flags(corpus, "--epochs", "1", "--num-iterations", "3"))

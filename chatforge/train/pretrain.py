@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None, help="a text file, a folder of txt/jsonl/parquet, or a glob")
     data.add_argument("--corpus", default="fineweb-edu", help="downloaded corpus to read when --data is not given")
+    data.add_argument("--epochs", type=float, default=None,
+                      help="train for this many passes over the train split (counts its tokens first; "
+                           "replaces --num-iterations, for corpora small enough to tokenize once up front)")
     sched = parser.add_argument_group("schedule")
     sched.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of LR warmup")
     sched.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps of final LR warmdown")
@@ -93,7 +96,11 @@ _DEFAULTS = dict(depth=20, eval_every=250, eval_tokens=10 * 2**20, sample_every=
 
 def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """Fill flags left unset from the preset, then from the defaults; check the ones derive() does not."""
+    if args.epochs is not None and (args.epochs <= 0 or args.num_iterations is not None):
+        raise UsageError("--epochs must be positive and cannot be combined with --num-iterations")
     preset = PRESETS.get(args.preset or "", {})
+    if args.epochs is not None:  # the step count will come from the corpus, not from a preset
+        preset = {k: v for k, v in preset.items() if k != "num_iterations"}
     for name, value in {**_DEFAULTS, **preset}.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -138,6 +145,13 @@ def _train(args: argparse.Namespace, rt) -> dict:
     corpus = open_corpus(args.data, args.corpus)
     settings = derive(args.depth, vocab_size=tokenizer.vocab_size, world_size=rt.world_size,
                       **overrides_from_args(args))
+    if args.epochs is not None:
+        tokens = count_train_tokens(corpus, tokenizer, rt)
+        args.num_iterations = max(1, int(args.epochs * tokens) // settings.total_batch_size)
+        print0(f"--epochs {args.epochs:g}: the train split holds {tokens:,} tokens -> {args.num_iterations:,} "
+               f"steps of {settings.total_batch_size:,}")
+        settings = derive(args.depth, vocab_size=tokenizer.vocab_size, world_size=rt.world_size,
+                          **overrides_from_args(args))
     print0(settings.describe())
     config = settings.model_config()
     seq_len, device_batch, accum = config.sequence_len, settings.device_batch_size, settings.grad_accum_steps
@@ -298,3 +312,26 @@ def final_core(args: argparse.Namespace, rt, tokenizer) -> dict:
     print0(f"step {meta['step']}: CORE {result['core']:.4f} over {result['num_tasks']} task(s), "
            f"at most {args.core_max_per_task} items each")
     return result
+
+
+def count_train_tokens(corpus, tokenizer, rt, chunk: int = 256) -> int:
+    """Tokens the loader will draw from one pass over the train split (each document plus its bos).
+
+    Each rank counts its own documents; the packed loader crops nothing while looping, so this is
+    exactly the number of targets one epoch provides (give or take the last partial batch).
+    """
+    import torch.distributed as dist
+
+    total, texts = 0, []
+    for text in corpus.iter_documents("train", rt.rank, rt.world_size):
+        texts.append(text)
+        if len(texts) == chunk:
+            total += sum(len(ids) for ids in tokenizer.encode_batch(texts, prepend=tokenizer.bos_id))
+            texts = []
+    if texts:
+        total += sum(len(ids) for ids in tokenizer.encode_batch(texts, prepend=tokenizer.bos_id))
+    if rt.distributed:
+        count = torch.tensor(total, dtype=torch.int64, device=rt.device)
+        dist.all_reduce(count)
+        total = int(count.item())
+    return total
