@@ -42,6 +42,6 @@ def evaluate_bpb(model: torch.nn.Module, batches, token_bytes: torch.Tensor, run
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
     nbytes = int(total_bytes.item())
     if nbytes == 0:
-        raise DataError("the validation split produced no text bytes to evaluate; give --data more documents "
-                        "or lower --eval-tokens' granularity (--device-batch-size / --max-seq-len)")
+        raise DataError("no text bytes to evaluate: the split is too small for one batch of --device-batch-size "
+                        "x --max-seq-len tokens; add documents to --data or lower --device-batch-size")
     return total_nats.item() / (math.log(2) * nbytes)
