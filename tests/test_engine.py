@@ -127,8 +127,8 @@ class ScriptedModel(torch.nn.Module):
         assistant_start = self.tok.special_id("<|assistant_start|>")
         for b in range(B):
             at = int(kv_cache.lengths[b])
-            kv_cache.k[0, b, 0, at:at + T, 0] = idx[b].float()
-            history = kv_cache.k[0, b, 0, :at + T, 0].long().tolist()
+            kv_cache.k[0][b, 0, at:at + T, 0] = idx[b].float()
+            history = kv_cache.k[0][b, 0, :at + T, 0].long().tolist()
             generated = history[len(history) - history[::-1].index(assistant_start):]
             inside, produced = False, 0
             for t in generated:

@@ -151,6 +151,23 @@ def _flex(q, k, v, block_mask, enable_gqa):
     return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
+def _sdpa_backends() -> list:
+    """Which fused attention kernels CUDA training tries first (CHATFORGE_SDPA=cudnn|flash|auto)."""
+    import os
+
+    choice = os.environ.get("CHATFORGE_SDPA", "auto").lower()
+    if choice == "auto":
+        return []
+    from torch.nn.attention import SDPBackend
+
+    order = {"cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION],
+             "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]}
+    return order[choice] + [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+SDPA_BACKENDS = _sdpa_backends()
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int, window: int | None):
         super().__init__()
@@ -181,6 +198,11 @@ class CausalSelfAttention(nn.Module):
         T = q.shape[2]
         gqa = self.n_kv_head != self.n_head
         if self.window is None or self.window >= T:
+            if q.device.type == "cuda" and SDPA_BACKENDS:
+                from torch.nn.attention import sdpa_kernel
+
+                with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         if q.device.type == "cuda":
             # unlike SDPA, FlexAttention is not an autocast op: give it one dtype (v's is the linear's)
@@ -197,11 +219,13 @@ class CausalSelfAttention(nn.Module):
         in `cache.lengths`, so a decode step has no host sync and can be captured in a CUDA graph.
         """
         B, H, T, D = q.shape
-        k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]  # (B, Hkv, L, D)
+        k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]  # (B, Hkv, L, D) each
         L = k_cache.shape[2]
-        where = positions[:, None, :, None].expand(B, self.n_kv_head, T, D)
-        k_cache.scatter_(2, where, k.to(k_cache.dtype))
-        v_cache.scatter_(2, where, v.to(v_cache.dtype))
+        # index_put_ into a per-layer tensor: torch.compile turns this into an in-place write
+        # (a scatter_ into a view of one big cache made it copy the whole layer every step)
+        rows = torch.arange(B, device=q.device)[:, None].expand(B, T)
+        k_cache[rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)  # (B, T, Hkv, D) into (B, Hkv, L, D)
+        v_cache[rows, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
         key_pos = torch.arange(L, device=q.device)
         delta = positions[:, :, None] - key_pos[None, None, :]  # (B, T, L): query pos - key pos
         allowed = delta >= 0
@@ -328,7 +352,7 @@ class GPT(nn.Module):
 
 
 class KVCache:
-    """Static keys and values for generation: (n_layer, B, n_kv_head, max_len, head_dim) each.
+    """Static keys and values for generation: per layer, k[i] and v[i] of (B, n_kv_head, max_len, head_dim).
 
     Row b's next tokens go at positions lengths[b], lengths[b]+1, ...; the model advances `lengths`
     after each forward. Rows may sit at different lengths during decode; attention always runs over
@@ -340,11 +364,12 @@ class KVCache:
         limit = config.sequence_len * ROTARY_MARGIN
         if max_len > limit:
             raise UsageError(f"KV cache max_len {max_len} exceeds the model's rotary range {limit}; ask for fewer tokens")
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
         self.config = config
         self.batch_size, self.max_len = batch_size, max_len
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # one tensor per layer, so each layer's write is in place on its own storage
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
 
     def reset(self) -> None:
@@ -356,13 +381,13 @@ class KVCache:
 
         src_cache may be shorter (max_len) than this one; its positions land at the same indices.
         """
-        src = torch.as_tensor(src_rows, dtype=torch.int64, device=src_cache.k.device)
-        dst = torch.as_tensor(dst_rows, dtype=torch.int64, device=self.k.device)
+        src = torch.as_tensor(src_rows, dtype=torch.int64, device=src_cache.lengths.device)
+        dst = torch.as_tensor(dst_rows, dtype=torch.int64, device=self.lengths.device)
         if src.numel() != dst.numel():
             raise ValueError(f"copy_rows got {src.numel()} source rows and {dst.numel()} destination rows")
         n = src_cache.max_len
         if n > self.max_len:
             raise ValueError(f"source cache max_len {n} is longer than this cache's {self.max_len}")
-        self.k[:, dst, :, :n] = src_cache.k[:, src].to(self.k)
-        self.v[:, dst, :, :n] = src_cache.v[:, src].to(self.v)
+        for mine, theirs in zip(self.k + self.v, src_cache.k + src_cache.v):
+            mine[dst, :, :n] = theirs[src].to(mine)
         self.lengths[dst] = src_cache.lengths[src].to(self.lengths.device)
