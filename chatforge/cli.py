@@ -19,6 +19,7 @@ COMMANDS: dict = {
     "env": ("chatforge.env_report", "what this machine offers and what chatforge will use"),
     "data": ("download or prepare pretraining data", {
         "download": ("chatforge.data.download", "download pretraining shards (resumable, verified)"),
+        "offline": ("chatforge.data.offline", "write a corpus that needs no network (stdlib docstrings)"),
     }),
     "tokenizer": ("train and evaluate the BPE tokenizer", {
         "train": ("chatforge.tokenizer_stage:train", "train a GPT-4-style BPE tokenizer on the corpus"),

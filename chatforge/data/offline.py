@@ -56,3 +56,16 @@ def write_stdlib_corpus(dest: Path, max_chars: int = 4_000_000, docs_per_file: i
                         "pass --data PATH with a text corpus instead")
     atomic_write_text(done, f"{total} characters in {index} files\n")
     return dest
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--max-chars", type=float, default=4e6, help="stop after this many characters")
+
+
+def main(args) -> None:
+    from chatforge import paths
+    from chatforge.runtime import print0
+
+    dest = write_stdlib_corpus(paths.data_dir("stdlib-docstrings"), max_chars=int(args.max_chars))
+    print0(f"offline corpus (the standard library's docstrings): {(dest / 'COMPLETE').read_text().strip()}")
+    print0(f"use it with: --data {dest}")
