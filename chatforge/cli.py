@@ -26,16 +26,23 @@ COMMANDS: dict = {
         "eval": ("chatforge.tokenizer_stage:eval", "compression ratio next to GPT-2/GPT-4 encodings"),
     }),
     "pretrain": ("chatforge.train.pretrain", "pretrain a base model; --depth sets its size"),
+    "midtrain": ("chatforge.train.midtrain", "continue the base model on a conversation mixture"),
+    "sft": ("chatforge.train.sft", "supervised fine-tuning on whole conversations"),
+    "rl": ("chatforge.train.rl", "reinforcement learning on GSM8K (simplified GRPO)"),
     "eval": ("evaluate a checkpoint", {
         "base": ("chatforge.eval.base_stage", "CORE and bits per byte of a base model"),
         "chat": ("chatforge.eval.chat_stage", "the chat task suite and ChatCORE"),
     }),
     "chat": ("chatforge.chat_cli", "chat with a checkpoint in the terminal"),
+    "serve": ("chatforge.serve.app", "OpenAI-compatible API and web UI on the engine"),
+    "report": ("chatforge.report", "assemble report.md (and plots) from every stage's JSON"),
+    "speedrun": ("chatforge.speedrun", "every stage in order for a preset (demo, d20, gpt2); resumable"),
     "bench": ("measure speed; each prints a table", {
         "tokenizer": ("chatforge.bench.tokenizer", "tokenizer training time and encode throughput"),
         "loader": ("chatforge.bench.loader", "data loader tokens/s"),
         "train": ("chatforge.bench.train", "training tokens/s, MFU and peak memory"),
         "infer": ("chatforge.bench.infer", "time to first token and decode tokens/s by batch size"),
+        "serve": ("chatforge.bench.serve", "requests/s and time to first token under concurrent load"),
     }),
 }
 
