@@ -105,6 +105,48 @@ def accumulate_gradients(model: torch.nn.Module, batches, accum_steps: int, runt
     return total / accum_steps
 
 
+def _global_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def accumulate_masked_gradients(model: torch.nn.Module, batches, accum_steps: int, runtime) -> torch.Tensor:
+    """Like accumulate_gradients, for micro-batches with different numbers of counted targets (SFT).
+
+    Dividing each micro-batch's mean by accum_steps would weigh a target in a short micro-batch more
+    than one in a long one. Instead the step's micro-batches are drawn first, their counted targets
+    (targets != -1) summed over every micro-batch and rank, and each summed loss scaled by
+    world_size / that count: the optimizer averages gradients over ranks, so the update is the
+    gradient of the mean loss per counted target of the whole step. Returns this rank's share times
+    world_size, so `global_mean` of it is that exact per-target mean.
+    """
+    micro = [next(batches) for _ in range(accum_steps)]
+    count = sum((targets != -1).sum() for _, targets in micro).to(torch.float32)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    scale = world / _global_sum(count).clamp(min=1.0)
+    total = torch.zeros((), dtype=torch.float32, device=scale.device)
+    for inputs, targets in micro:
+        with runtime.autocast():
+            loss_sum = model(inputs, targets, loss_reduction="sum")
+        (loss_sum * scale).backward()
+        total += loss_sum.detach().float()
+    return total * scale
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, batches, runtime) -> float:
+    """Mean cross-entropy per counted target (targets != -1) over `batches` and all ranks."""
+    totals = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+    for inputs, targets in batches:
+        with runtime.autocast():
+            totals[0] += model(inputs, targets, loss_reduction="sum").double()
+        totals[1] += (targets != -1).sum()
+    totals = _global_sum(totals)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
 def global_mean(value: torch.Tensor) -> float:
     """The mean of a scalar over all ranks (one tiny all-reduce), as a Python float.
 

@@ -1,0 +1,166 @@
+"""`chatforge sft`: supervised fine-tuning on whole conversations; then a quick chat eval.
+
+    chatforge sft                                          # latest mid checkpoint, one epoch
+    chatforge sft --extra me.jsonl --eval-max-problems 100
+    torchrun --nproc_per_node=8 -m chatforge sft
+
+Unlike midtraining, each conversation gets its own row (`data/conversations.SFTBatches`): cut to the
+context, padded on the right to the longest row of the micro-batch, and trained only where the
+render mask is 1 — the assistant's text, its tool calls and `<|assistant_end|>`; never bos, user
+turns, tool output or padding (targets -1). Micro-batches then hold different numbers of targets,
+so the step uses `loop.accumulate_masked_gradients`: the mean loss per trained token of the whole
+step over all ranks, not a mean of per-micro-batch means.
+
+The mixture is smaller and cleaner than midtraining's (nanochat's recipe): ARC-Easy and
+ARC-Challenge train, GSM8K train with tool calls, 10k SmolTalk conversations, SpellingBee (other
+examples than midtraining's), identity conversations, and `--extra` files (twice); `--mixture extra`
+trains on the --extra files alone. A step is --examples-per-step conversations (default 32).
+Learning rates start at 2% of the base run's and decay linearly to zero (nanochat's SFT schedule).
+
+At the end, unless --eval-max-problems is 0, the final checkpoint answers at most N problems of each
+--eval-tasks task (eval/chat.py); the scores go into eval/sft/<tag>/chat.json and, with the run's
+facts, eval/sft/<tag>/sft.json. `chatforge eval chat` runs the full suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import torch
+
+from chatforge.errors import UsageError
+from chatforge.runtime import init_runtime, print0
+from chatforge.train import loop
+from chatforge.train.midtrain import (add_stage_arguments, check_stage_arguments, extra_tasks, identity_task,
+                                      make_optimizer, start_model, train_steps, write_summary)
+
+STAGE = "sft"
+EVAL_TASKS = "ARC-Easy,ARC-Challenge,MMLU,GSM8K,SpellingBee"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_stage_arguments(parser, source="mid", init_lr_frac=0.02, warmdown_ratio=1.0, eval_every=100)
+    parser.add_argument("--examples-per-step", type=int, default=32,
+                        help="conversations per optimizer step over all ranks (default 32)")
+    parser.add_argument("--compile", choices=("on", "off"), default="off",
+                        help="torch.compile the model (on pads every row to --max-seq-len for fixed shapes; "
+                             "default off: rows vary in length)")
+    ev = parser.add_argument_group("chat eval of the final checkpoint")
+    ev.add_argument("--eval-tasks", default=EVAL_TASKS, help=f"comma-separated tasks (default {EVAL_TASKS})")
+    ev.add_argument("--eval-max-problems", type=int, default=100,
+                    help="at most N problems per task (default 100; 0 skips the eval)")
+    ev.add_argument("--eval-max-new-tokens", type=int, default=256, help="longest generated answer")
+
+
+def sft_mixture(args, model):
+    """(train mixture, validation conversations)."""
+    from chatforge.tasks.arc import ARC
+    from chatforge.tasks.base import TaskMixture
+    from chatforge.tasks.gsm8k import GSM8K
+    from chatforge.tasks.smoltalk import SmolTalk
+    from chatforge.tasks.spelling import SpellingBee
+
+    extras = extra_tasks(args)
+    if args.mixture == "extra":
+        return TaskMixture(extras, seed=args.seed), TaskMixture(extras, seed=args.seed)
+    tasks = [ARC("ARC-Easy", "train", args.data_dir), ARC("ARC-Challenge", "train", args.data_dir),
+             GSM8K("train", args.data_dir), SmolTalk("train", args.data_dir, stop=10_000),
+             SpellingBee(size=41_000, use_tool=True, start=40_000, stop=40_300),
+             SpellingBee(size=41_000, use_tool=False, start=40_300, stop=40_600),
+             identity_task(model, 500, args.seed + 1)] + extras
+    weights = [1.0] * 7 + [2.0] * len(extras)
+    return TaskMixture(tasks, weights, seed=args.seed), SmolTalk("test", args.data_dir)
+
+
+def main(args: argparse.Namespace) -> dict:
+    check_stage_arguments(args)
+    if args.examples_per_step < 1 or args.eval_max_problems < 0 or args.eval_max_new_tokens < 1:
+        raise UsageError("--examples-per-step and --eval-max-new-tokens must be positive, --eval-max-problems >= 0")
+    if args.eval_max_problems:
+        from chatforge.eval.chat_stage import parse_tasks
+
+        args.eval_tasks = ",".join(parse_tasks(args.eval_tasks))
+    rt = init_runtime(args.device, args.dtype, seed=args.seed)
+    try:
+        return _sft(args, rt)
+    except torch.cuda.OutOfMemoryError:
+        raise UsageError(f"out of GPU memory with --device-batch-size {args.device_batch_size}; lower it "
+                         "(gradient accumulation keeps --examples-per-step)") from None
+
+
+def _sft(args: argparse.Namespace, rt) -> dict:
+    from chatforge.data.conversations import SFTBatches
+    from chatforge.model.parallel import prepare_model
+
+    started = time.time()
+    start = start_model(STAGE, args, rt)
+    model, config, tokenizer = start["model"], start["config"], start["tokenizer"]
+    seq_len = config.sequence_len
+    device_batch = args.device_batch_size or 4
+    per_micro = device_batch * rt.world_size
+    if args.examples_per_step % per_micro:
+        raise UsageError(f"--examples-per-step {args.examples_per_step} is not a multiple of --device-batch-size x "
+                         f"ranks ({device_batch} x {rt.world_size})")
+    accum = args.examples_per_step // per_micro
+    train_set, val_set = sft_mixture(args, model)
+    if args.num_iterations is None:
+        args.num_iterations = max(1, round((args.epochs or 1.0) * len(train_set) / args.examples_per_step))
+    print0(f"sft: {len(train_set):,} conversations | {accum} micro-step(s) of {device_batch} rows per rank | "
+           f"{args.examples_per_step} conversations per step | {args.num_iterations:,} steps")
+
+    optimizer = make_optimizer(model, start["base_lrs"], args.init_lr_frac)
+    resume = start["resume"]
+    pad_to = seq_len if args.compile == "on" else None
+    batches = SFTBatches(train_set, tokenizer, device_batch, seq_len, rt.rank, rt.world_size, rt.device,
+                         state=resume["meta"]["loader_state"][rt.rank] if resume else None, pad_to=pad_to)
+    train_model = prepare_model(model, rt, compile=args.compile == "on")
+
+    def val_loss() -> float:
+        val = SFTBatches(val_set, tokenizer, device_batch, seq_len, rt.rank, rt.world_size, rt.device, pad_to=pad_to)
+        steps = min(args.eval_steps, -(-val.per_rank // device_batch))  # at most one pass
+        return loop.evaluate_loss(train_model, itertools.islice(val, steps), rt)
+
+    schedule = loop.Schedule(args.num_iterations, warmdown_ratio=args.warmdown_ratio, final_lr_frac=0.0)
+    summary = train_steps(STAGE, args, rt, start, optimizer, train_model, num_iterations=args.num_iterations,
+                          batches=batches, accumulate=loop.accumulate_masked_gradients, accum_steps=accum,
+                          tokens_per_step=None, val_loss=val_loss, loader_state=batches.state_dict,
+                          schedule=schedule)
+    summary.update(examples_per_step=args.examples_per_step, conversations=len(train_set), mixture=args.mixture,
+                   extra=args.extra, epochs_done=round(batches.epoch, 3))
+    summary["chat_eval"] = final_chat_eval(args, rt, tokenizer, start["tag"]) if args.eval_max_problems else None
+    summary.update(wall_time_s=round(time.time() - started, 1), args=vars(args))
+    write_summary(STAGE, start["tag"], "sft.json", summary, rt)
+    return summary
+
+
+def final_chat_eval(args, rt, tokenizer, tag: str) -> dict:
+    """The chat tasks on the final checkpoint (rebuilt plain: no compile), into eval/sft/<tag>/chat.json."""
+    import json
+
+    from chatforge import paths
+    from chatforge.eval import chat
+    from chatforge.infer.engine import Engine
+    from chatforge.model.checkpoint import build_model
+    from chatforge.progress import provenance
+    from chatforge.tasks import eval_task
+
+    model, meta = build_model(STAGE, tag, device=rt.device)
+    engine = Engine(model, tokenizer, rt.device, rt.dtype)
+    results = {}
+    for name in args.eval_tasks.split(","):
+        results[name] = chat.evaluate_task(model, tokenizer, eval_task(name, args.data_dir), rt, engine,
+                                           args.eval_max_problems, max_new_tokens=args.eval_max_new_tokens,
+                                           max_seq_len=model.config.sequence_len)
+        r = results[name]
+        print0(f"{name}: {r['accuracy']:.4f} ({r['num_correct']}/{r['num_problems']})")
+    score = chat.chatcore(results)
+    note = (f"ChatCORE over {len(results)} task(s) with at most {args.eval_max_problems} problems each; "
+            "`chatforge eval chat` runs the standard suite")
+    print0(f"ChatCORE {score:.4f} ({note})")
+    payload = {"chatcore": score, "note": note, "tasks": results, "source": STAGE, "tag": tag,
+               "step": meta["step"], "args": vars(args), **provenance()}
+    if rt.is_main:
+        paths.atomic_write_text(paths.eval_dir(STAGE, tag) / "chat.json", json.dumps(payload, indent=2, default=str))
+    return {"chatcore": score, "note": note, "tasks": results}
