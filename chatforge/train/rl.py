@@ -1,0 +1,453 @@
+"""`chatforge rl`: reinforcement learning on GSM8K with a simplified GRPO (on-policy policy gradient).
+
+    chatforge rl                                       # from the latest sft checkpoint, one device
+    torchrun --nproc_per_node=8 -m chatforge rl        # 8 GPUs: the ranks split each step's questions
+    chatforge rl --num-iterations 20 --eval-every 10 --examples-per-step 4 --num-samples 8   # a quick look
+
+Each step:
+1. Questions. The training split is walked in a shuffled order (a fresh permutation each epoch,
+   seeded by --seed); step s takes questions s*E ... s*E+E-1 of that stream (E = --examples-per-step,
+   over all ranks; rank r takes every W-th of them). The position in the stream is therefore a
+   function of the step, which is what makes --resume land on the same next batch of questions.
+2. Rollouts. For each question the inference engine samples k = --num-samples replies with the
+   python tool on (temperature, top-k as given). Tokens the engine forced in (tool outputs) are
+   marked as not sampled.
+3. Rewards. The task's reward function (`train/rewards.py`; GSM8K: 1 for the right final answer,
+   else 0) scores each decoded reply.
+4. Advantages. Within each question's group of k replies: advantage = reward - mean reward of the
+   group. That is the group-relative baseline of GRPO (Shao et al. 2024) without a critic. Choices,
+   as in nanochat's simplified variant:
+   - no division by the group's standard deviation. Dividing makes a question where 1 of 16 replies
+     is right push as hard as one where 8 are, and blows up tiny differences in near-uniform groups;
+     the mean baseline alone is unbiased, and the "Dr. GRPO" analysis (Liu et al. 2025) shows the std
+     term is one of the biases in GRPO's objective;
+   - no KL penalty to a reference model and no ratio clipping: one gradient step per batch of fresh
+     samples (strictly on-policy), so the importance ratio is 1 and there is nothing to clip;
+   - groups where every reply got the same reward have zero advantage and contribute nothing; their
+     rows are skipped in the training forward (the gradient is unchanged).
+5. Loss. One training forward over prompt + reply, padded into micro-batches of
+   --device-batch-size rows: loss = -sum(advantage * log p(sampled token)) / (number of sampled
+   tokens over all ranks). Prompt tokens and forced tool-output tokens are masked out; log p is under
+   the model's own distribution (temperature 1, no top-k). Dividing by the global count of sampled
+   tokens (each rank divides by count/W; the optimizer averages over the W ranks) weights every
+   sampled token alike, however the rows are split over ranks and micro-batches.
+6. Update. Muon + AdamW, freshly created, at --init-lr-frac of the depth dial's learning rates,
+   decaying linearly to zero over the run.
+
+Every --eval-every steps (and at the end): pass@1..k (`eval/passk.py`, the unbiased estimator) on the
+first --eval-examples questions of the test split, k from --pass-k. Every step a line with the mean
+reward and samples/s (all ranks' sampled replies per second of the whole step, rollout + update),
+plus a metrics.jsonl record. Checkpoints go to checkpoints/rl/<tag>/ every --save-every steps and at
+the end (with the stream position); --resume continues the latest one. The summary is
+eval/rl/<tag>/rl.json.
+
+On CUDA the rollouts use a copy of the weights in the compute dtype (bf16), refreshed after every
+update: decoding reads all weights once per token, so half the bytes is nearly twice the speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+
+import torch
+
+from chatforge import paths
+from chatforge.errors import CheckpointError, UsageError
+from chatforge.progress import MetricsLogger, Progress, format_duration, provenance
+from chatforge.runtime import add_runtime_arguments, init_runtime, print0
+from chatforge.train import loop
+
+STAGE = "rl"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_argument_group("source")
+    src.add_argument("--source", default="sft", choices=("base", "mid", "sft", "rl"),
+                     help="stage of the checkpoint to start from (default sft)")
+    src.add_argument("--tag", default=None, help="tag of the source checkpoint, also the rl tag (default: latest)")
+    src.add_argument("--step", type=int, default=None, help="step of the source checkpoint (default: latest)")
+    src.add_argument("--task", default="gsm8k", help="reward task from train/rewards.py (default gsm8k)")
+    src.add_argument("--data-dir", default=None, help="local copy of the task data (default: download)")
+    roll = parser.add_argument_group("rollouts")
+    roll.add_argument("--examples-per-step", type=int, default=16, help="questions per step over all ranks")
+    roll.add_argument("--num-samples", type=int, default=16, help="replies sampled per question (the group)")
+    roll.add_argument("--max-new-tokens", type=int, default=256, help="longest reply sampled")
+    roll.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    roll.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    roll.add_argument("--rollout-batch-size", type=int, default=128,
+                      help="replies generated together per engine call (whole groups; lower it on OOM)")
+    opt = parser.add_argument_group("optimization")
+    opt.add_argument("--num-iterations", type=int, default=None, help="number of steps (default: from --epochs)")
+    opt.add_argument("--epochs", type=float, default=None, help="passes over the training questions (default 1)")
+    opt.add_argument("--device-batch-size", type=int, default=8, help="rows per training forward/backward")
+    opt.add_argument("--init-lr-frac", type=float, default=0.05,
+                     help="learning rates as a fraction of the depth dial's (default 0.05, as nanochat)")
+    run = parser.add_argument_group("evaluation, checkpoints, logging")
+    run.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evaluations (0: only at the end)")
+    run.add_argument("--eval-examples", type=int, default=400, help="test questions per pass@k evaluation")
+    run.add_argument("--pass-k", default=None, help="comma-separated k values (default 1,...,--num-samples)")
+    run.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (the last step always saves)")
+    run.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
+    run.add_argument("--resume", action="store_true", help="continue from the latest rl checkpoint of --tag")
+    run.add_argument("--seed", type=int, default=42, help="seed for the question order and the samples")
+    run.add_argument("--wandb", default=None, metavar="RUN", help="also log to wandb under this run name")
+    run.add_argument("--run-id", default=None, help="name of runs/<run-id>/ (default rl-<time>)")
+    add_runtime_arguments(parser)
+
+
+def check_arguments(args: argparse.Namespace, world_size: int) -> list[int]:
+    """Reject inconsistent flags; returns the pass@k values to report."""
+    positive = ("examples_per_step", "num_samples", "max_new_tokens", "rollout_batch_size", "device_batch_size",
+                "eval_examples")
+    for name in positive + ("num_iterations",):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.num_iterations is not None and args.epochs is not None:
+        raise UsageError("give --num-iterations or --epochs, not both")
+    if args.epochs is not None and args.epochs <= 0:
+        raise UsageError(f"--epochs must be positive, got {args.epochs}")
+    if args.examples_per_step % world_size:
+        raise UsageError(f"--examples-per-step {args.examples_per_step} must be a multiple of the number of ranks "
+                         f"({world_size}) so every rank gets the same number of questions")
+    if args.temperature <= 0:
+        raise UsageError(f"--temperature {args.temperature} must be positive: RL needs varied samples")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k {args.top_k} must be >= 0 (0 keeps every token)")
+    if not (0 < args.init_lr_frac and math.isfinite(args.init_lr_frac)):
+        raise UsageError(f"--init-lr-frac {args.init_lr_frac} must be a positive number")
+    try:
+        ks = sorted({int(k) for k in args.pass_k.split(",")}) if args.pass_k else list(range(1, args.num_samples + 1))
+    except ValueError:
+        raise UsageError(f"--pass-k {args.pass_k!r} must be comma-separated integers, e.g. 1,2,4,8") from None
+    if ks[0] < 1:
+        raise UsageError(f"--pass-k values must be at least 1, got {args.pass_k!r}")
+    return ks
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of one step (small functions, tested against hand computations)
+
+def step_questions(step: int, examples_per_step: int, num_questions: int, seed: int, rank: int = 0,
+                   world_size: int = 1) -> list[int]:
+    """Indices of the training questions rank `rank` works on at `step`.
+
+    The stream is epoch after epoch of a shuffled order; position p is question
+    order(p // N)[p % N]. Step s covers positions s*E ... s*E+E-1 and rank r takes every W-th one.
+    """
+    out, orders = [], {}
+    for p in range(step * examples_per_step + rank, (step + 1) * examples_per_step, world_size):
+        epoch, i = divmod(p, num_questions)
+        if epoch not in orders:
+            order = list(range(num_questions))
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+            orders[epoch] = order
+        out.append(orders[epoch][i])
+    return out
+
+
+def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """(Q, k) rewards -> (Q, k) advantages: each reward minus the mean of its question's group."""
+    return rewards - rewards.mean(dim=1, keepdim=True)
+
+
+def training_rows(prompts: list[list[int]], results, num_samples: int, max_len: int | None = None
+                  ) -> list[tuple[list[int], list[int]]]:
+    """Per generated row (prompt-major): (prompt + reply ids, mask of the reply tokens to train on).
+
+    The mask is 1 exactly for tokens the model sampled; the prompt and forced tool output are 0.
+    """
+    rows = []
+    for r, result in enumerate(results):
+        prompt = prompts[r // num_samples]
+        ids = list(prompt) + list(result.tokens)
+        mask = [0] * len(prompt) + list(result.sampled_mask)
+        if max_len is not None:
+            ids, mask = ids[:max_len], mask[:max_len]
+        rows.append((ids, mask))
+    return rows
+
+
+def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), both (B, T-1) int64: next-token pairs with targets -1 wherever mask is 0."""
+    width = max(len(ids) for ids, _ in rows) - 1
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), -1, dtype=torch.long)
+    for b, (ids, mask) in enumerate(rows):
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        keep = torch.tensor(mask[1:], dtype=torch.bool)
+        n = len(ids) - 1
+        inputs[b, :n] = ids_t[:-1]
+        targets[b, :n] = torch.where(keep, ids_t[1:], torch.full_like(ids_t[1:], -1))
+    return inputs.to(device), targets.to(device)
+
+
+def policy_gradient_loss(model, inputs: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
+                         normalizer: float) -> torch.Tensor:
+    """-sum(advantage_row * log p(target)) over the counted targets, divided by `normalizer`.
+
+    `model(inputs, targets, loss_reduction="none")` is -log p per position (0 where target is -1).
+    """
+    nll = model(inputs, targets, loss_reduction="none")  # (B, T)
+    return (nll * advantages.to(nll.dtype)[:, None]).sum() / normalizer
+
+
+def base_learning_rates(config) -> dict:
+    """The depth dial's optimizer settings for this model shape, at the dial's reference batch."""
+    from chatforge.model.scaling import REFERENCE_BATCH, derive
+
+    seq = config.sequence_len
+    settings = derive(config.n_layer, n_embd=config.n_embd, n_head=config.n_head, n_kv_head=config.n_kv_head,
+                      sequence_len=seq, vocab_size=config.vocab_size, window_pattern=config.window_pattern,
+                      device_batch_size=1, world_size=1, total_batch_size=seq * max(1, round(REFERENCE_BATCH / seq)),
+                      num_iterations=1)
+    return settings.optimizer_kwargs()
+
+
+def _rollout_model(model, rt):
+    """The model the engine samples from: the training model itself, or a compute-dtype copy on CUDA."""
+    if rt.device.type != "cuda" or rt.dtype == torch.float32:
+        return model
+    import copy
+
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+        p.data = p.data.to(rt.dtype)
+    return twin.eval()
+
+
+@torch.no_grad()
+def _refresh_rollout_model(twin, model) -> None:
+    if twin is model:
+        return
+    for dst, src in zip(twin.parameters(), model.parameters()):
+        dst.copy_(src)  # in place: a captured CUDA graph keeps reading the same storage
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+def main(args: argparse.Namespace) -> dict:
+    rt = init_runtime(args.device, args.dtype, seed=args.seed)
+    try:
+        return _train(args, rt)
+    except torch.cuda.OutOfMemoryError:
+        raise UsageError(
+            f"out of GPU memory with --rollout-batch-size {args.rollout_batch_size} and --device-batch-size "
+            f"{args.device_batch_size}; lower them (the update is the same, only split finer)"
+        ) from None
+
+
+def _train(args: argparse.Namespace, rt) -> dict:
+    from chatforge.conversation import render_for_completion
+    from chatforge.eval import passk
+    from chatforge.infer.engine import Engine
+    from chatforge.model import checkpoint
+    from chatforge.model.optim import build_optimizer
+    from chatforge.tokenizer import load_tokenizer
+    from chatforge.train import rewards
+
+    started = time.time()
+    ks = check_arguments(args, rt.world_size)
+    reward_task = rewards.get(args.task)
+    tag = paths.safe_name(args.tag) if args.tag else checkpoint.resolve(args.source)[0]
+    existing = checkpoint.latest_step(STAGE, tag)
+    resuming = args.resume and existing is not None
+    if existing is not None and not args.resume:
+        raise UsageError(f"checkpoints/{STAGE}/{tag} already holds step {existing}; pass --resume to continue it, "
+                         "or --tag NAME to start a separate run")
+    if resuming:
+        model, meta = checkpoint.build_model(STAGE, tag, existing, device=rt.device)
+    else:
+        if args.resume:
+            print0(f"--resume: no checkpoint under checkpoints/{STAGE}/{tag} yet; starting from {args.source}")
+        model, meta = checkpoint.build_model(args.source, tag, args.step, device=rt.device)
+    config = model.config
+    tokenizer = load_tokenizer()
+    if meta.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
+        raise CheckpointError(f"{meta['path']} was trained with a {meta['vocab_size']}-token tokenizer but the one "
+                              f"in the base directory has {tokenizer.vocab_size}; restore the matching tokenizer")
+    if args.max_new_tokens >= config.sequence_len:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the question in the model's "
+                         f"context of {config.sequence_len} tokens; lower it")
+
+    train_set = reward_task.train(args.data_dir)
+    test_set = reward_task.test(args.data_dir)
+    num_questions = len(train_set)
+    if num_questions == 0:
+        raise UsageError(f"--task {args.task}: the training split is empty")
+    E, k, W = args.examples_per_step, args.num_samples, rt.world_size
+    num_iterations = args.num_iterations or max(1, int((args.epochs or 1.0) * num_questions) // E)
+
+    lrs = base_learning_rates(config)
+    lrs = {name: (value * args.init_lr_frac if name.endswith("_lr") else value) for name, value in lrs.items()}
+    optimizer = build_optimizer(model, **lrs)
+    start_step, last_checkpoint, eval_history, reward_history = 0, None, [], []
+    if resuming:
+        ckpt = checkpoint.load_checkpoint(STAGE, tag, existing, device=rt.device, rank=rt.rank)
+        saved = ckpt["meta"]
+        for name, value in (("num_iterations", num_iterations), ("examples_per_step", E), ("num_samples", k)):
+            if saved.get(name, value) != value:
+                flag = "--" + name.replace("_", "-")
+                raise CheckpointError(f"{ckpt['path']} belongs to a run with {flag} {saved[name]} but this one has "
+                                      f"{value}; resume with {flag} {saved[name]}")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        checkpoint.restore_rng_state(saved["rng"][rt.rank], rt.device)
+        start_step, last_checkpoint = saved["step"], str(ckpt["path"])
+        eval_history = saved.get("eval_history", [])
+        reward_history = saved.get("reward_history", [])
+        source_info = saved.get("source", {})
+        del ckpt
+        print0(f"resuming from {last_checkpoint} (step {start_step}, question {start_step * E} of the stream)")
+    else:
+        source_info = {"stage": args.source, "tag": meta.get("tag"), "step": meta.get("step"), "path": meta.get("path")}
+    summary_path = paths.eval_dir(STAGE, tag, create=False) / "rl.json"
+    if start_step >= num_iterations:
+        print0(f"{tag} already finished its {num_iterations} steps; nothing to do (summary: {summary_path})")
+        return json.loads(summary_path.read_text()) if summary_path.is_file() else {"checkpoint": last_checkpoint}
+
+    print0(f"rl from {source_info.get('path')} | task {args.task}: {num_questions:,} training questions, "
+           f"{len(test_set):,} test | {num_iterations:,} steps of {E} questions x {k} samples "
+           f"({E // W} question(s) per rank) | learning rates x{args.init_lr_frac:g}: "
+           + ", ".join(f"{n} {v:.3g}" for n, v in lrs.items() if n.endswith("_lr")))
+    rollout_model = _rollout_model(model, rt)
+    engine = Engine(rollout_model, tokenizer)
+    top_k = args.top_k or None
+    pad_id = tokenizer.special_id("<|assistant_end|>")
+    questions_per_call = max(1, args.rollout_batch_size // k)
+    prompt_room = config.sequence_len - args.max_new_tokens  # a longer prompt keeps its last tokens
+
+    def prompt_of(conversation) -> list[int]:
+        ids = render_for_completion(tokenizer, conversation)
+        return ids[-prompt_room:]
+
+    def evaluate(step: int) -> dict:
+        n = max(ks)
+        mine = [test_set[i] for i in range(rt.rank, min(args.eval_examples, len(test_set)), W)]
+        model.eval()
+        correct = passk.count_correct(engine, tokenizer, mine, reward_task.reward, n, args.max_new_tokens,
+                                      args.temperature, top_k, batch_size=max(1, args.rollout_batch_size // n),
+                                      seed=(args.seed * 7919 + rt.rank) * 1_000_003)
+        table = passk.pass_at_k_table(correct, n, ks, rt.device, W)
+        print0(f"step {step}: " + " | ".join(f"{name} {value:.4f}" for name, value in table.items()))
+        return table
+
+    logger = MetricsLogger("rl", args=vars(args), run_id=args.run_id or (meta.get("run_id") if resuming else None),
+                           wandb_run=args.wandb)
+    print0(f"metrics: {logger.path}")
+    schedule = loop.Schedule(num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0,
+                             momentum_warmup_steps=0)  # linear decay to zero; a trained model needs no warmup
+
+    def save(step: int, metrics: dict) -> str:
+        folder = checkpoint.save_checkpoint(
+            STAGE, tag, step, model, optimizer, model_config=config.to_dict(), vocab_size=tokenizer.vocab_size,
+            loader_state={"questions_seen": step * E}, metrics=metrics, args=vars(args), keep_last=args.keep_last,
+            extra={"num_iterations": num_iterations, "examples_per_step": E, "num_samples": k,
+                   "source": source_info, "run_id": logger.run_id, "eval_history": eval_history,
+                   "reward_history": reward_history})
+        print0(f"step {step}: saved {folder}")
+        return str(folder)
+
+    step, record = start_step, dict(meta.get("metrics", {})) if resuming else {}
+    samples_per_s: list[float] = []
+    progress = Progress(num_iterations - start_step, "rl", unit="step")
+    while True:
+        last = step == num_iterations
+        fresh_step = step > start_step or start_step == 0
+        if fresh_step and (last or loop.is_due(step, args.eval_every, num_iterations)):
+            table = evaluate(step)
+            eval_history.append({"step": step, **table})
+            logger.log(step, **table)
+        if step > start_step and (last or loop.is_due(step, args.save_every, num_iterations)):
+            last_checkpoint = save(step, {k_: v for k_, v in record.items() if k_ != "questions"})
+        if last:
+            break
+
+        t0 = time.perf_counter()
+        rt.synchronize()
+        # 1-3. questions, rollouts, rewards
+        indices = step_questions(step, E, num_questions, args.seed, rt.rank, W)
+        conversations = [train_set[i] for i in indices]
+        prompts = [prompt_of(c) for c in conversations]
+        model.eval()
+        results = []
+        for c0 in range(0, len(prompts), questions_per_call):
+            call_seed = ((args.seed * 100_003 + step) * 1_009 + rt.rank) * 10_007 + c0
+            results += engine.generate_batch(prompts[c0:c0 + questions_per_call], num_samples=k,
+                                             max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                             top_k=top_k, seed=call_seed)
+        scores = [reward_task.reward(conversations[r // k], passk.response_text(tokenizer, res.tokens))
+                  for r, res in enumerate(results)]
+        rt.synchronize()
+        t1 = time.perf_counter()
+
+        # 4-5. advantages and the masked policy-gradient loss, micro-batch by micro-batch
+        rewards_t = torch.tensor(scores, dtype=torch.float32).view(len(prompts), k)
+        advantages = group_advantages(rewards_t).view(-1)
+        rows = training_rows(prompts, results, k)
+        counts = torch.tensor([sum(sum(mask) for _, mask in rows), sum(len(r.tokens) for r in results)],
+                              dtype=torch.float64, device=rt.device)
+        if rt.distributed:
+            torch.distributed.all_reduce(counts)
+        sampled_tokens, generated_tokens = counts.tolist()
+        normalizer = sampled_tokens / W
+        active = [r for r in range(len(rows)) if advantages[r] != 0]
+        model.train()
+        sched = loop.apply_schedules(optimizer, step, schedule)
+        loss_sum = torch.zeros((), device=rt.device)
+        for b0 in range(0, len(active), args.device_batch_size):
+            chunk = active[b0:b0 + args.device_batch_size]
+            inputs, targets = pad_batch([rows[r] for r in chunk], pad_id, rt.device)
+            with rt.autocast():
+                loss = policy_gradient_loss(model, inputs, targets, advantages[chunk].to(rt.device), normalizer)
+            loss.backward()
+            loss_sum += loss.detach().float()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        _refresh_rollout_model(rollout_model, model)
+        rt.synchronize()
+        t2 = time.perf_counter()
+
+        pg_loss = loop.global_mean(loss_sum)
+        loop.check_finite(pg_loss, step, last_checkpoint)
+        stats = torch.tensor([sum(scores), len(scores), sum(s > 0 for s in scores)], dtype=torch.float64,
+                             device=rt.device)
+        if rt.distributed:
+            torch.distributed.all_reduce(stats)
+        total_reward, num_rows, num_solved = stats.tolist()
+        step += 1
+        seconds = t2 - t0
+        record = {"reward": total_reward / num_rows, "solved_frac": num_solved / num_rows, "pg_loss": pg_loss,
+                  "lr_multiplier": sched["lr_multiplier"], "samples_per_s": round(num_rows / seconds, 2),
+                  "sampled_tokens": int(sampled_tokens), "mean_reply_tokens": round(generated_tokens / num_rows, 1),
+                  "rollout_s": round(t1 - t0, 3), "update_s": round(t2 - t1, 3), "step_s": round(seconds, 3),
+                  "trained_rows": len(active), "questions": indices, **loop.memory_stats(rt.device)}
+        reward_history.append(record["reward"])
+        samples_per_s.append(record["samples_per_s"])
+        logger.log(step, **record)
+        print0(f"step {step}/{num_iterations} | reward {record['reward']:.3f} | pg loss {pg_loss:+.4f} | "
+               f"{record['samples_per_s']:.1f} samples/s | rollout {t1 - t0:.2f}s update {t2 - t1:.2f}s | "
+               f"{record['mean_reply_tokens']:.0f} tokens/reply")
+        progress.update(1, reward=f"{record['reward']:.3f}", samples_s=f"{record['samples_per_s']:.1f}")
+    progress.close()
+    logger.close()
+
+    timed = samples_per_s[1:] or samples_per_s  # the first step includes warmup (CUDA graph capture)
+    summary = {
+        "stage": STAGE, "tag": tag, "task": args.task, "source": source_info, "num_iterations": num_iterations,
+        "examples_per_step": E, "num_samples": k, "world_size": W, "reward_history": reward_history,
+        "final_reward": reward_history[-1] if reward_history else None,
+        "eval_history": eval_history, "final_eval": eval_history[-1] if eval_history else None,
+        "samples_per_s": round(sum(timed) / len(timed), 2) if timed else None,
+        **loop.memory_stats(rt.device), "wall_time_s": round(time.time() - started, 1),
+        "resumed_from_step": start_step or None, "checkpoint": last_checkpoint, "args": vars(args), **provenance(),
+    }
+    if rt.is_main:
+        paths.atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str))
+        print0(f"done in {format_duration(summary['wall_time_s'])}; summary in {summary_path}")
+    return summary
