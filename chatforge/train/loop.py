@@ -137,14 +137,16 @@ def accumulate_masked_gradients(model: torch.nn.Module, batches, accum_steps: in
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, batches, runtime) -> float:
-    """Mean cross-entropy per counted target (targets != -1) over `batches` and all ranks."""
+    """Mean cross-entropy per counted target (targets != -1) over `batches` and all ranks (nan if none)."""
     totals = torch.zeros(2, dtype=torch.float64, device=runtime.device)
     for inputs, targets in batches:
         with runtime.autocast():
             totals[0] += model(inputs, targets, loss_reduction="sum").double()
         totals[1] += (targets != -1).sum()
     totals = _global_sum(totals)
-    return (totals[0] / totals[1].clamp(min=1)).item()
+    if totals[1] == 0:  # e.g. every row cut off before its first assistant token
+        return float("nan")
+    return (totals[0] / totals[1]).item()
 
 
 def global_mean(value: torch.Tensor) -> float:
