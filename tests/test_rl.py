@@ -131,7 +131,7 @@ def test_mean_reward_rises_on_a_learnable_task():
     records = read_metrics(paths.runs_dir() / "seven" / "metrics.jsonl")
     step_records = [r for r in records if "reward" in r]
     assert [r["step"] for r in step_records] == list(range(1, 31))
-    assert all(r["samples_per_s"] > 0 and len(r["questions"]) == 4 for r in step_records)
+    assert all(r["samples_per_s"] > 0 and len(r["rank0_questions"]) == 4 for r in step_records)
     assert (paths.eval_dir("rl", "d2") / "rl.json").is_file()
 
 
@@ -149,7 +149,7 @@ def test_resumed_run_continues_with_the_same_next_questions_and_weights():
     after = {r["step"]: r for r in read_metrics(paths.runs_dir() / "resumed" / "metrics.jsonl") if "reward" in r}
     assert sorted(after) == [3, 4]
     for s in (3, 4):
-        assert after[s]["questions"] == before[s]["questions"]
+        assert after[s]["rank0_questions"] == before[s]["rank0_questions"]
         assert (after[s]["reward"], after[s]["pg_loss"]) == (before[s]["reward"], before[s]["pg_loss"])
     again = torch.load(folder / "step_000004" / "model.pt")
     for name, value in final_weights.items():
@@ -176,6 +176,8 @@ def test_bad_input_messages():
         run(*seven_flags("--num-iterations", "1"))
     with pytest.raises(CheckpointError, match="--num-iterations 1"):
         run(*seven_flags("--num-iterations", "3", "--resume"))
+    with pytest.raises(CheckpointError, match="--seed 42"):
+        run(*seven_flags("--num-iterations", "1", "--resume", "--seed", "7"))
 
 
 def test_epochs_set_the_number_of_steps():

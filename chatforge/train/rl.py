@@ -291,7 +291,8 @@ def _train(args: argparse.Namespace, rt) -> dict:
     if resuming:
         ckpt = checkpoint.load_checkpoint(STAGE, tag, existing, device=rt.device, rank=rt.rank)
         saved = ckpt["meta"]
-        for name, value in (("num_iterations", num_iterations), ("examples_per_step", E), ("num_samples", k)):
+        for name, value in (("num_iterations", num_iterations), ("examples_per_step", E), ("num_samples", k),
+                            ("seed", args.seed)):
             if saved.get(name, value) != value:
                 flag = "--" + name.replace("_", "-")
                 raise CheckpointError(f"{ckpt['path']} belongs to a run with {flag} {saved[name]} but this one has "
@@ -347,7 +348,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
         folder = checkpoint.save_checkpoint(
             STAGE, tag, step, model, optimizer, model_config=config.to_dict(), vocab_size=tokenizer.vocab_size,
             loader_state={"questions_seen": step * E}, metrics=metrics, args=vars(args), keep_last=args.keep_last,
-            extra={"num_iterations": num_iterations, "examples_per_step": E, "num_samples": k,
+            extra={"num_iterations": num_iterations, "examples_per_step": E, "num_samples": k, "seed": args.seed,
                    "source": source_info, "run_id": logger.run_id, "eval_history": eval_history,
                    "reward_history": reward_history})
         print0(f"step {step}: saved {folder}")
@@ -364,7 +365,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
             eval_history.append({"step": step, **table})
             logger.log(step, **table)
         if step > start_step and (last or loop.is_due(step, args.save_every, num_iterations)):
-            last_checkpoint = save(step, {k_: v for k_, v in record.items() if k_ != "questions"})
+            last_checkpoint = save(step, {k_: v for k_, v in record.items() if k_ != "rank0_questions"})
         if last:
             break
 
@@ -426,7 +427,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
                   "lr_multiplier": sched["lr_multiplier"], "samples_per_s": round(num_rows / seconds, 2),
                   "sampled_tokens": int(sampled_tokens), "mean_reply_tokens": round(generated_tokens / num_rows, 1),
                   "rollout_s": round(t1 - t0, 3), "update_s": round(t2 - t1, 3), "step_s": round(seconds, 3),
-                  "trained_rows": len(active), "questions": indices, **loop.memory_stats(rt.device)}
+                  "trained_rows": len(active), "rank0_questions": indices, **loop.memory_stats(rt.device)}
         reward_history.append(record["reward"])
         samples_per_s.append(record["samples_per_s"])
         logger.log(step, **record)
