@@ -1,0 +1,643 @@
+"""`chatforge serve`: an OpenAI-compatible chat API and a ChatGPT-like web UI on the engine.
+
+    chatforge serve                                   # latest sft checkpoint, http://127.0.0.1:8000
+    chatforge serve --source rl --port 8080 --api-key secret
+    chatforge serve --host 0.0.0.0 --cors-origin https://my.site   # reachable from elsewhere
+
+One engine replica per GPU (all visible GPUs unless --replicas), or one on CPU, behind one request
+queue (serve/workers.py): concurrent requests with the same sampling settings are decoded together
+in one batch, the others wait their turn; a client that disconnects frees its place.
+
+## The API
+
+`POST /v1/chat/completions` — the OpenAI Chat Completions request and response:
+- `messages`: `[{role, content}]`, roles `system` (or `developer`), `user`, `assistant`; user and
+  system content is a string or a list of `{"type": "text", "text": ...}` parts; assistant content
+  may also carry chatforge's own parts (`{"type": "python"|"python_output", "text": ...}`), which is
+  how the web UI sends back a reply that used the tool. The last message must be from the user.
+- `model` (optional; when given it must be the id `GET /v1/models` lists), `temperature` [0, 2]
+  (default 1; 0 is greedy), `top_p` (0, 1], `top_k` (extension, >= 1), `max_tokens` or
+  `max_completion_tokens` [1, context] (default: --default-max-tokens), `n` [1, --max-n], `seed`,
+  `stop` (a string or up to 4; the reply is cut before it), `stream`, `stream_options.include_usage`,
+  `use_tools` (extension, default true: the engine runs the python the model writes).
+- Reply: `choices[i].message.content` is the text, with a tool call and its output shown as fenced
+  blocks (```` ```python ```` and ```` ```output ````); `choices[i].message.chatforge_parts` has the
+  same reply as conversation parts. `finish_reason` is `stop` or `length`; `usage` counts tokens
+  (completion tokens include the tool output the engine fed in).
+- `stream: true`: server-sent events, one `chat.completion.chunk` per step and choice
+  (`delta.content`, plus `delta.chatforge_pieces`: `[{kind, text, open}]` for the UI), a final chunk
+  per choice with its `finish_reason`, a usage chunk when asked, then `data: [DONE]`.
+
+`GET /v1/models` (and `/v1/models/{id}`): the one model served. `GET /health`: status, replicas,
+queue length (never needs the key). `GET /`: the web UI (static files, no build step, offline).
+
+Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`:
+400 malformed JSON, a wrong type, a bad role, an empty or too long message, too many messages,
+a prompt that does not fit the context (code `context_length_exceeded`), a value out of range;
+401 a missing or wrong key (code `invalid_api_key`); 404 an unknown route or model;
+405 a wrong method; 413 a body over --max-body-bytes; 429 the queue is full (--max-queue).
+
+Auth: with --api-key (or CHATFORGE_API_KEY) every API route needs `Authorization: Bearer <key>`;
+/health and the UI's static files stay open (they reveal nothing; the page asks for the key).
+CORS is off unless --cors-origin names the allowed origins. One log line per request: id, method,
+path, status, tokens in/out, time to first token, latency; the conversation only with --log-content.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatforge.conversation import render_for_completion, validate_conversation
+from chatforge.errors import ChatforgeError, UsageError
+from chatforge.runtime import add_runtime_arguments, print0
+from chatforge.serve.workers import Delta, Job, QueueFull, WorkerPool
+
+STATIC_DIR = Path(__file__).parent / "static"
+STAGES = ("sft", "mid", "base", "rl")
+ROLE_ALIASES = {"developer": "system"}
+OPEN_PATHS = ("/health", "/", "/static/")  # no key needed (see the docstring)
+
+
+@dataclass
+class Limits:
+    """What one request may ask for; out of range means a 400 naming the field."""
+    context: int                     # the model's sequence length: prompt + reply must fit
+    max_messages: int = 256
+    max_message_chars: int = 32_000
+    max_body_bytes: int = 1_000_000
+    max_n: int = 8
+    max_stops: int = 4
+    default_max_tokens: int = 512
+    max_temperature: float = 2.0
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or ("server_error" if status >= 500 else "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _json_response(status: int, body: dict, headers: dict | None = None):
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# ---- request parsing ----------------------------------------------------------------------------
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The request body; other OpenAI fields are accepted and ignored (extra="allow")."""
+    model_config = ConfigDict(extra="allow")
+    messages: list[Message]
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    use_tools: bool = True
+
+
+def _validation_error(exc) -> ApiError:
+    """pydantic's first complaint as a 400 naming the field (FastAPI would answer 422)."""
+    err = exc.errors()[0]
+    loc = [str(x) for x in err.get("loc", ()) if x not in ("body",)]
+    param = ".".join(loc).replace(".[", "[") or None
+    if err.get("type") == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON ({err.get('msg')}); send a JSON object",
+                        code="invalid_json")
+    return ApiError(400, f"{param or 'body'}: {err.get('msg')}", param=param, code="invalid_value")
+
+
+def _message_text(i: int, role: str, content) -> str | list[dict]:
+    """A message's content as chatforge's conversation wants it."""
+    param = f"messages[{i}].content"
+    if content is None:
+        raise ApiError(400, f"{param} is missing; every message needs content", param=param)
+    if isinstance(content, str):
+        return content
+    if role == "assistant":
+        parts = []
+        for j, part in enumerate(content):
+            if part.type not in ("text", "python", "python_output") or part.text is None:
+                raise ApiError(400, f"{param}[{j}] must be {{type: text|python|python_output, text: str}}",
+                               param=f"{param}[{j}]")
+            parts.append({"type": part.type, "text": part.text})
+        return parts
+    texts = []
+    for j, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise ApiError(400, f"{param}[{j}] has type {part.type!r}; this model reads only text parts",
+                           param=f"{param}[{j}]")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def parse_request(data, limits: Limits, model_id: str, tokenizer) -> tuple[object, list[int], Job]:
+    """Validate a decoded JSON body: (the request, its prompt ids, a Job ready to submit)."""
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object with a 'messages' list", code="invalid_json")
+    try:
+        req = ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    if req.model is not None and req.model != model_id:
+        raise ApiError(404, f"model {req.model!r} does not exist here; this server serves {model_id!r}",
+                       param="model", code="model_not_found")
+    if not req.messages:
+        raise ApiError(400, "messages is empty; send at least one user message", param="messages")
+    if len(req.messages) > limits.max_messages:
+        raise ApiError(400, f"messages has {len(req.messages)} entries; at most {limits.max_messages} are allowed "
+                            "(start a new conversation)", param="messages", code="too_many_messages")
+    messages = []
+    for i, m in enumerate(req.messages):
+        role = ROLE_ALIASES.get(m.role, m.role)
+        if role not in ("system", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}].role is {m.role!r}; use system, user or assistant",
+                           param=f"messages[{i}].role")
+        content = _message_text(i, role, m.content)
+        size = len(content) if isinstance(content, str) else sum(len(p["text"]) for p in content)
+        if size > limits.max_message_chars:
+            raise ApiError(400, f"messages[{i}].content is {size} characters; at most {limits.max_message_chars} "
+                                "are allowed", param=f"messages[{i}].content", code="message_too_long")
+        if role != "assistant" and not content.strip():
+            raise ApiError(400, f"messages[{i}].content is empty; write something", param=f"messages[{i}].content")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, f"the last message is from {messages[-1]['role']!r}; the last message must be the user's",
+                       param=f"messages[{len(messages) - 1}].role")
+    try:
+        validate_conversation({"messages": messages})
+    except ChatforgeError as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+    prompt = render_for_completion(tokenizer, {"messages": messages})
+    if len(prompt) >= limits.context:
+        raise ApiError(400, f"the messages are {len(prompt)} tokens but the model's context is {limits.context}; "
+                            "shorten or drop earlier messages", param="messages", code="context_length_exceeded")
+
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    if max_tokens is None:
+        max_tokens = min(limits.default_max_tokens, limits.context)
+    elif not 1 <= max_tokens <= limits.context:
+        raise ApiError(400, f"{field} is {max_tokens}; it must be between 1 and the context, {limits.context}",
+                       param=field, code="invalid_value")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    if not 0 <= temperature <= limits.max_temperature:
+        raise ApiError(400, f"temperature is {temperature}; it must be between 0 and {limits.max_temperature}",
+                       param="temperature", code="invalid_value")
+    if req.top_p is not None and not 0 < req.top_p <= 1:
+        raise ApiError(400, f"top_p is {req.top_p}; it must be in (0, 1]", param="top_p", code="invalid_value")
+    if req.top_k is not None and req.top_k < 1:
+        raise ApiError(400, f"top_k is {req.top_k}; it must be at least 1", param="top_k", code="invalid_value")
+    if not 1 <= req.n <= limits.max_n:
+        raise ApiError(400, f"n is {req.n}; it must be between 1 and {limits.max_n}", param="n", code="invalid_value")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > limits.max_stops or any(not s or len(s) > 200 for s in stops):
+        raise ApiError(400, f"stop must be at most {limits.max_stops} non-empty strings of up to 200 characters",
+                       param="stop", code="invalid_value")
+    job = Job(prompt=prompt, max_tokens=max_tokens, n=req.n, temperature=temperature, top_k=req.top_k,
+              top_p=req.top_p, seed=req.seed, stop=tuple(stops), use_tools=req.use_tools)
+    return req, prompt, job
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+class ReplyParts:
+    """Collects one choice's pieces into the readable text and the conversation parts."""
+
+    def __init__(self):
+        self.shown: list[str] = []
+        self.parts: list[dict] = []
+
+    def add(self, piece) -> None:
+        self.shown.append(piece.shown)
+        if piece.open or (piece.text and (not self.parts or self.parts[-1]["type"] != piece.kind)):
+            self.parts.append({"type": piece.kind, "text": ""})
+        if piece.text:
+            self.parts[-1]["text"] += piece.text
+
+    def content(self) -> str:
+        return "".join(self.shown)
+
+
+def _piece_json(piece) -> dict:
+    return {"kind": piece.kind, "text": piece.text, "open": piece.open}
+
+
+async def _next_delta(job: Job, request) -> Delta:
+    """The job's next Delta; cancels the job (and raises) when the client has gone."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.queue.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancel()
+                raise asyncio.CancelledError("client disconnected")
+
+
+def _raise_job_error(exc: Exception):
+    if isinstance(exc, ChatforgeError):
+        raise ApiError(400, str(exc))
+    raise ApiError(500, f"generation failed ({type(exc).__name__}); see the server log")
+
+
+# ---- the app ------------------------------------------------------------------------------------
+
+def create_app(pool: WorkerPool, model_id: str, limits: Limits, api_key: str | None = None,
+               cors_origins: list[str] | None = None, log_content: bool = False):
+    """The FastAPI app serving `pool`'s engines (uvicorn runs it; tests run it in a thread)."""
+    tokenizer = pool.engine.tokenizer
+    created = int(time.time())
+    app = FastAPI(title="chatforge", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return _json_response(exc.status, exc.body())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc):
+        err = _validation_error(exc)
+        return _json_response(err.status, err.body())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        if exc.status_code == 404:
+            err = ApiError(404, f"there is no route {request.method} {request.url.path}; see GET /v1/models, "
+                                "POST /v1/chat/completions, GET /health", code="unknown_url")
+        elif exc.status_code == 405:
+            err = ApiError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+        else:
+            err = ApiError(exc.status_code, str(exc.detail))
+        return _json_response(err.status, err.body(), headers=getattr(exc, "headers", None))
+
+    def model_card() -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "chatforge",
+                "context_length": limits.context}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_id, "replicas": len(pool.engines), "busy": pool.busy(),
+                "waiting": pool.queue.waiting()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != model_id:
+            raise ApiError(404, f"model {name!r} does not exist here; this server serves {model_id!r}",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _read_body(request, limits.max_body_bytes)
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON ({exc}); send a JSON object",
+                           code="invalid_json") from None
+        req, prompt, job = parse_request(data, limits, model_id, tokenizer)
+        state = request.scope.setdefault("state", {})
+        state["tokens_in"], state["job"] = len(prompt), job
+        if log_content:
+            state["content"] = {"messages": data.get("messages")}
+        try:
+            pool.submit(job)
+        except QueueFull as exc:
+            raise ApiError(429, str(exc), code="queue_full", type_="server_busy") from None
+        rid = "chatcmpl-" + state["request_id"]
+        header = {"id": rid, "created": int(time.time()), "model": model_id, "system_fingerprint": None}
+        usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": job.completion_tokens,  # noqa: E731
+                         "total_tokens": len(prompt) + job.completion_tokens}
+        replies = [ReplyParts() for _ in range(job.n)]
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_sse(job, request, header, replies, usage, include_usage, state),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        finish = [None] * job.n
+        try:
+            while not all(finish):
+                delta = await _next_delta(job, request)
+                if delta.error is not None:
+                    _raise_job_error(delta.error)
+                for piece in delta.pieces:
+                    replies[delta.choice].add(piece)
+                if delta.finish_reason:
+                    finish[delta.choice] = delta.finish_reason
+        finally:
+            job.cancel()  # a no-op when finished; frees the slot when the client went away
+        if log_content:
+            state["content"]["reply"] = [r.content() for r in replies]
+        choices = [{"index": i, "message": {"role": "assistant", "content": r.content(), "chatforge_parts": r.parts},
+                    "logprobs": None, "finish_reason": finish[i]} for i, r in enumerate(replies)]
+        return {**header, "object": "chat.completion", "choices": choices, "usage": usage()}
+
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+        @app.get("/")
+        async def index():
+            return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"])
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_middleware(RequestLog, log_content=log_content)  # added last: outermost, sees every answer
+    return app
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The body, refused with 413 past `limit` bytes (by Content-Length, or while reading)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is {declared} bytes; at most {limit} are accepted (--max-body-bytes)",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body is over {limit} bytes (--max-body-bytes)", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _sse(job: Job, request, header: dict, replies: list, usage, include_usage: bool, state: dict):
+    """The streamed reply: OpenAI chunks as server-sent events, ending with [DONE]."""
+    def event(choices, **extra) -> str:
+        return "data: " + json.dumps({**header, "object": "chat.completion.chunk", "choices": choices, **extra}) + "\n\n"
+
+    try:
+        yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(job.n)])
+        finished = 0
+        while finished < job.n:
+            delta = await _next_delta(job, request)
+            if delta.error is not None:
+                try:
+                    _raise_job_error(delta.error)
+                except ApiError as err:
+                    yield "data: " + json.dumps(err.body()) + "\n\n"
+                break
+            if delta.pieces:
+                for piece in delta.pieces:
+                    replies[delta.choice].add(piece)
+                yield event([{"index": delta.choice, "logprobs": None, "finish_reason": None,
+                              "delta": {"content": "".join(p.shown for p in delta.pieces),
+                                        "chatforge_pieces": [_piece_json(p) for p in delta.pieces]}}])
+            if delta.finish_reason:
+                finished += 1
+                yield event([{"index": delta.choice, "delta": {}, "logprobs": None,
+                              "finish_reason": delta.finish_reason}])
+        if include_usage:
+            yield event([], usage=usage())
+        if "content" in state:
+            state["content"]["reply"] = [r.content() for r in replies]
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()
+
+
+class BearerAuth:
+    """ASGI middleware: every route but OPEN_PATHS needs `Authorization: Bearer <key>`."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or _is_open(scope["path"]):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key):
+            return await self.app(scope, receive, send)
+        err = ApiError(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>' with the "
+                            "server's --api-key", code="invalid_api_key")
+        await _json_response(401, err.body(), headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+def _is_open(path: str) -> bool:
+    return path in ("/health", "/") or path.startswith("/static/")
+
+
+class RequestLog:
+    """ASGI middleware: one line per request when its answer has been sent (streams included)."""
+
+    def __init__(self, app, log_content: bool = False):
+        self.app, self.log_content = app, log_content
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        state["request_id"] = uuid.uuid4().hex[:24]
+        start, status, logged = time.perf_counter(), [500], [False]
+
+        def log():
+            if logged[0]:
+                return
+            logged[0] = True
+            job = state.get("job")
+            line = (f"serve: {state['request_id']} {scope['method']} {scope['path']} {status[0]} "
+                    f"in={state.get('tokens_in', 0)} out={job.completion_tokens if job else 0} ")
+            if job is not None and job.ttft is not None:
+                line += f"ttft={job.ttft:.3f}s "
+            line += f"latency={time.perf_counter() - start:.3f}s"
+            if self.log_content and "content" in state:
+                line += " content=" + json.dumps(state["content"], ensure_ascii=False)
+            print0(line)
+
+        async def logging_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                log()
+
+        try:
+            await self.app(scope, receive, logging_send)
+        finally:
+            log()
+
+
+# ---- the CLI stage ------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", default="sft", choices=STAGES, help="which stage's checkpoint (default: sft)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. d20 (default: the most recent)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every route but /health and the UI "
+                             "(default: $CHATFORGE_API_KEY; none means open)")
+    parser.add_argument("--cors-origin", action="append", default=[],
+                        help="allow browser calls from this origin (repeatable; '*' for any; default: CORS off)")
+    parser.add_argument("--log-content", action="store_true", help="also log the messages and replies")
+    parser.add_argument("--replicas", type=int, default=None, help="engine replicas (default: one per GPU, or 1)")
+    parser.add_argument("--max-batch", type=int, default=32, help="most prompts decoded together per replica")
+    parser.add_argument("--max-queue", type=int, default=256, help="most waiting requests before 429s")
+    parser.add_argument("--max-messages", type=int, default=256, help="most messages in one request")
+    parser.add_argument("--max-message-chars", type=int, default=32_000, help="longest message, in characters")
+    parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (413 past it)")
+    parser.add_argument("--max-n", type=int, default=8, help="most choices (n) in one request")
+    parser.add_argument("--default-max-tokens", type=int, default=512, help="reply length when a request sets none")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA)")
+    add_runtime_arguments(parser)
+
+
+def load_engines(args) -> list:
+    """One Engine per replica: GPU i for replica i on CUDA, one replica elsewhere."""
+    import torch
+
+    from chatforge.infer.engine import Engine
+    from chatforge.runtime import pick_device
+
+    device = pick_device(args.device)[0]
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        replicas = args.replicas or count
+        if not 1 <= replicas <= count:
+            raise UsageError(f"--replicas {replicas} must be between 1 and the {count} visible GPUs")
+        devices = [torch.device("cuda", i) for i in range(replicas)]
+    else:
+        if args.replicas not in (None, 1):
+            raise UsageError(f"--replicas {args.replicas}: only one replica runs on {device.type}")
+        devices = [device]
+    return [Engine.from_checkpoint(args.source, tag=args.tag, step=args.step, device=d, dtype=args.dtype,
+                                   compile=args.compile) for d in devices]
+
+
+def check_args(args) -> None:
+    for flag in ("max_batch", "max_queue", "max_messages", "max_message_chars", "max_body_bytes", "max_n",
+                 "default_max_tokens"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} must be between 0 and 65535")
+
+
+def build_server(args):
+    """(app, pool) for the arguments; `main` runs the app with uvicorn."""
+    check_args(args)
+    engines = load_engines(args)
+    engine = engines[0]
+    meta = engine.meta
+    model_id = f"chatforge-{args.source}-{meta.get('tag') or args.tag or 'model'}"
+    limits = Limits(context=engine.config.sequence_len, max_messages=args.max_messages,
+                    max_message_chars=args.max_message_chars, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
+                    default_max_tokens=args.default_max_tokens)
+    pool = WorkerPool(engines, max_batch=args.max_batch, max_queue=args.max_queue)
+    api_key = args.api_key or os.environ.get("CHATFORGE_API_KEY") or None
+    app = create_app(pool, model_id, limits, api_key=api_key, cors_origins=args.cors_origin,
+                     log_content=args.log_content)
+    cors = ", ".join(args.cors_origin) if args.cors_origin else "off"
+    print0(f"serve: {model_id} step {meta.get('step')} on {', '.join(str(e.device) for e in engines)}; "
+           f"auth {'on' if api_key else 'off'}; CORS {cors}")
+    return app, pool
+
+
+def main(args) -> int:
+    import uvicorn
+
+    app, pool = build_server(args)
+    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="warning",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    original_startup = server.startup
+
+    async def startup(sockets=None):
+        await original_startup(sockets)
+        for s in server.servers:
+            for sock in s.sockets:
+                host, port = sock.getsockname()[:2]
+                print0(f"serve: listening on http://{host}:{port}  (web UI at /, API at /v1)")
+
+    server.startup = startup
+    try:
+        server.run()
+    finally:
+        pool.close()
+    return 0
+
+
+class ServerThread:
+    """uvicorn serving `app` on a loopback port in a background thread (tests, notebooks).
+
+    `url` is the base address once started; `stop()` shuts the server down and joins the thread."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, access_log=False, log_level="warning", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="chatforge-server", daemon=True)
+        self.thread.start()
+        for _ in range(500):  # bounded: uvicorn starts in well under a second
+            if self.server.started or not self.thread.is_alive():
+                break
+            time.sleep(0.01)
+        if not self.server.started:
+            raise RuntimeError("the server thread did not start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()

@@ -1,0 +1,334 @@
+"""Engine replicas behind one request queue: what the server's routes hand their generations to.
+
+Where it sits: `serve/app.py` turns an HTTP request into a `Job` (prompt ids + sampling settings)
+and submits it to a `WorkerPool`; one worker thread per replica (one per GPU, or one on CPU) owns an
+`Engine` and runs jobs; the job's text comes back to the asyncio side as `Delta`s on its own queue.
+
+Scheduling. A worker takes the oldest waiting job and, with it, every other waiting job that can
+share one `Engine.generate` call (same temperature, top-k, top-p, stop strings, n and tool use; and
+unseeded or greedy, since a seed names a random stream of its own), up to `max_batch` prompts. Each
+job still ends at its own `max_tokens`. The engine decodes the rows of a batch together, so a
+request's text is what it would be alone (rows never see each other's tokens; greedy outputs are
+checked equal to solo runs in the tests). Jobs that arrive while a batch runs wait for the next one.
+
+Disconnects. A route that loses its client calls `Job.cancel()`: a waiting job is dropped when its
+turn comes; a running job stops receiving tokens, and when every job of a batch is cancelled or
+finished the batch's generation is abandoned at once, so the replica moves on to the next job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from chatforge.errors import ChatforgeError, UsageError
+from chatforge.infer.engine import Engine, IncrementalDecoder
+from chatforge.runtime import print0
+
+# How a tool call is shown in plain text (the API's `content`): Markdown code fences.
+OPEN_SHOWN = {"python": "\n```python\n", "python_output": "\n```output\n"}
+CLOSE_SHOWN = "\n```\n"
+
+
+@dataclass
+class Piece:
+    """A bit of one reply. kind: text / python / python_output; text: its raw characters (what a
+    conversation part holds); shown: the same in readable form, with fences around tool blocks."""
+    kind: str
+    text: str
+    shown: str
+    open: bool = False  # this piece starts a new tool block
+
+
+@dataclass
+class Delta:
+    """What a job's queue receives: new pieces of choice `choice`, or its end (finish_reason set),
+    or a failure of the whole job (error set)."""
+    choice: int = 0
+    pieces: list[Piece] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: Exception | None = None
+
+
+class PartStream:
+    """Token ids of one reply -> Pieces, split at the tool-call special tokens, UTF-8 safe."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.decoder = IncrementalDecoder(engine.tokenizer)
+        self.kind = "text"
+
+    def push(self, token: int) -> list[Piece]:
+        e = self.engine
+        if token in (e.python_start, e.output_start):
+            out = self._flush()
+            if self.kind != "text":  # a block the model never closed: close its fence first
+                out.append(Piece(self.kind, "", CLOSE_SHOWN))
+            self.kind = "python" if token == e.python_start else "python_output"
+            return out + [Piece(self.kind, "", OPEN_SHOWN[self.kind], open=True)]
+        if token in (e.python_end, e.output_end):
+            out = self._flush()
+            if self.kind != "text":
+                out.append(Piece(self.kind, "", CLOSE_SHOWN))
+            self.kind = "text"
+            return out
+        if e.tokenizer.is_special(token):
+            return []
+        text = self.decoder.push(token)
+        return [Piece(self.kind, text, text)] if text else []
+
+    def finish(self) -> list[Piece]:
+        out = self._flush()
+        if self.kind != "text":  # a reply cut inside a tool block still closes its fence
+            out.append(Piece(self.kind, "", CLOSE_SHOWN))
+            self.kind = "text"
+        return out
+
+    def _flush(self) -> list[Piece]:
+        text = self.decoder.flush()
+        return [Piece(self.kind, text, text)] if text else []
+
+
+class StopFilter:
+    """Holds back the tail of a reply's text that could begin a stop string, and cuts the reply
+    just before the first stop string (OpenAI leaves the stop sequence out of the reply)."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.keep = max((len(s) for s in self.stops), default=1) - 1
+        self.held = ""
+
+    def push(self, piece: Piece) -> tuple[list[Piece], bool]:
+        """(pieces safe to send, whether a stop string was reached)."""
+        if not self.stops:
+            return [piece], False
+        if piece.kind != "text":
+            return self.flush() + [piece], False
+        self.held += piece.text
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            text, self.held = self.held[:min(hits)], ""
+            return ([Piece("text", text, text)] if text else []), True
+        cut = max(len(self.held) - self.keep, 0)
+        text, self.held = self.held[:cut], self.held[cut:]
+        return ([Piece("text", text, text)] if text else []), False
+
+    def flush(self) -> list[Piece]:
+        text, self.held = self.held, ""
+        return [Piece("text", text, text)] if text else []
+
+
+@dataclass
+class Job:
+    """One chat completion request: a prompt, its settings, and the queue its Deltas go to."""
+    prompt: list[int]
+    max_tokens: int
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    use_tools: bool = True
+    loop: asyncio.AbstractEventLoop | None = None
+    queue: asyncio.Queue | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    completion_tokens: int = 0   # tokens generated over all choices (tool output included)
+    ttft: float | None = None    # seconds from submit to the first token
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def batch_key(self):
+        """Jobs with equal keys can share one generate call; None: this job runs alone."""
+        if self.seed is not None and self.temperature > 0:
+            return None
+        return (self.n, self.temperature, self.top_k, self.top_p, self.stop, self.use_tools)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def send(self, delta: Delta) -> None:
+        """Called from a worker thread: hand the delta to the job's asyncio queue."""
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+
+
+class QueueFull(ChatforgeError):
+    """More requests are waiting than --max-queue allows; the client should retry later."""
+
+
+class JobQueue:
+    """FIFO of waiting jobs from which a worker takes the oldest plus the jobs that can batch with it."""
+
+    def __init__(self, max_waiting: int):
+        self.max_waiting = max_waiting
+        self.jobs: deque[Job] = deque()
+        self.cond = threading.Condition()
+        self.closed = False
+
+    def put(self, job: Job) -> None:
+        with self.cond:
+            if len(self.jobs) >= self.max_waiting:
+                raise QueueFull(f"{len(self.jobs)} requests are already waiting (--max-queue {self.max_waiting}); "
+                                "retry in a moment")
+            self.jobs.append(job)
+            self.cond.notify()
+
+    def take(self, max_batch: int, timeout: float) -> list[Job]:
+        """The oldest live job and up to max_batch - 1 prompts' worth of compatible ones; [] on timeout."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.jobs or self.closed, timeout=timeout)
+            while self.jobs and self.jobs[0].cancelled.is_set():
+                self.jobs.popleft()
+            if not self.jobs:
+                return []
+            first = self.jobs.popleft()
+            batch, key = [first], first.batch_key()
+            if key is not None:
+                for job in list(self.jobs):
+                    if len(batch) >= max_batch:
+                        break
+                    if job.cancelled.is_set():
+                        self.jobs.remove(job)
+                    elif job.batch_key() == key:
+                        self.jobs.remove(job)
+                        batch.append(job)
+            return batch
+
+    def waiting(self) -> int:
+        with self.cond:
+            return len(self.jobs)
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+class WorkerPool:
+    """One thread per engine replica, all taking jobs from one JobQueue."""
+
+    def __init__(self, engines: list[Engine], max_batch: int = 32, max_queue: int = 256):
+        if not engines:
+            raise UsageError("the server needs at least one engine replica")
+        if max_batch < 1:
+            raise UsageError(f"--max-batch {max_batch} must be at least 1")
+        self.engines = engines
+        self.max_batch = max_batch
+        self.queue = JobQueue(max_queue)
+        self.running = [False] * len(engines)  # per replica: generating now (each thread writes its own)
+        self._stop = threading.Event()
+        self.threads = [threading.Thread(target=self._serve, args=(i, e), name=f"chatforge-replica-{i}", daemon=True)
+                        for i, e in enumerate(engines)]
+        for t in self.threads:
+            t.start()
+
+    @property
+    def engine(self) -> Engine:
+        return self.engines[0]
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; its Deltas arrive on job.queue (created here, on the caller's event loop)."""
+        job.loop = asyncio.get_running_loop()
+        job.queue = asyncio.Queue()
+        self.queue.put(job)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.queue.close()
+        for t in self.threads:
+            t.join(timeout)
+
+    def busy(self) -> int:
+        return sum(self.running)
+
+    def _serve(self, index: int, engine: Engine) -> None:
+        while not self._stop.is_set():
+            batch = self.queue.take(self.max_batch, timeout=0.5)
+            if not batch:
+                continue
+            self.running[index] = True
+            try:
+                run_batch(engine, batch)
+            except Exception as exc:  # a failed batch fails its requests, never the replica
+                if not isinstance(exc, ChatforgeError):
+                    print0(f"serve: a batch of {len(batch)} failed: {type(exc).__name__}: {exc}")
+                for job in batch:
+                    job.send(Delta(error=exc))
+            finally:
+                self.running[index] = False
+
+
+class _Choice:
+    """Per-row state of a running job."""
+
+    def __init__(self, engine: Engine, job: Job, index: int):
+        self.job, self.index = job, index
+        self.parts = PartStream(engine)
+        self.stops = StopFilter(list(job.stop))
+        self.generated = 0
+        self.done = False
+        self.stopped = False  # a stop string was reached: nothing after it is sent
+
+    def push(self, token: int) -> list[Piece]:
+        self.generated += 1
+        out = []
+        for piece in self.parts.push(token):
+            sent, hit = self.stops.push(piece)
+            out += sent
+            if hit:
+                self.done = self.stopped = True
+                return out
+        return out
+
+    def finish(self) -> list[Piece]:
+        if self.stopped:
+            return []
+        out = []
+        for piece in self.parts.finish():
+            out += self.stops.push(piece)[0]
+        return out + self.stops.flush()
+
+
+def run_batch(engine: Engine, batch: list[Job]) -> None:
+    """Generate for a batch of compatible jobs, sending each choice's pieces as they come."""
+    first = batch[0]
+    n = first.n
+    choices = [_Choice(engine, job, j) for job in batch for j in range(n)]  # row order = engine's rows
+    stream = engine.generate([job.prompt for job in batch], num_samples=n,
+                             max_tokens=max(job.max_tokens for job in batch), temperature=first.temperature,
+                             top_k=first.top_k, top_p=first.top_p, seed=first.seed,
+                             stop_strings=list(first.stop), use_tools=first.use_tools)
+    try:
+        for step in stream:
+            now = time.perf_counter()
+            for t in step:
+                choice = choices[t.row]
+                job = choice.job
+                if choice.done:
+                    continue
+                if job.cancelled.is_set():
+                    choice.done = True
+                    continue
+                if job.ttft is None:
+                    job.ttft = now - job.submitted
+                job.completion_tokens += 1
+                pieces = choice.push(t.token)
+                reason = None
+                if choice.stopped:  # a stop string, cut on our side
+                    reason = "stop"
+                elif t.done:
+                    reason = "stop" if t.finish_reason == "stop" else "length"
+                elif choice.generated >= job.max_tokens:
+                    reason = "length"
+                if reason is not None:
+                    choice.done = True
+                    pieces += choice.finish()
+                if pieces or reason:
+                    job.send(Delta(choice.index, pieces, reason))
+            if all(c.done for c in choices):
+                break
+    finally:
+        stream.close()
