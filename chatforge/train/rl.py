@@ -369,8 +369,8 @@ def _train(args: argparse.Namespace, rt) -> dict:
         if last:
             break
 
-        t0 = time.perf_counter()
         rt.synchronize()
+        t0 = time.perf_counter()
         # 1-3. questions, rollouts, rewards
         indices = step_questions(step, E, num_questions, args.seed, rt.rank, W)
         conversations = [train_set[i] for i in indices]
