@@ -165,6 +165,7 @@ async function generate() {
     messages: apiMessages(), stream: true,
     temperature: parseFloat($("temperature").value),
     top_k: parseInt($("top-k").value, 10) || undefined,
+    max_tokens: parseInt($("max-tokens").value, 10) || undefined,
   };
   chat.push(msg);
   controller = new AbortController();
