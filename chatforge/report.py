@@ -26,10 +26,9 @@ from chatforge import paths
 from chatforge.errors import UsageError
 from chatforge.progress import format_duration
 from chatforge.runtime import print0
+from chatforge.speedrun import STAGES
 
 NOT_RUN = "not run"
-STAGE_ORDER = ("data", "tokenizer", "tokenizer-eval", "pretrain", "eval-base", "midtrain", "eval-mid",
-               "sft", "eval-sft", "rl", "eval-rl", "report")
 CHAT_STAGES = ("base", "mid", "sft", "rl")
 EVAL_ROWS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE")
 TRAIN_SUMMARIES = {"mid": "midtrain.json", "sft": "sft.json", "rl": "rl.json"}
@@ -158,7 +157,7 @@ def provenance_of(data: dict) -> dict:
 def stage_rows(data: dict) -> tuple[list[list[str]], float | None, float | None]:
     markers, rows = data["markers"], []
     durations = []
-    for name in STAGE_ORDER:
+    for name in STAGES:
         marker = markers.get(name)
         if marker:
             durations.append(marker.get("duration_s") or 0.0)

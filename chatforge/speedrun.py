@@ -52,6 +52,8 @@ CHAT_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "Spelli
 CHAT_TASK_DATA = {"ARC-Easy": "eval/arc", "ARC-Challenge": "eval/arc", "MMLU": "eval/mmlu",
                   "GSM8K": "eval/gsm8k", "HumanEval": "eval/humaneval"}
 STOP_ENV = "CHATFORGE_SPEEDRUN_STOP_AFTER"
+STAGES = ("data", "tokenizer", "tokenizer-eval", "pretrain", "eval-base", "midtrain", "eval-mid", "sft",
+          "eval-sft", "rl", "eval-rl", "report")
 
 
 @dataclass
@@ -394,6 +396,8 @@ def main(args) -> dict:
     nproc = args.nproc_per_node if args.nproc_per_node is not None else local_gpu_count()
     if nproc < 0:
         raise UsageError(f"--nproc-per-node {nproc} must be 0 or more")
+    if args.stop_after and args.stop_after not in STAGES:
+        raise UsageError(f"--stop-after {args.stop_after!r} is not a stage; one of {', '.join(STAGES)}")
     print0(f"speedrun {args.preset}: {preset.description}; base directory {paths.base_dir()}; "
            f"{'torchrun with ' + str(nproc) + ' processes' if nproc > 1 else 'one process'} per stage")
 
@@ -413,9 +417,6 @@ def main(args) -> dict:
         print0(f"=== speedrun: data done in {format_duration(time.time() - t0)} ({src.mode})")
         rerun = data_marker is not None  # the sources changed: everything downstream is stale
     plan = build_plan(args.preset, preset, src, args.rl)
-    names = ["data"] + [s.name for s in plan]
-    if args.stop_after and args.stop_after not in names:
-        raise UsageError(f"--stop-after {args.stop_after!r} is not a stage of this run; one of {', '.join(names)}")
 
     ran, skipped, absent = [], [], []
     (markers / "absent.json").unlink(missing_ok=True)

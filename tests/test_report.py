@@ -1,0 +1,116 @@
+"""chatforge report: tables that match the stages' JSON, plots that open, "not run" for absent stages."""
+
+import json
+import re
+from argparse import Namespace
+
+import pytest
+from PIL import Image
+
+from chatforge import paths, report
+from chatforge.errors import UsageError
+
+CHAT_SFT = {"chatcore": 0.123456, "tasks": {
+    "ARC-Easy": {"accuracy": 0.375, "num_problems": 8}, "ARC-Challenge": {"accuracy": 0.25, "num_problems": 8},
+    "MMLU": {"accuracy": 0.3125, "num_problems": 16}, "GSM8K": {"accuracy": 0.0625, "num_problems": 16},
+    "HumanEval": {"accuracy": 0.0, "num_problems": 4}, "SpellingBee": {"accuracy": 0.5, "num_problems": 4}}}
+CORE = {"core": 0.0421, "tasks": {"copa": {"accuracy": 0.55, "centered": 0.1, "num_items": 20},
+                                   "piqa": {"accuracy": 0.5, "centered": -0.0158, "num_items": 20}}}
+
+
+def write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def make_run(home, tag="t1"):
+    write(home / "tokenizer" / "train.json", {"vocab_size": 1024, "characters": 5000, "documents": 7,
+                                              "train_seconds": 0.1})
+    write(home / "tokenizer" / "eval.json", {"samples": {"news": {"bytes": 100, "ours": {"tokens": 40,
+                                                                                       "bytes_per_token": 2.5}}}})
+    write(home / "eval" / "base" / tag / "pretrain.json", {
+        "depth": 2, "parameters": 1000, "training_tokens": 2048, "flops_per_token": 6000.0, "num_iterations": 4,
+        "wall_time_s": 3.0, "tok_per_s": 680.0, "final_val_bpb": 2.71828, "world_size": 1,
+        "torch": "2.x", "python": "3.11", "host": "box", "cpu_count": 2, "git_commit": "abc"})
+    write(home / "eval" / "base" / tag / "core.json", CORE)
+    write(home / "eval" / "sft" / tag / "chat.json", CHAT_SFT)
+    run = home / "runs" / "pretrain-1"
+    write(run / "meta.json", {"stage": "pretrain", "args": {"tag": tag}})
+    rows = [{"step": s, "train_loss": 8.0 - s} for s in range(1, 5)] + [{"step": 0, "val_bpb": 3.0},
+                                                                         {"step": 4, "val_bpb": 2.7}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def table_after(md: str, heading: str) -> dict[str, list[str]]:
+    """The first Markdown table after `heading`, as first cell -> other cells."""
+    section = md.split(heading, 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    out = {}
+    for line in rows[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        out[cells[0]] = cells[1:]
+        if not line.startswith("|"):
+            break
+    return out
+
+
+def run_report(**kw):
+    args = Namespace(html=kw.get("html", False), tag=kw.get("tag"), preset=None, gpu_hour_cost=2.5)
+    return report.main(args)
+
+
+def test_eval_table_matches_the_json_and_missing_stages_say_not_run(chatforge_home):
+    make_run(chatforge_home)
+    md = run_report().read_text()
+    table = table_after(md, "## Evaluations by stage")
+    assert table["CORE"][0] == f"{CORE['core']:.4f}"
+    for task, result in CHAT_SFT["tasks"].items():
+        base, mid, sft, rl = table[task]
+        assert sft == f"{result['accuracy']:.4f}"
+        assert base == mid == rl == "not run"
+    assert table["ChatCORE"][2] == f"{CHAT_SFT['chatcore']:.4f}"
+    core_table = table_after(md, "## CORE by task")
+    for task, result in CORE["tasks"].items():
+        assert core_table[task] == [str(result["num_items"]), f"{result['accuracy']:.4f}",
+                                    f"{result['centered']:.4f}"]
+    pretrain = table_after(md, "## Pretraining")
+    assert pretrain["final val bpb"] == ["2.7183"]
+    assert pretrain["training FLOPs"] == [f"{6000.0 * 2048:.3e}"]
+    mids = table_after(md, "## Midtraining, SFT, RL")
+    assert mids["mid"][0] == "not run"
+
+
+def test_plots_open_as_images_and_html_inlines_them(chatforge_home):
+    import matplotlib.image
+
+    make_run(chatforge_home)
+    md = run_report(html=True).read_text()
+    out = paths.report_dir()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert set(linked) == {"loss.png", "bpb.png", "evals.png"}
+    for name in linked:
+        with Image.open(out / name) as image:
+            image.verify()
+            assert image.format == "PNG"
+        pixels = matplotlib.image.imread(out / name)
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3
+    assert "<td>not run</td>" in page
+
+
+def test_no_results_names_the_fix(chatforge_home):
+    with pytest.raises(UsageError, match="chatforge speedrun"):
+        run_report()
+
+
+def test_cost_uses_the_gpu_hour_flag(chatforge_home):
+    make_run(chatforge_home)
+    pre = chatforge_home / "eval" / "base" / "t1" / "pretrain.json"
+    meta = json.loads(pre.read_text())
+    meta.update(gpu="H100", gpu_count=8, wall_time_s=3600.0)
+    pre.write_text(json.dumps(meta))
+    md = run_report().read_text()
+    machine = table_after(md, "## Machine and provenance")
+    assert machine["GPU"] == ["8 x H100"]
+    assert machine["estimated cost"] == ["$20.00 at $2.50/GPU-hour"]
