@@ -184,3 +184,21 @@ def test_cuda_window_mask_for_flex_attention_matches_the_cpu_mask():
     allowed = (i[None] <= i[:, None]) & (i[:, None] - i[None] < W)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qkv_inference_model_matches_the_trained_layout():
+    """fuse_for_inference (one QKV matmul) gives the same logits, with and without a KV cache."""
+    import copy
+
+    from chatforge.model.gpt import GPT, GPTConfig, KVCache
+
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    model = GPT(config)
+    for p in model.parameters():  # the zero-init output projections would hide a wrong fusion
+        torch.nn.init.normal_(p, std=0.05)
+    fused = copy.deepcopy(model).fuse_for_inference()
+    idx = torch.randint(0, 97, (2, 12))
+    torch.testing.assert_close(fused(idx), model(idx), rtol=1e-5, atol=1e-5)
+    cache_a, cache_b = KVCache(config, 2, 32, "cpu"), KVCache(config, 2, 32, "cpu")
+    torch.testing.assert_close(fused(idx, kv_cache=cache_a), model(idx, kv_cache=cache_b), rtol=1e-5, atol=1e-5)

@@ -80,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the decode step (CUDA only; default off, see the module docstring)")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                         help="capture the decode step in a CUDA graph (CUDA only; default on)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time the decode step alone on the GPU, to separate host overhead")
     add_runtime_arguments(parser)
 
 
@@ -110,6 +112,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     model.to_empty(device=rt.device)
     model.init_weights()
     model.to(dtype=rt.dtype).eval()  # inference weights in the compute dtype (bf16 on modern GPUs)
+    model.fuse_for_inference()
     engine = Engine(model, RandomVocabulary(args.vocab_size), rt.device, rt.dtype,
                     compile=args.compile and cuda, cuda_graph=args.cuda_graph and cuda)
     elem = torch.finfo(rt.dtype).bits // 8
@@ -144,11 +147,12 @@ def main(args: argparse.Namespace) -> list[dict]:
             raise UsageError(f"out of GPU memory at batch {B}; leave it out of --batch-sizes") from None
         ttft = first - start
         step_time = (end - first) / (steps - 1)
+        gpu_step = _time_decode_step(engine, args.prompt_len) if args.profile and cuda else None
         bytes_per_step = weight_bytes + kv_per_token * B * (args.prompt_len + args.new_tokens / 2)
         frac = bytes_per_step / step_time / bandwidth if bandwidth else None
         results.append(dict(batch=B, ttft_s=ttft, decode_ms_per_step=1000 * step_time, tokens_per_s=B / step_time,
                             end_to_end_tokens_per_s=B * steps / (end - start), bandwidth_fraction=frac,
-                            depth=s.depth, params=s.num_params, device=device_name))
+                            depth=s.depth, params=s.num_params, device=device_name, gpu_step_ms=gpu_step))
     print0(f"{device_name}, torch {torch.__version__}")
     print0("| batch | TTFT | decode ms/step | tok/s | tok/s incl. prefill | bandwidth used |")
     print0("|---|---|---|---|---|---|")
@@ -156,4 +160,23 @@ def main(args: argparse.Namespace) -> list[dict]:
         frac = f"{100 * r['bandwidth_fraction']:.0f}%" if r["bandwidth_fraction"] is not None else "n/a"
         print0(f"| {r['batch']} | {1000 * r['ttft_s']:.1f} ms | {r['decode_ms_per_step']:.2f} | "
                f"{r['tokens_per_s']:,.0f} | {r['end_to_end_tokens_per_s']:,.0f} | {frac} |")
+    if args.profile and cuda:
+        print0("decode step on the GPU alone (graph replays back to back, no sampling or host work): " +
+               ", ".join(f"batch {r['batch']} {r['gpu_step_ms']:.2f} ms" for r in results))
     return results
+
+
+@torch.inference_mode()
+def _time_decode_step(engine, prompt_len: int, reps: int = 50) -> float:
+    """Milliseconds per decode step with the host out of the way: the gap to ms/step is host overhead."""
+    _, cache, step_fn, _, _ = engine._decoder
+    cache.lengths.fill_(prompt_len)
+    step_fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cache.lengths.fill_(prompt_len)
+    start.record()
+    for _ in range(reps):
+        step_fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps

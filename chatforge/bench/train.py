@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the model (CUDA only; default on)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also split a step into forward+backward and optimizer time, and list the "
+                             "kernels that take the most GPU time")
     add_runtime_arguments(parser)
 
 
@@ -106,5 +109,39 @@ def main(args: argparse.Namespace) -> dict:
     print0(row)
     if rt.world_size > 1:
         print0(f"all {rt.world_size} devices: {tok_per_s * rt.world_size:,.0f} tokens/s")
+    if args.profile and rt.device.type == "cuda":
+        result.update(profile_step(model, optimizer, inputs, targets, rt))
     shutdown()
     return result
+
+
+def profile_step(model, optimizer, inputs, targets, rt, steps: int = 3, top: int = 20) -> dict:
+    """Where a step's time goes: forward+backward vs optimizer (CUDA events), then the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fwd_bwd, opt = [], []
+    for _ in range(steps):
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        marks[0].record()
+        with rt.autocast():
+            loss = model(inputs, targets)
+        loss.backward()
+        marks[1].record()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        marks[2].record()
+        torch.cuda.synchronize()
+        fwd_bwd.append(marks[0].elapsed_time(marks[1]))
+        opt.append(marks[1].elapsed_time(marks[2]))
+    split = {"forward_backward_ms": sorted(fwd_bwd)[steps // 2], "optimizer_ms": sorted(opt)[steps // 2]}
+    print0(f"step split: forward+backward {split['forward_backward_ms']:.1f} ms, "
+           f"optimizer {split['optimizer_ms']:.1f} ms (median of {steps})")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with rt.autocast():
+            loss = model(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    print0(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=70))
+    return split

@@ -26,6 +26,7 @@ A prompt longer than the context is an error (UsageError), never silently cut.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -129,7 +130,7 @@ class Engine:
                 f"checkpoint {meta.get('path')} was trained with a {saved_vocab}-token tokenizer but the one in "
                 f"the base directory has {tokenizer.vocab_size}; restore the matching tokenizer or retrain the model"
             )
-        engine = cls(model, tokenizer, dev, dt, compile=compile)
+        engine = cls(model.fuse_for_inference(), tokenizer, dev, dt, compile=compile)
         engine.meta = meta
         return engine
 
@@ -301,7 +302,10 @@ class Engine:
             with self._autocast():
                 return self._mask_padding(model(static_in[:, None], kv_cache=cache)[:, -1])  # (R, V)
 
-        step = torch.compile(forward_step, dynamic=False) if self.compile else forward_step
+        # CHATFORGE_DECODE_COMPILE_MODE=max-autotune-no-cudagraphs lets Inductor fuse epilogues into
+        # Triton matmuls (fewer kernels per step) at the price of minutes of autotuning
+        mode = os.environ.get("CHATFORGE_DECODE_COMPILE_MODE") or None
+        step = torch.compile(forward_step, dynamic=False, mode=mode) if self.compile else forward_step
         static_logits = None
         if self.cuda_graph:
             step, static_logits = self._capture(step, cache)

@@ -184,12 +184,28 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        self.c_qkv = None
+        self.qkv_sizes = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim)
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Inference only: replace the three projections by one (they stop training separately)."""
+        if self.c_qkv is not None:
+            return
+        weight = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight], dim=0)
+        self.c_qkv = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        self.c_qkv.weight.copy_(weight)
+        del self.c_q, self.c_k, self.c_v
 
     def forward(self, x, cos, sin, kv_cache=None, positions=None):
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)      # (B, T, H, D)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)   # (B, T, Hkv, D)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)   # (B, T, Hkv, D)
+        if self.c_qkv is not None:  # inference: one matmul (one weight read) instead of three
+            q, k, v = self.c_qkv(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        q = q.view(B, T, self.n_head, self.head_dim)      # (B, T, H, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)   # (B, T, Hkv, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)   # (B, T, Hkv, D)
         # QK-norm, then rotate (RMS over D is unchanged by the rotation, so the order is free)
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
@@ -308,6 +324,12 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(cfg.head_dim, self.rotary_len, device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
+
+    def fuse_for_inference(self) -> "GPT":
+        """Fewer, larger kernels per decode step (a frozen copy for the engine; not for training)."""
+        for block in self.transformer.h:
+            block.attn.fuse_qkv()
+        return self
 
     def num_params(self, include_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
