@@ -197,7 +197,7 @@ class CausalSelfAttention(nn.Module):
         self.c_qkv.weight.copy_(weight)
         del self.c_q, self.c_k, self.c_v
 
-    def forward(self, x, cos, sin, kv_cache=None, positions=None):
+    def forward(self, x, cos, sin, kv_cache=None, step=None):
         B, T, _ = x.shape
         if self.c_qkv is not None:  # inference: one matmul (one weight read) instead of three
             q, k, v = self.c_qkv(x).split(self.qkv_sizes, dim=-1)
@@ -212,7 +212,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:
             y = self._attend_training(q, k, v)
         else:
-            y = self._attend_cached(q, k, v, kv_cache, positions)
+            y = self._attend_cached(q, k, v, kv_cache, step)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
         return self.c_proj(y)
 
@@ -234,29 +234,22 @@ class CausalSelfAttention(nn.Module):
         allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)  # (Tq, Tk)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
 
-    def _attend_cached(self, q, k, v, cache: "KVCache", positions):
+    def _attend_cached(self, q, k, v, cache: "KVCache", step: "CachedStep"):
         """Write k/v at each row's positions, then attend over the whole static cache with a mask.
 
-        positions: (B, T) absolute positions of the new tokens. Shapes never depend on the values
-        in `cache.lengths`, so a decode step has no host sync and can be captured in a CUDA graph.
+        Shapes never depend on the values in `cache.lengths`, so a decode step has no host sync and
+        can be captured in a CUDA graph.
         """
         B, H, T, D = q.shape
         k_cache, v_cache = cache.k[self.layer_idx], cache.v[self.layer_idx]  # (B, Hkv, L, D) each
-        L = k_cache.shape[2]
         # index_put_ into a per-layer tensor: torch.compile turns this into an in-place write
         # (a scatter_ into a view of one big cache made it copy the whole layer every step)
-        rows = torch.arange(B, device=q.device)[:, None].expand(B, T)
-        k_cache[rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)  # (B, T, Hkv, D) into (B, Hkv, L, D)
-        v_cache[rows, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
-        key_pos = torch.arange(L, device=q.device)
-        delta = positions[:, :, None] - key_pos[None, None, :]  # (B, T, L): query pos - key pos
-        allowed = delta >= 0
-        if self.window is not None:
-            allowed = allowed & (delta < self.window)
+        k_cache[step.rows, :, step.positions] = k.transpose(1, 2).to(k_cache.dtype)  # (B, T, Hkv, D) into (B, Hkv, L, D)
+        v_cache[step.rows, :, step.positions] = v.transpose(1, 2).to(v_cache.dtype)
         # GQA without copying the cache: fold each kv head's G query heads into the query axis
         G = H // self.n_kv_head
         q = q.reshape(B, self.n_kv_head, G * T, D).to(k_cache.dtype)  # (B, Hkv, G*T, D)
-        mask = allowed[:, None].repeat(1, 1, G, 1)                     # (B, 1, G*T, L)
+        mask = step.masks[self.window]                                 # (B, 1, G*T, L)
         y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
         return y.reshape(B, H, T, D)
 
@@ -277,8 +270,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx, window)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None, positions=None):
-        x = x + self.attn(norm(x), cos, sin, kv_cache, positions)
+    def forward(self, x, cos, sin, kv_cache=None, step=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, step)
         x = x + self.mlp(norm(x))
         return x
 
@@ -355,17 +348,17 @@ class GPT(nn.Module):
         if kv_cache is None:
             if T > self.rotary_len:
                 raise UsageError(f"sequence of {T} tokens is longer than the rotary table ({self.rotary_len}); lower --max-seq-len")
-            positions = None
+            step = None
             cos, sin = self.cos[None, :T, None, :], self.sin[None, :T, None, :]  # (1, T, 1, D/2)
         else:
-            positions = kv_cache.lengths[:, None] + torch.arange(T, device=idx.device)  # (B, T)
-            cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]  # (B, T, 1, D/2)
+            step = CachedStep.build(self.config, self.windows, kv_cache, T)
+            cos, sin = self.cos[step.positions][:, :, None, :], self.sin[step.positions][:, :, None, :]  # (B, T, 1, D/2)
         x = self.transformer.wte(idx)  # (B, T, C)
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x = norm(x)
         for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache, positions)
+            x = block(x, cos, sin, kv_cache, step)
         x = norm(x)
         logits = self.lm_head(x).float()  # (B, T, V)
         if self.config.softcap > 0:
@@ -377,6 +370,36 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+
+@dataclass
+class CachedStep:
+    """What every layer of one cached forward shares, computed once instead of once per layer:
+    the new tokens' positions (B, T), their row indices, and the additive attention mask per window
+    size (B, 1, G*T, L), laid out for the GQA-folded query axis."""
+
+    positions: torch.Tensor
+    rows: torch.Tensor
+    masks: dict
+
+    @staticmethod
+    def build(config: GPTConfig, windows: list, cache: "KVCache", T: int) -> "CachedStep":
+        device = cache.lengths.device
+        B, L = cache.batch_size, cache.max_len
+        positions = cache.lengths[:, None] + torch.arange(T, device=device)  # (B, T)
+        rows = torch.arange(B, device=device)[:, None].expand(B, T)
+        delta = positions[:, :, None] - torch.arange(L, device=device)[None, None, :]  # (B, T, L): query - key
+        G = config.n_head // config.n_kv_head
+        masks = {}
+        for window in set(windows):
+            allowed = delta >= 0
+            if window is not None:
+                allowed = allowed & (delta < window)
+            allowed = allowed[:, None].expand(B, G, T, L).reshape(B, 1, G * T, L)
+            # additive and in the cache's dtype: SDPA would otherwise convert a boolean mask in every layer
+            bias = torch.zeros(allowed.shape, dtype=cache.k[0].dtype, device=device)
+            masks[window] = bias.masked_fill_(~allowed, float("-inf"))
+        return CachedStep(positions, rows, masks)
 
 
 class KVCache:
