@@ -344,9 +344,6 @@ def build_blocks(data: dict, out_dir: Path, gpu_hour_cost: float) -> list[tuple]
     blocks.append(("table", ["stage", "steps", "final train loss", "final val loss", "time"], rows))
 
     notes = list(((data["markers"].get("data") or {}).get("sources") or {}).get("notes") or [])
-    skipped = ((data["markers"].get("data") or {}).get("sources") or {}).get("skipped_evals") or []
-    if skipped:
-        notes.append(f"evals skipped (data unreachable): {', '.join(skipped)}")
     if data["absent"]:
         notes.append(f"stages whose module is not in this checkout: {', '.join(data['absent'])}")
     for source in (core, *data["chat"].values()):

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The demo: install chatforge, then run every stage that exists on a tiny model, on this machine,
-# in a few minutes on a laptop CPU. The model is silly; the point is that every stage really runs.
+# The demo: install chatforge, then run every stage (tokenizer, pretraining, base eval, midtraining,
+# SFT, chat eval, report) on a tiny model on this machine, well under 30 minutes on a laptop CPU.
+# The model is silly; the point is that every stage really runs. The stage list is the `demo`
+# preset in chatforge/speedrun.py.
 #
-#   bash runs/demo.sh                 # uses ../shared/data if present, else downloads 2 shards,
-#                                     # else the offline corpus (the stdlib's docstrings)
-#   DEMO_DATA=notes.txt bash runs/demo.sh   # train on your own text instead
+#   bash runs/demo.sh                       # ../shared/data if present, else downloads,
+#                                           # else the offline fallback (stdlib docstrings, generated chats)
+#   bash runs/demo.sh --offline             # extra flags go to `chatforge speedrun`
 #
-# Outputs go under $CHATFORGE_HOME (default ~/.cache/chatforge), tag "demo". Re-running resumes.
+# Outputs go under $CHATFORGE_HOME (default ~/.cache/chatforge), tag "demo"; the report card is
+# report/report.md there. Killed midway? Run it again: finished stages are skipped, training resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,34 +21,9 @@ fi
 python -c "import torch" 2>/dev/null || python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -e .
 
-shared=../shared/data
-data="${DEMO_DATA:-}"
-if [ -z "$data" ] && [ -d "$shared/pretrain/docs" ]; then
-  data="$shared/pretrain/docs"
-fi
-if [ -z "$data" ]; then
-  if chatforge data download -n 2; then
-    data=""   # the downloaded shards are the default corpus
-  else
-    echo "demo: no network and no local copy; falling back to the offline corpus (stdlib docstrings)"
-    chatforge data offline
-    data="$(chatforge data offline | sed -n 's/^use it with: --data //p')"
-  fi
-fi
 data_flag=()
-[ -n "$data" ] && data_flag=(--data "$data")
+[ -d ../shared/data/pretrain/docs ] && data_flag=(--data-dir ../shared/data)
 
 chatforge env
-chatforge tokenizer train "${data_flag[@]}" --vocab-size 4096 --max-chars 2e7
-chatforge tokenizer eval
-chatforge pretrain "${data_flag[@]}" --tag demo --resume --depth 4 --head-dim 64 --max-seq-len 256 \
-  --device-batch-size 8 --total-batch-size 2048 --num-iterations 500 --eval-every 100 --sample-every 250
-
-eval_flags=(--source base --tag demo --max-per-task 16 "${data_flag[@]}")
-if [ -d "$shared/eval/core" ]; then
-  eval_flags+=(--eval-bundle "$shared/eval/core")
-else
-  eval_flags+=(--skip core)   # the CORE bundle needs a download or a local copy
-fi
-chatforge eval base "${eval_flags[@]}"
-chatforge chat --source base --tag demo -p "The capital of France is" --temperature 0.8 --max-tokens 48
+chatforge speedrun --preset demo "${data_flag[@]}" "$@"
+chatforge chat --source sft --tag demo -p "Hello! Who are you?" --temperature 0.8 --max-tokens 48
