@@ -56,7 +56,8 @@ def count_correct(engine, tokenizer, conversations: list[dict], score, num_sampl
     bar = Progress(len(conversations), "pass@k", unit="q")
     for b in range(0, len(conversations), batch_size):
         convs = conversations[b:b + batch_size]
-        prompts = [render_for_completion(tokenizer, c) for c in convs]
+        room = max(1, engine.config.sequence_len - max_new_tokens)  # a longer prompt keeps its last tokens
+        prompts = [render_for_completion(tokenizer, c)[-room:] for c in convs]
         rows = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
                                      temperature=temperature, top_k=top_k, seed=seed + b)
         for i, conv in enumerate(convs):
