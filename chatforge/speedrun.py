@@ -103,27 +103,26 @@ PRESETS: dict[str, Preset] = {
         eval_chat=["--max-problems", "2", "--max-new-tokens", "12"],
         rl=["--num-iterations", "2", "--examples-per-step", "2", "--num-samples", "2",
             "--max-new-tokens", "12", "--eval-examples", "2", "--eval-every", "0"]),
-    # nanochat's "$100" class run for one 8xH100 node (~4 hours there): depth 20, ~11B tokens at
-    # 20 tokens per parameter (Chinchilla), 240 FineWeb-Edu shards; full CORE and chat evals.
+    # nanochat's "$100" class run for one 8xH100 node (~4 hours there): depth 20 with the dial's
+    # token budget (10.5 tokens per non-embedding parameter, about 5B tokens), 240 FineWeb-Edu shards
+    # (as nanochat; about twice what the budget reads); full CORE and chat evals.
     "d20": Preset(
         description="depth 20, one 8xH100 node, about 4 hours",
         local_corpus="fineweb-edu", shards=240,
         tokenizer=["--vocab-size", "65536", "--max-chars", "2e9"],
-        pretrain=["--depth", "20", "--device-batch-size", "32", "--target-param-data-ratio", "20",
-                  "--save-every", "2000"],
+        pretrain=["--depth", "20", "--device-batch-size", "32", "--save-every", "2000"],
         eval_base=[],
         midtrain=["--device-batch-size", "32"],
         sft=["--device-batch-size", "4"],
         eval_chat=[],
         rl=[]),
-    # Aims at GPT-2 (1.5B)'s CORE of 0.2565: depth 26 with FP8 matmuls on Hopper; more shards for the
-    # longer horizon, a smaller device batch for the wider model.
+    # Aims at GPT-2 (1.5B)'s CORE of 0.2565: depth 26 with FP8 matmuls on Hopper; the dial's budget
+    # is about 10B tokens (~190 shards), 400 leave room; a smaller device batch for the wider model.
     "gpt2": Preset(
         description="depth 26 with FP8 on Hopper, targets GPT-2's CORE 0.2565",
-        local_corpus="fineweb-edu", shards=450,
+        local_corpus="fineweb-edu", shards=400,
         tokenizer=["--vocab-size", "65536", "--max-chars", "2e9"],
-        pretrain=["--depth", "26", "--fp8", "--device-batch-size", "16", "--target-param-data-ratio", "20",
-                  "--save-every", "2000"],
+        pretrain=["--depth", "26", "--fp8", "--device-batch-size", "16", "--save-every", "2000"],
         eval_base=[],
         midtrain=["--device-batch-size", "16"],
         sft=["--device-batch-size", "4"],
@@ -407,6 +406,9 @@ def main(args) -> dict:
         src = Sources(**data_marker["sources"])
         print0(f"=== speedrun: data already decided ({src.mode}); skipping")
         rerun = False
+    elif args.dry_run:  # deciding the data may download or copy; show the plan as if downloading
+        print0("would run: the data stage (the plan below assumes it downloads)")
+        src, rerun = Sources("download", [], None, None, [], list(CHAT_TASKS), [], []), False
     else:
         t0 = time.time()
         print0(f"\n=== speedrun: data starts at {time.strftime('%H:%M:%S')}")
