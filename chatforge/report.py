@@ -195,9 +195,15 @@ def _save(fig, path: Path) -> None:
     paths.atomic_write_bytes(path, buffer.getvalue())
 
 
+def curve(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of one metric in step order. A resumed run appends to the same metrics
+    file and re-logs the steps after its checkpoint: the later line of a step is the one that counts."""
+    by_step = {r["step"]: r[key] for r in rows if isinstance(r.get(key), (int, float)) and "step" in r}
+    return sorted(by_step.items())
+
+
 def plot_curves(curves: dict, key: str, ylabel: str, title: str, path: Path) -> bool:
-    series = {stage: [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-              for stage, rows in curves.items()}
+    series = {stage: curve(rows, key) for stage, rows in curves.items()}
     series = {stage: pts for stage, pts in series.items() if pts}
     if not series:
         return False

@@ -114,3 +114,13 @@ def test_cost_uses_the_gpu_hour_flag(chatforge_home):
     machine = table_after(md, "## Machine and provenance")
     assert machine["GPU"] == ["8 x H100"]
     assert machine["estimated cost"] == ["$20.00 at $2.50/GPU-hour"]
+
+
+def test_a_resumed_runs_relogged_steps_replace_the_crashed_ones(chatforge_home):
+    make_run(chatforge_home)
+    metrics = chatforge_home / "runs" / "pretrain-1" / "metrics.jsonl"
+    with metrics.open("a") as f:  # the crashed run logged steps 3-4, the resumed one logs them again
+        f.write(json.dumps({"step": 3, "train_loss": 1.5}) + "\n" + json.dumps({"step": 4, "train_loss": 1.0}) + "\n")
+    rows = report.read_metrics(report.find_run("pretrain", "t1"))
+    assert report.curve(rows, "train_loss") == [(1, 7.0), (2, 6.0), (3, 1.5), (4, 1.0)]
+    assert report.curve(rows, "val_bpb") == [(0, 3.0), (4, 2.7)]
