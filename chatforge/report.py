@@ -202,6 +202,17 @@ def curve(rows: list[dict], key: str) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
+def _moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` points (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_curves(curves: dict, key: str, ylabel: str, title: str, path: Path) -> bool:
     series = {stage: curve(rows, key) for stage, rows in curves.items()}
     series = {stage: pts for stage, pts in series.items() if pts}
@@ -210,7 +221,14 @@ def plot_curves(curves: dict, key: str, ylabel: str, title: str, path: Path) -> 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for stage, pts in series.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None, label=stage)
+        steps, values = [p[0] for p in pts], [p[1] for p in pts]
+        if len(pts) < 50:
+            ax.plot(steps, values, marker=".", label=stage)
+            continue
+        # small batches make per-step loss jumpy: show it faintly, with its moving average on top
+        raw = ax.plot(steps, values, alpha=0.25, linewidth=0.8)[0]
+        ax.plot(steps, _moving_average(values, window=max(5, len(pts) // 25)), color=raw.get_color(),
+                label=f"{stage} (moving average)")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
