@@ -240,7 +240,8 @@ def resolve(stage: str, tag: str | None = None, step: int | None = None) -> tupl
         raise CheckpointError(f"unknown checkpoint stage {stage!r}; use one of {', '.join(STAGES)}")
     tags = list_tags(stage)
     if not tags:
-        hint = "run `chatforge pretrain` first" if stage == "base" else f"run `chatforge {stage}` first"
+        command = {"base": "pretrain", "mid": "midtrain"}.get(stage, stage)
+        hint = f"run `chatforge {command}` first"
         raise CheckpointError(f"no {stage} checkpoints under {_stage_dir(stage)}; {hint}")
     if tag is None:
         # the most recently written tag: what a user who just trained one expects to get
