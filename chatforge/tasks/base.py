@@ -248,7 +248,6 @@ def _download_split(cache: Path, repo: str, subset: str, split: str, roots: list
         urls = json.loads(listing.read_text(encoding="utf-8"))
         if not isinstance(urls, list) or not urls:
             raise DataError(f"{url} listed no parquet files for {repo} {subset}/{split}")
-        files = []
         for i, file_url in enumerate(urls):
             download_file(file_url, partial / f"{i:04d}.parquet")
     except DownloadError as exc:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from chatforge.errors import TrainingDiverged
+from chatforge.errors import TrainingDiverged, UsageError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,6 +104,31 @@ def accumulate_gradients(model: torch.nn.Module, batches, accum_steps: int, runt
         detached = loss.detach().float()
         total = detached if total is None else total + detached
     return total / accum_steps
+
+
+def optimizer_step(train_model, model, optimizer, batches, accum_steps: int, runtime, step: int,
+                   last_checkpoint, accumulate=accumulate_gradients) -> tuple[float, float]:
+    """One training step: accumulate gradients, update, clear them; stop on a non-finite loss.
+
+    `train_model` is what runs forward (maybe compiled), `model` owns the gradients. Returns the loss
+    averaged over ranks and the step's wall time in seconds.
+    """
+    with StepTimer(runtime) as timer:
+        loss = accumulate(train_model, batches, accum_steps, runtime)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+    mean_loss = global_mean(loss)
+    check_finite(mean_loss, step, last_checkpoint)
+    return mean_loss, timer.seconds
+
+
+@contextmanager
+def out_of_memory_advice(message: str):
+    """Turn a CUDA out-of-memory error into one line saying which flag to lower."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise UsageError(message) from None
 
 
 def _global_sum(value: torch.Tensor) -> torch.Tensor:

@@ -265,14 +265,10 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, *, nu
         if last:
             break
         sched = loop.apply_schedules(optimizer, step, schedule)
-        with loop.StepTimer(rt) as timer:
-            loss = accumulate(train_model, batches, accum_steps, rt)
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
-        last_loss = loop.global_mean(loss)
-        loop.check_finite(last_loss, step, last_checkpoint)
+        last_loss, seconds = loop.optimizer_step(train_model, model, optimizer, batches, accum_steps, rt, step,
+                                                 last_checkpoint, accumulate=accumulate)
         step += 1
-        throughput.record(timer.seconds)
+        throughput.record(seconds)
         speed = throughput.summary() if tokens_per_step else {"step_ms": throughput.summary()["step_ms"]}
         logger.log(step, train_loss=last_loss, lr_multiplier=sched["lr_multiplier"], **speed,
                    eta_s=round(throughput.eta_seconds(num_iterations - step)), **loop.memory_stats(rt.device))
@@ -310,11 +306,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict:
     check_stage_arguments(args)
     rt = init_runtime(args.device, args.dtype, seed=args.seed)
-    try:
+    with loop.out_of_memory_advice(f"out of GPU memory with --device-batch-size {args.device_batch_size}; "
+                                   "lower it (gradient accumulation keeps the total batch)"):
         return _midtrain(args, rt)
-    except torch.cuda.OutOfMemoryError:
-        raise UsageError(f"out of GPU memory with --device-batch-size {args.device_batch_size}; lower it "
-                         "(gradient accumulation keeps the total batch)") from None
 
 
 def _midtrain(args: argparse.Namespace, rt) -> dict:

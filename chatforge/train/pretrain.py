@@ -119,13 +119,10 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     args = resolve_arguments(args)
     rt = init_runtime(args.device, args.dtype, seed=args.seed)
-    try:
-        return _train(args, rt)
-    except torch.cuda.OutOfMemoryError:
-        raise UsageError(
+    with loop.out_of_memory_advice(
             f"out of GPU memory with --device-batch-size {args.device_batch_size} at --max-seq-len "
-            f"{args.sequence_len}; lower --device-batch-size (gradient accumulation keeps the total batch)"
-        ) from None
+            f"{args.sequence_len}; lower --device-batch-size (gradient accumulation keeps the total batch)"):
+        return _train(args, rt)
 
 
 def _train(args: argparse.Namespace, rt) -> dict:
@@ -259,14 +256,10 @@ def _train(args: argparse.Namespace, rt) -> dict:
             break
 
         sched = loop.apply_schedules(optimizer, step, schedule)
-        with loop.StepTimer(rt) as timer:
-            loss = loop.accumulate_gradients(train_model, batches, accum, rt)
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
-        last_loss = loop.global_mean(loss)
-        loop.check_finite(last_loss, step, last_checkpoint)
+        last_loss, seconds = loop.optimizer_step(train_model, model, optimizer, batches, accum, rt, step,
+                                                 last_checkpoint)
         step += 1
-        throughput.record(timer.seconds)
+        throughput.record(seconds)
         record = {"train_loss": last_loss, "lr_multiplier": sched["lr_multiplier"], **throughput.summary(),
                   "eta_s": round(throughput.eta_seconds(num_iterations - step)), **loop.memory_stats(rt.device)}
         logger.log(step, **record)

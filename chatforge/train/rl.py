@@ -234,13 +234,10 @@ def _refresh_rollout_model(twin, model) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     rt = init_runtime(args.device, args.dtype, seed=args.seed)
-    try:
-        return _train(args, rt)
-    except torch.cuda.OutOfMemoryError:
-        raise UsageError(
+    with loop.out_of_memory_advice(
             f"out of GPU memory with --rollout-batch-size {args.rollout_batch_size} and --device-batch-size "
-            f"{args.device_batch_size}; lower them (the update is the same, only split finer)"
-        ) from None
+            f"{args.device_batch_size}; lower them (the update is the same, only split finer)"):
+        return _train(args, rt)
 
 
 def _train(args: argparse.Namespace, rt) -> dict:

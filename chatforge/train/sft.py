@@ -28,8 +28,6 @@ import argparse
 import itertools
 import time
 
-import torch
-
 from chatforge.errors import UsageError
 from chatforge.runtime import init_runtime, print0
 from chatforge.train import loop
@@ -83,11 +81,9 @@ def main(args: argparse.Namespace) -> dict:
 
         args.eval_tasks = ",".join(parse_tasks(args.eval_tasks))
     rt = init_runtime(args.device, args.dtype, seed=args.seed)
-    try:
+    with loop.out_of_memory_advice(f"out of GPU memory with --device-batch-size {args.device_batch_size}; "
+                                   "lower it (gradient accumulation keeps --examples-per-step)"):
         return _sft(args, rt)
-    except torch.cuda.OutOfMemoryError:
-        raise UsageError(f"out of GPU memory with --device-batch-size {args.device_batch_size}; lower it "
-                         "(gradient accumulation keeps --examples-per-step)") from None
 
 
 def _sft(args: argparse.Namespace, rt) -> dict:
