@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge.errors import UsageError
+from chatforge.model import decode_kernels
 
 # Rotary tables cover this many times sequence_len, so generation may run past the training length.
 ROTARY_MARGIN = 10
@@ -108,6 +109,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],))
+
+
+NO_WINDOW = 1 << 30  # the decode attention kernel's window for full-context layers
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, kernels: frozenset = frozenset(), relu2: bool = False):
+    """layer(x) (then relu(.)^2 when asked): the Triton GEMV for a single row when enabled, else the
+    module itself (which FP8 training may have swapped for its own Linear)."""
+    if "gemv" in kernels and decode_kernels.gemv_supported(x, layer.weight):
+        return decode_kernels.gemv(x, layer.weight, relu2)
+    y = layer(x)
+    return F.relu(y).square() if relu2 else y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +198,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
         self.c_qkv = None
+        self.kernels: frozenset = frozenset()  # decode kernels in use, set by GPT.fuse_for_inference
         self.qkv_sizes = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim)
 
     @torch.no_grad()
@@ -200,7 +214,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin, kv_cache=None, step=None):
         B, T, _ = x.shape
         if self.c_qkv is not None:  # inference: one matmul (one weight read) instead of three
-            q, k, v = self.c_qkv(x).split(self.qkv_sizes, dim=-1)
+            q, k, v = linear(x, self.c_qkv, self.kernels).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
         q = q.view(B, T, self.n_head, self.head_dim)      # (B, T, H, D)
@@ -208,13 +222,19 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim)   # (B, T, Hkv, D)
         # QK-norm, then rotate (RMS over D is unchanged by the rotation, so the order is free)
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
+        if kv_cache is not None and T == 1 and "attn" in self.kernels and \
+                decode_kernels.decode_attention_supported(q[:, 0], k[:, 0], v[:, 0], kv_cache.k[self.layer_idx]):
+            y = decode_kernels.decode_attention(q[:, 0], k[:, 0], v[:, 0], kv_cache.k[self.layer_idx],
+                                                kv_cache.v[self.layer_idx], kv_cache.lengths,
+                                                self.window or NO_WINDOW)  # (B, H, D)
+            return linear(y.view(B, T, self.n_head * self.head_dim), self.c_proj, self.kernels)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if kv_cache is None:
             y = self._attend_training(q, k, v)
         else:
             y = self._attend_cached(q, k, v, kv_cache, step)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
-        return self.c_proj(y)
+        return linear(y, self.c_proj, self.kernels)
 
     def _attend_training(self, q, k, v):
         T = q.shape[2]
@@ -259,9 +279,10 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.kernels: frozenset = frozenset()
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return linear(linear(x, self.c_fc, self.kernels, relu2=True), self.c_proj, self.kernels)
 
 
 class Block(nn.Module):
@@ -290,6 +311,7 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, i, w) for i, w in enumerate(self.windows)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.kernels: frozenset = frozenset()
         self.rotary_len = config.sequence_len * ROTARY_MARGIN
         cos, sin = rotary_tables(config.head_dim, self.rotary_len)
         # not saved in checkpoints: recomputed by init_weights() (call it after `to_empty`)
@@ -318,10 +340,24 @@ class GPT(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
-    def fuse_for_inference(self) -> "GPT":
-        """Fewer, larger kernels per decode step (a frozen copy for the engine; not for training)."""
+    def fuse_for_inference(self, kernels: str | None = None) -> "GPT":
+        """Fewer, larger kernels per decode step (a frozen copy for the engine; not for training).
+
+        kernels: which Triton decode kernels (model/decode_kernels.py) to use on CUDA: "all",
+        "gemv", "attn" or "none"; default CHATFORGE_DECODE_KERNELS, else "all" where Triton exists.
+        """
+        import os
+
         for block in self.transformer.h:
             block.attn.fuse_qkv()
+        choice = (kernels or os.environ.get("CHATFORGE_DECODE_KERNELS") or "all").lower()
+        named = {"all": {"gemv", "attn"}, "gemv": {"gemv"}, "attn": {"attn"}, "none": set()}
+        if choice not in named:
+            raise UsageError(f"CHATFORGE_DECODE_KERNELS={choice!r} is not one of all, gemv, attn, none")
+        chosen = frozenset(named[choice]) if decode_kernels.available(self.lm_head.weight.device) else frozenset()
+        self.kernels = chosen
+        for block in self.transformer.h:
+            block.attn.kernels = block.mlp.kernels = chosen
         return self
 
     def num_params(self, include_embedding: bool = True) -> int:
@@ -360,7 +396,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache, step)
         x = norm(x)
-        logits = self.lm_head(x).float()  # (B, T, V)
+        logits = linear(x, self.lm_head, self.kernels).float()  # (B, T, V)
         if self.config.softcap > 0:
             logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if kv_cache is not None:
