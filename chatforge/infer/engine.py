@@ -11,9 +11,11 @@ How a call runs:
    (`KVCache.copy_rows` copies it into each of their rows of the decode cache).
 2. Decode. One forward of (R, 1) tokens per step for all rows together; rows sit at different
    lengths and the model masks per row. Shapes never change, so on CUDA the step is captured once
-   in a CUDA graph (optionally around a `torch.compile`d step, which fuses the small kernels; see
-   chatforge/bench/infer.py for why that is off by default) and replayed; the only host sync per step is reading the R new token ids, which streaming and the
-   tool state machine need anyway.
+   in a CUDA graph (optionally around a `torch.compile`d step, which fuses the small kernels) and
+   replayed. The host runs one step behind the GPU: step k+1 is launched with step k's sampled ids
+   still on the device, and only then does Python wait for those ids (streaming and the tool state
+   machine need them). A forced token is known a step early, so it is patched into the input; a row
+   that ends costs one junk step. Same seed, same tokens as a lock-step loop.
 3. Tool use, per row: after `<|python_start|>` the sampled tokens are collected until
    `<|python_end|>`; the code runs in the sandbox and `<|output_start|> result <|output_end|>` is
    queued as forced tokens, fed one per step before sampling resumes. Forced tokens are marked
@@ -102,7 +104,7 @@ class Engine:
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.meta: dict = {}  # the checkpoint's meta.json when loaded with from_checkpoint
-        self._decoder = None  # (key, cache, step function, static input, static logits)
+        self._decoder = None  # ((R, max_len), cache, static input, forward, {sampling: (step, generator)})
         self._tool_pool = None
 
     # ---- loading -------------------------------------------------------------------------------
@@ -152,26 +154,44 @@ class Engine:
         stop_set = set() if ignore_stops else {self.assistant_end, self.bos, *(stop_ids or [])}
         stop_strings = [s for s in (stop_strings or []) if s]
         tail_len = max((len(s.encode("utf-8")) for s in stop_strings), default=0) + 1
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed if seed is not None else int(time.time_ns()) % (2**63))
         context = self.config.sequence_len
         max_len = min(max(len(p) for p in prompts) + max_tokens, context) + 1  # +1: a finished row's scratch slot
         max_len = -(-max_len // CACHE_ROUND) * CACHE_ROUND
 
-        cache, step_fn, static_in, _ = self._decode_state(R, max_len)
+        cache, step_fn, static_in, generator = self._decode_state(R, max_len, (temperature, top_k, top_p))
+        generator.manual_seed(seed if seed is not None else int(time.time_ns()) % (2**63))
         logits = self._prefill(prompts, num_samples, cache)  # (R, V)
-        next_ids = None
+        sampled = sample_next(logits, temperature, top_k, top_p, generator)  # (R,) on the device
+        static_in.copy_(sampled)
+        cuda = self.device.type == "cuda"
+        host_ids = torch.empty(R, dtype=torch.long, pin_memory=cuda)
+        arrived = torch.cuda.Event() if cuda else None
+        scratch: list[int] = []  # rows that finished: their writes go to a scratch slot from the next launch
         while True:
-            sampled = sample_next(logits, temperature, top_k, top_p, generator)  # (R,)
-            host = sampled.tolist()  # the one host sync per step
-            out, overrides, tool_calls = [], {}, []
+            host_ids.copy_(sampled, non_blocking=cuda)
+            if cuda:
+                arrived.record()
+            # Launch the next step before this one's ids reach the host, so the GPU never waits on Python.
+            # Its input is this step's sampled ids, except for rows whose token this step is forced (known
+            # already: the queue was filled by an earlier step's tool call); their sampled id is dropped.
+            forced = {b: row.forced.popleft() for b, row in enumerate(rows) if not row.done and row.forced}
+            if forced:
+                idx = torch.tensor(list(forced), device=self.device)
+                static_in[idx] = torch.tensor(list(forced.values()), device=self.device, dtype=static_in.dtype)
+            if scratch:
+                # a finished row keeps decoding junk (shapes are static) into a scratch slot at 0
+                cache.lengths[torch.tensor(scratch, device=self.device)] = 0
+                scratch = []
+            sampled = step_fn()  # forward + sampling, one step ahead; wasted only after the last row ends
+            if cuda:
+                arrived.synchronize()
+            host = host_ids.tolist()  # the one wait per step, for ids the GPU finished a step ago
+            out, tool_calls = [], []
             for b, row in enumerate(rows):
                 if row.done:
                     continue
-                was_sampled = not row.forced
-                token = host[b] if was_sampled else row.forced.popleft()
-                if not was_sampled:
-                    overrides[b] = token
+                was_sampled = b not in forced
+                token = host[b] if was_sampled else forced[b]
                 row.generated += 1
                 reason = None
                 if was_sampled and token in stop_set:
@@ -195,25 +215,14 @@ class Engine:
                     reason = "context"
                 if reason is not None:
                     row.done = True
+                    scratch.append(b)
                 out.append(StepToken(b, token, was_sampled, row.done, reason))
             if tool_calls:
+                # the step already launched fed python_end; the tool's output is forced from the next one on
                 self._run_tools([rows[b] for b in tool_calls])
-            finished = [s.row for s in out if s.done]
             yield out
             if all(row.done for row in rows):
                 return
-            # feed this step's tokens: the sampled ones straight from the device, forced ones patched in
-            if overrides:
-                next_ids = sampled.clone()
-                idx = torch.tensor(list(overrides), device=self.device)
-                next_ids[idx] = torch.tensor(list(overrides.values()), device=self.device, dtype=next_ids.dtype)
-            else:
-                next_ids = sampled
-            if finished:
-                # a finished row keeps decoding junk (shapes are static) into a scratch slot at 0
-                cache.lengths[torch.tensor(finished, device=self.device)] = 0
-            static_in.copy_(next_ids)
-            logits = step_fn()
 
     def generate_batch(self, prompts: list[list[int]], num_samples: int = 1, **kwargs) -> list[GenerationResult]:
         """Run `generate` to the end; one GenerationResult per row (prompt-major), for RL and eval."""
@@ -284,54 +293,77 @@ class Engine:
                 logits[dst] = last[src].float()
         return self._mask_padding(logits)
 
-    def _decode_state(self, R: int, max_len: int):
-        """The decode cache and step function for R rows, built (and on CUDA graph-captured) once per shape."""
+    def _decode_state(self, R: int, max_len: int, sampling: tuple):
+        """The decode cache, step function, input buffer and generator for R rows.
+
+        A step feeds `static_in`, samples with `sampling` = (temperature, top_k, top_p) and leaves the
+        sampled ids both in `static_in` (the next step's input) and in the returned tensor. The cache
+        and the (compiled) forward are built once per (R, max_len); on CUDA each sampling setting gets
+        its own graph of forward + sampling, so a step is a single launch. The graph draws from a
+        generator registered with it: reseeding that generator reseeds the replays.
+        """
         from chatforge.model.gpt import KVCache
 
         key = (R, max_len)
-        if self._decoder is not None and self._decoder[0] == key:
-            return self._decoder[1:]
-        self._decoder = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # the previous shape's cache and graph pool
-        cache = KVCache(self.config, R, max_len, self.device, self.dtype)
-        static_in = torch.zeros(R, dtype=torch.long, device=self.device)
-        model = self.model
+        if self._decoder is None or self._decoder[0] != key:
+            self._decoder = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the previous shape's cache and graph pools
+            cache = KVCache(self.config, R, max_len, self.device, self.dtype)
+            static_in = torch.zeros(R, dtype=torch.long, device=self.device)
+            model = self.model
 
-        def forward_step():
-            with self._autocast():
-                return self._mask_padding(model(static_in[:, None], kv_cache=cache)[:, -1])  # (R, V)
+            def forward_step():
+                with self._autocast():
+                    return self._mask_padding(model(static_in[:, None], kv_cache=cache)[:, -1])  # (R, V)
 
-        # CHATFORGE_DECODE_COMPILE_MODE=max-autotune-no-cudagraphs lets Inductor fuse epilogues into
-        # Triton matmuls (fewer kernels per step) at the price of minutes of autotuning
-        mode = os.environ.get("CHATFORGE_DECODE_COMPILE_MODE") or None
-        step = torch.compile(forward_step, dynamic=False, mode=mode) if self.compile else forward_step
-        static_logits = None
-        if self.cuda_graph:
-            step, static_logits = self._capture(step, cache)
-        self._decoder = (key, cache, step, static_in, static_logits)
-        return self._decoder[1:]
+            # CHATFORGE_DECODE_COMPILE_MODE=max-autotune-no-cudagraphs lets Inductor tune its own kernels
+            # at the price of minutes of autotuning
+            mode = os.environ.get("CHATFORGE_DECODE_COMPILE_MODE") or None
+            forward = torch.compile(forward_step, dynamic=False, mode=mode) if self.compile else forward_step
+            self._decoder = (key, cache, static_in, forward, {})
+        _, cache, static_in, forward, steps = self._decoder
+        if sampling not in steps:
+            generator = torch.Generator(device=self.device)
+            temperature, top_k, top_p = sampling
 
-    def _capture(self, step, cache):
+            def step():
+                sampled = sample_next(forward(), temperature, top_k, top_p, generator)
+                static_in.copy_(sampled)
+                return sampled
+
+            if self.cuda_graph:
+                step = self._capture(step, cache, static_in, generator)
+            steps.clear()  # one sampling setting at a time keeps at most one graph's memory around
+            steps[sampling] = (step, generator)
+        step, generator = steps[sampling]
+        return cache, step, static_in, generator
+
+    def _capture(self, step, cache, static_in, generator):
         """Record one decode step in a CUDA graph; replaying it costs one launch instead of hundreds."""
-        saved = cache.lengths.clone()
+        saved_lengths, saved_in = cache.lengths.clone(), static_in.clone()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(3):  # warm up: compile, autotune and allocate outside the capture
                 step()
-                cache.lengths.copy_(saved)
+                cache.lengths.copy_(saved_lengths)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
+        if not hasattr(graph, "register_generator_state"):
+            raise UsageError(f"sampling inside a CUDA graph needs torch >= 2.5 (this is {torch.__version__}); "
+                             "upgrade torch or turn CUDA graphs off")
+        graph.register_generator_state(generator)
         with torch.cuda.graph(graph):
-            static_logits = step()
-        cache.lengths.copy_(saved)
+            static_out = step()
+        cache.lengths.copy_(saved_lengths)
+        static_in.copy_(saved_in)
 
         def replay():
             graph.replay()
-            return static_logits
+            return static_out
 
-        return replay, static_logits
+        return replay
 
     def _run_tools(self, rows: list[_Row]) -> None:
         """Run each row's collected code in the sandbox (in parallel) and queue the forced output tokens."""
