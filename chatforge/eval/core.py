@@ -43,13 +43,14 @@ import torch
 import torch.nn.functional as F
 
 from chatforge import paths
-from chatforge.errors import DataError, UsageError
+from chatforge.errors import DataError, DownloadError, UsageError
 from chatforge.progress import Progress
 from chatforge.runtime import print0
 from chatforge.tasks.base import read_records
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-BUNDLE_ENV = "CHATFORGE_EVAL_BUNDLE"
+BUNDLE_ENV = "CHATFORGE_EVAL_BUNDLE"  # a local bundle folder
+BUNDLE_URL_ENV = "CHATFORGE_EVAL_BUNDLE_URL"  # where to download the zip from instead of BUNDLE_URL
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 SHUFFLE_SEED = 1337  # order of items before --max-per-task takes the first N
 FEWSHOT_SEED = 1234  # the few-shot draw for item i uses FEWSHOT_SEED + i
@@ -92,8 +93,12 @@ class TaskResult:
 # ----------------------------------------------------------------------------- bundle
 
 
-def resolve_bundle(path: str | Path | None = None, url: str = BUNDLE_URL) -> Path:
-    """The bundle folder: --eval-bundle, then $CHATFORGE_EVAL_BUNDLE, then a cached download."""
+def resolve_bundle(path: str | Path | None = None, url: str | None = None) -> Path:
+    """The bundle folder: --eval-bundle, then $CHATFORGE_EVAL_BUNDLE, then a cached download.
+
+    The download comes from `url`, else $CHATFORGE_EVAL_BUNDLE_URL (a mirror), else BUNDLE_URL, and
+    is extracted into `<base>/eval_bundle`; later calls use that folder and fetch nothing.
+    """
     if path is None and os.environ.get(BUNDLE_ENV):
         path = os.environ[BUNDLE_ENV]
     if path is not None:
@@ -108,25 +113,33 @@ def resolve_bundle(path: str | Path | None = None, url: str = BUNDLE_URL) -> Pat
         return root
     from chatforge.data.download import download_file
 
+    url = url or os.environ.get(BUNDLE_URL_ENV) or BUNDLE_URL
+    advice = (f"set {BUNDLE_URL_ENV} to a mirror of eval_bundle.zip, or pass --eval-bundle "
+              f"(or set {BUNDLE_ENV}) with a local folder")
     zip_path = paths.base_dir() / "eval_bundle.zip"
-    print0(f"downloading the CORE eval bundle from {url}")
-    download_file(url, zip_path)
     tmp = paths.base_dir() / ".eval_bundle.extracting"
+    print0(f"downloading the CORE eval bundle from {url}")
+    try:
+        download_file(url, zip_path)
+    except DownloadError as exc:
+        raise DownloadError(f"{exc}; {advice}") from None
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with zipfile.ZipFile(zip_path) as zf:
-            zf.extractall(tmp)
-    except zipfile.BadZipFile:
+            zf.extractall(tmp)  # extractall drops absolute paths and '..' from member names
+    except (zipfile.BadZipFile, EOFError) as exc:
         zip_path.unlink(missing_ok=True)
-        raise DataError(f"{zip_path} is not a valid zip (deleted it); run again to re-download, "
-                        "or pass --eval-bundle with a local folder") from None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{zip_path} from {url} is not a valid zip ({exc}; deleted it); run again to "
+                        f"re-download, or {advice}") from None
+    if _bundle_root(tmp) is None:
+        zip_path.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"the zip from {url} holds no core.yaml (deleted it); {advice}")
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(tmp, cache)
     zip_path.unlink(missing_ok=True)
-    root = _bundle_root(cache)
-    if root is None:
-        raise DataError(f"the zip from {url} holds no core.yaml; pass --eval-bundle with a local folder")
-    return root
+    return _bundle_root(cache)
 
 
 def _bundle_root(path: Path) -> Path | None:
@@ -410,7 +423,8 @@ def add_core_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-per-task", type=int, default=None,
                         help="score at most N items per CORE task (a quick run); default all")
     parser.add_argument("--eval-bundle", default=None,
-                        help=f"local CORE bundle folder (default: ${BUNDLE_ENV}, else download {BUNDLE_URL})")
+                        help=f"local CORE bundle folder (default: ${BUNDLE_ENV}, else download "
+                             f"${BUNDLE_URL_ENV} or {BUNDLE_URL})")
     parser.add_argument("--core-tasks", default=None,
                         help="comma-separated CORE task labels to run (default: all present)")
     parser.add_argument("--batch-tokens", type=int, default=16384,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 from pathlib import Path
 
@@ -194,7 +195,9 @@ def read_records(path: Path, what: str) -> tuple[list[dict], int]:
 
 
 DATA_DIR_ENV = "CHATFORGE_DATA_DIR"
-HUB_PARQUET_LIST = "https://huggingface.co/api/datasets/{repo}/parquet/{subset}/{split}"
+HUB_URL_ENV = "CHATFORGE_HUB_URL"  # a server laid out like huggingface.co (a mirror)
+HUB_URL = "https://huggingface.co"
+HUB_PARQUET_LIST = "{base}/api/datasets/{repo}/parquet/{subset}/{split}"  # a JSON list of parquet URLs
 
 
 def _split_files(root: Path, local: str, repo: str, subset: str, split: str,
@@ -213,9 +216,7 @@ def _split_files(root: Path, local: str, repo: str, subset: str, split: str,
 def locate_split(local: str, repo: str, subset: str, split: str, data_dir: str | Path | None = None,
                  stems: tuple[str, ...] = ()) -> list[Path]:
     """The files of a task split: --data-dir, then $CHATFORGE_DATA_DIR, then the download cache,
-    then a download of the hub's parquet export into that cache."""
-    import os
-
+    then a download of the hub's parquet export ($CHATFORGE_HUB_URL, else huggingface.co) into that cache."""
     from chatforge import paths
 
     roots = [Path(d).expanduser() for d in (data_dir, os.environ.get(DATA_DIR_ENV)) if d]
@@ -230,29 +231,63 @@ def locate_split(local: str, repo: str, subset: str, split: str, data_dir: str |
     return _download_split(cache, repo, subset, split, roots)
 
 
-def _download_split(cache: Path, repo: str, subset: str, split: str, roots: list[Path]) -> list[Path]:
-    import os
+def hub_url() -> str:
+    """Base URL of the dataset hub: $CHATFORGE_HUB_URL, else huggingface.co."""
+    return (os.environ.get(HUB_URL_ENV) or HUB_URL).rstrip("/")
 
-    from chatforge.data.download import download_file
+
+def _listed_urls(listing: Path, url: str, base: str) -> list[str]:
+    """The parquet URLs of a listing, relative ones resolved against it; hub URLs moved onto `base`.
+
+    A mirror may hand back the hub's listing verbatim, with huggingface.co addresses a machine
+    behind the mirror cannot reach, so those are rewritten to the same path on the mirror.
+    """
+    from urllib.parse import urljoin
+
+    try:
+        urls = json.loads(listing.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        urls = None
+    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) and u for u in urls):
+        return []
+    out = []
+    for u in urls:
+        u = urljoin(url, u)
+        if base != HUB_URL and u.startswith(HUB_URL + "/"):
+            u = base + u[len(HUB_URL):]
+        out.append(u)
+    return out
+
+
+def _download_split(cache: Path, repo: str, subset: str, split: str, roots: list[Path]) -> list[Path]:
+    import shutil
+
+    from chatforge.data.download import download_file, verify_parquet
     from chatforge.errors import DownloadError
     from chatforge.runtime import print0
 
     where = f" (looked in {', '.join(str(r) for r in roots)})" if roots else ""
+    advice = (f"pass --data-dir (or set {DATA_DIR_ENV}) to a local copy of {repo}, or set {HUB_URL_ENV} "
+              "to a mirror laid out like huggingface.co")
     dest = cache / repo / subset / split
     partial = dest.with_name(split + ".partial")  # renamed to `dest` once every file is in
-    url = HUB_PARQUET_LIST.format(repo=repo, subset=subset, split=split)
-    print0(f"{repo} {subset}/{split} is not local{where}; downloading the hub's parquet export")
+    base = hub_url()
+    url = HUB_PARQUET_LIST.format(base=base, repo=repo, subset=subset, split=split)
+    print0(f"{repo} {subset}/{split} is not local{where}; downloading the hub's parquet export from {base}")
     listing = partial / "_files.json"
+    listing.unlink(missing_ok=True)  # asked afresh each time; parquet files already in `partial` are kept
     try:
         download_file(url, listing)
-        urls = json.loads(listing.read_text(encoding="utf-8"))
-        if not isinstance(urls, list) or not urls:
-            raise DataError(f"{url} listed no parquet files for {repo} {subset}/{split}")
+        urls = _listed_urls(listing, url, base)
+        if not urls:
+            listing.unlink(missing_ok=True)  # not kept: the next run asks again
+            raise DownloadError(f"{url} gave no JSON list of parquet files for {repo} {subset}/{split}")
         for i, file_url in enumerate(urls):
-            download_file(file_url, partial / f"{i:04d}.parquet")
+            download_file(file_url, partial / f"{i:04d}.parquet", verify=verify_parquet)
     except DownloadError as exc:
-        raise DownloadError(f"{exc}; or pass --data-dir (or set {DATA_DIR_ENV}) to a local copy of {repo}") from None
+        raise DownloadError(f"{exc}; {advice}") from None
     listing.unlink(missing_ok=True)
+    shutil.rmtree(dest, ignore_errors=True)  # a folder there holds no parquet file, or we would not be here
     os.replace(partial, dest)
     return sorted(dest.glob("*.parquet"))
 
