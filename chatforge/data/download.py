@@ -90,7 +90,8 @@ def _published_sha256(response) -> str | None:
     return None
 
 
-def _fetch_once(session, url: str, part: Path, timeout: float, on_bytes: Callable[[int], None]) -> str | None:
+def _fetch_once(session, url: str, part: Path, timeout: float, on_bytes: Callable[[int], None],
+                hint: str) -> str | None:
     """Bring `part` to the full file in one request (resuming from its size); return a published sha256."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
@@ -107,8 +108,7 @@ def _fetch_once(session, url: str, part: Path, timeout: float, on_bytes: Callabl
             if r.status_code in (408, 429) or r.status_code >= 500:
                 raise _Retryable(f"HTTP {r.status_code}")
             if r.status_code >= 400:
-                raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}; check the URL "
-                                    f"(--url / {URL_ENV}) and that the file exists there")
+                raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}; {hint}")
             if r.status_code == 206:
                 start = r.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")[0]
                 if not start.isdigit() or int(start) != have:
@@ -135,9 +135,11 @@ def _fetch_once(session, url: str, part: Path, timeout: float, on_bytes: Callabl
 
 def download_file(url: str, dest: Path, expected_sha256: str | None = None, *,
                   verify: Callable[[Path], None] | None = None, retries: int = 5, backoff: float = 2.0,
-                  timeout: float = 60.0, on_bytes: Callable[[int], None] | None = None) -> Path:
+                  timeout: float = 60.0, on_bytes: Callable[[int], None] | None = None,
+                  hint: str = f"check the URL (--url / {URL_ENV}) and that the file exists there") -> Path:
     """Fetch `url` to `dest` (resumable through dest.part, retried, verified, renamed into place).
 
+    `hint` follows an HTTP error like 404 in the message: what the user should check.
     `verify(path)` raises ValueError for a bad file. A `dest` that already exists is kept as it is
     (after a sha256 check when one is given). Raises DownloadError after `retries` failed attempts.
     """
@@ -155,7 +157,7 @@ def download_file(url: str, dest: Path, expected_sha256: str | None = None, *,
             if attempt:
                 time.sleep(backoff * 2 ** (attempt - 1))
             try:
-                published = _fetch_once(session, url, part, timeout, on_bytes)
+                published = _fetch_once(session, url, part, timeout, on_bytes, hint)
                 want = (expected_sha256 or published or "").lower()
                 if want and sha256_of(part) != want:
                     raise ValueError(f"sha256 differs from the expected {want[:12]}...")

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="problems per forward / generate call")
     parser.add_argument("--data-dir", default=None,
                         help="local folder with the task files (shared-copy or hub layout); default "
-                             "$CHATFORGE_DATA_DIR, else download from the Hugging Face hub")
+                             "$CHATFORGE_DATA_DIR, else download from the Hugging Face hub (or the mirror in "
+                             "$CHATFORGE_HUB_URL)")
     add_runtime_arguments(parser)
 
 

@@ -120,7 +120,7 @@ def resolve_bundle(path: str | Path | None = None, url: str | None = None) -> Pa
     tmp = paths.base_dir() / ".eval_bundle.extracting"
     print0(f"downloading the CORE eval bundle from {url}")
     try:
-        download_file(url, zip_path)
+        download_file(url, zip_path, hint="the server does not have it")
     except DownloadError as exc:
         raise DownloadError(f"{exc}; {advice}") from None
     shutil.rmtree(tmp, ignore_errors=True)

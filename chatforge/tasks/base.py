@@ -277,13 +277,14 @@ def _download_split(cache: Path, repo: str, subset: str, split: str, roots: list
     listing = partial / "_files.json"
     listing.unlink(missing_ok=True)  # asked afresh each time; parquet files already in `partial` are kept
     try:
-        download_file(url, listing)
+        download_file(url, listing, hint="the server does not have it")
         urls = _listed_urls(listing, url, base)
         if not urls:
             listing.unlink(missing_ok=True)  # not kept: the next run asks again
             raise DownloadError(f"{url} gave no JSON list of parquet files for {repo} {subset}/{split}")
         for i, file_url in enumerate(urls):
-            download_file(file_url, partial / f"{i:04d}.parquet", verify=verify_parquet)
+            download_file(file_url, partial / f"{i:04d}.parquet", verify=verify_parquet,
+                          hint="the server does not have it")
     except DownloadError as exc:
         raise DownloadError(f"{exc}; {advice}") from None
     listing.unlink(missing_ok=True)
