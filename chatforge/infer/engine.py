@@ -68,6 +68,8 @@ class GenerationResult:
 @dataclass
 class _Row:
     prompt_len: int
+    max_tokens: int
+    stop_strings: tuple = ()
     generated: int = 0
     done: bool = False
     forced: deque = field(default_factory=deque)
@@ -150,10 +152,9 @@ class Engine:
         prompts = self._check_prompts(prompts, num_samples, max_tokens)
         check_sampling_args(temperature, top_k, top_p)
         R = len(prompts) * num_samples
-        rows = [_Row(len(p)) for p in prompts for _ in range(num_samples)]
+        stop_strings = tuple(s for s in (stop_strings or []) if s)
+        rows = [_Row(len(p), max_tokens, stop_strings) for p in prompts for _ in range(num_samples)]
         stop_set = set() if ignore_stops else {self.assistant_end, self.bos, *(stop_ids or [])}
-        stop_strings = [s for s in (stop_strings or []) if s]
-        tail_len = max((len(s.encode("utf-8")) for s in stop_strings), default=0) + 1
         context = self.config.sequence_len
         max_len = min(max(len(p) for p in prompts) + max_tokens, context) + 1  # +1: a finished row's scratch slot
         max_len = -(-max_len // CACHE_ROUND) * CACHE_ROUND
@@ -192,29 +193,10 @@ class Engine:
                     continue
                 was_sampled = b not in forced
                 token = host[b] if was_sampled else forced[b]
-                row.generated += 1
-                reason = None
-                if was_sampled and token in stop_set:
-                    reason = "stop"
-                elif was_sampled and use_tools:
-                    if token == self.python_start and not row.in_code:
-                        row.in_code, row.code = True, []
-                    elif token == self.python_end and row.in_code:
-                        row.in_code = False
-                        tool_calls.append(b)
-                    elif row.in_code:
-                        row.code.append(token)
-                if reason is None and stop_strings and not self.tokenizer.is_special(token):
-                    row.recent = (row.recent + [token])[-tail_len:]
-                    tail = self.tokenizer.decode(row.recent)
-                    if any(s in tail for s in stop_strings):
-                        reason = "stop"
-                if reason is None and row.generated >= max_tokens:
-                    reason = "length"
-                if reason is None and row.prompt_len + row.generated >= context:
-                    reason = "context"
+                reason, tool_call = self._advance(row, token, was_sampled, stop_set, use_tools)
+                if tool_call:
+                    tool_calls.append(b)
                 if reason is not None:
-                    row.done = True
                     scratch.append(b)
                 out.append(StepToken(b, token, was_sampled, row.done, reason))
             if tool_calls:
@@ -223,6 +205,33 @@ class Engine:
             yield out
             if all(row.done for row in rows):
                 return
+
+    def _advance(self, row: _Row, token: int, was_sampled: bool, stop_set: set, use_tools: bool):
+        """Account one emitted token of a row: (finish reason or None, whether it closed a tool call)."""
+        row.generated += 1
+        reason, tool_call = None, False
+        if was_sampled and token in stop_set:
+            reason = "stop"
+        elif was_sampled and use_tools:
+            if token == self.python_start and not row.in_code:
+                row.in_code, row.code = True, []
+            elif token == self.python_end and row.in_code:
+                row.in_code, tool_call = False, True
+            elif row.in_code:
+                row.code.append(token)
+        if reason is None and row.stop_strings and not self.tokenizer.is_special(token):
+            tail_len = max(len(s.encode("utf-8")) for s in row.stop_strings) + 1
+            row.recent = (row.recent + [token])[-tail_len:]
+            tail = self.tokenizer.decode(row.recent)
+            if any(s in tail for s in row.stop_strings):
+                reason = "stop"
+        if reason is None and row.generated >= row.max_tokens:
+            reason = "length"
+        if reason is None and row.prompt_len + row.generated >= self.config.sequence_len:
+            reason = "context"
+        if reason is not None:
+            row.done = True
+        return reason, tool_call
 
     def generate_batch(self, prompts: list[list[int]], num_samples: int = 1, **kwargs) -> list[GenerationResult]:
         """Run `generate` to the end; one GenerationResult per row (prompt-major), for RL and eval."""
@@ -272,26 +281,31 @@ class Engine:
 
     def _prefill(self, prompts: list[list[int]], num_samples: int, cache) -> torch.Tensor:
         """Prefill each prompt once and copy it into its samples' rows; (R, V) last-position logits."""
-        from chatforge.model.gpt import KVCache
-
         cache.reset()
         R = len(prompts) * num_samples
         logits = torch.empty(R, self.config.vocab_size, device=self.device, dtype=torch.float32)
         by_length: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             by_length.setdefault(len(p), []).append(i)
-        for length, members in by_length.items():
+        for members in by_length.values():
             for start in range(0, len(members), PREFILL_GROUP):
                 group = members[start:start + PREFILL_GROUP]
-                ids = torch.tensor([prompts[i] for i in group], dtype=torch.long, device=self.device)
-                small = KVCache(self.config, len(group), length, self.device, self.dtype)
-                with self._autocast():
-                    last = self.model(ids, kv_cache=small)[:, -1]  # (G, V)
-                src = [g for g in range(len(group)) for _ in range(num_samples)]
                 dst = [i * num_samples + j for i in group for j in range(num_samples)]
-                cache.copy_rows(small, src, dst)
-                logits[dst] = last[src].float()
-        return self._mask_padding(logits)
+                logits[dst] = self._prefill_rows(cache, [prompts[i] for i in group], num_samples, dst)
+        return logits
+
+    def _prefill_rows(self, cache, prompts: list[list[int]], num_samples: int, dst: list[int]) -> torch.Tensor:
+        """One forward over equal-length prompts; prompt i's K/V go to cache rows
+        dst[i * num_samples : (i + 1) * num_samples]. Returns those rows' last-position logits (fp32)."""
+        from chatforge.model.gpt import KVCache
+
+        ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
+        small = KVCache(self.config, len(prompts), ids.shape[1], self.device, self.dtype)
+        with self._autocast():
+            last = self.model(ids, kv_cache=small)[:, -1]  # (G, V)
+        src = [g for g in range(len(prompts)) for _ in range(num_samples)]
+        cache.copy_rows(small, src, dst)
+        return self._mask_padding(last[src].float())
 
     def _decode_state(self, R: int, max_len: int, sampling: tuple):
         """The decode cache, step function, input buffer and generator for R rows.
@@ -311,17 +325,7 @@ class Engine:
                 torch.cuda.empty_cache()  # the previous shape's cache and graph pools
             cache = KVCache(self.config, R, max_len, self.device, self.dtype)
             static_in = torch.zeros(R, dtype=torch.long, device=self.device)
-            model = self.model
-
-            def forward_step():
-                with self._autocast():
-                    return self._mask_padding(model(static_in[:, None], kv_cache=cache)[:, -1])  # (R, V)
-
-            # CHATFORGE_DECODE_COMPILE_MODE=max-autotune-no-cudagraphs lets Inductor tune its own kernels
-            # at the price of minutes of autotuning
-            mode = os.environ.get("CHATFORGE_DECODE_COMPILE_MODE") or None
-            forward = torch.compile(forward_step, dynamic=False, mode=mode) if self.compile else forward_step
-            self._decoder = (key, cache, static_in, forward, {})
+            self._decoder = (key, cache, static_in, self._forward_fn(cache, static_in), {})
         _, cache, static_in, forward, steps = self._decoder
         if sampling not in steps:
             generator = torch.Generator(device=self.device)
@@ -338,6 +342,32 @@ class Engine:
             steps[sampling] = (step, generator)
         step, generator = steps[sampling]
         return cache, step, static_in, generator
+
+    def _forward_fn(self, cache, static_in):
+        """The decode forward of `static_in` (R,) over `cache`: (R, V) fp32 logits, compiled if asked."""
+        model = self.model
+
+        def forward_step():
+            with self._autocast():
+                return self._mask_padding(model(static_in[:, None], kv_cache=cache)[:, -1])  # (R, V)
+
+        # CHATFORGE_DECODE_COMPILE_MODE=max-autotune-no-cudagraphs lets Inductor tune its own kernels
+        # at the price of minutes of autotuning
+        mode = os.environ.get("CHATFORGE_DECODE_COMPILE_MODE") or None
+        return torch.compile(forward_step, dynamic=False, mode=mode) if self.compile else forward_step
+
+    def _session_step(self, cache, static_in, out, sampling: tuple, generator):
+        """A decode step for a DecodeSession's first R rows (cache, static_in and out are views):
+        forward, sample, and leave the ids in static_in and out; graph-captured on CUDA."""
+        forward = self._forward_fn(cache, static_in)
+
+        def step():
+            sampled = sample_next(forward(), *sampling, generator)
+            static_in.copy_(sampled)
+            out.copy_(sampled)
+            return out
+
+        return self._capture(step, cache, static_in, generator) if self.cuda_graph else step
 
     def _capture(self, step, cache, static_in, generator):
         """Record one decode step in a CUDA graph; replaying it costs one launch instead of hundreds."""

@@ -462,6 +462,15 @@ class KVCache:
     def reset(self) -> None:
         self.lengths.zero_()
 
+    def head(self, rows: int) -> "KVCache":
+        """The first `rows` rows as a cache sharing this one's storage (a view: writes go through)."""
+        view = KVCache.__new__(KVCache)
+        view.config, view.batch_size, view.max_len = self.config, rows, self.max_len
+        view.k = [t[:rows] for t in self.k]
+        view.v = [t[:rows] for t in self.v]
+        view.lengths = self.lengths[:rows]
+        return view
+
     @torch.no_grad()
     def copy_rows(self, src_cache: "KVCache", src_rows, dst_rows) -> None:
         """Copy rows src_rows of src_cache into rows dst_rows of this cache (keys, values, lengths).

@@ -1,0 +1,87 @@
+"""DecodeSession: rows joining and leaving a running decode give the tokens they would alone."""
+
+import pytest
+
+from chatforge.conversation import render_for_completion
+from chatforge.errors import UsageError
+from chatforge.infer.engine import Engine
+from chatforge.infer.session import DecodeSession
+from tiny_chat import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine():
+    tok = tiny_tokenizer()
+    return Engine(tiny_model(tok.vocab_size, sequence_len=64), tok)
+
+
+def prompt(engine, text):
+    return render_for_completion(engine.tokenizer, {"messages": [{"role": "user", "content": text}]})
+
+
+def alone(engine, p, max_tokens, n=1):
+    return [r.tokens for r in engine.generate_batch([p], num_samples=n, max_tokens=max_tokens, temperature=0.0,
+                                                    use_tools=False)]
+
+
+def drain(session, outputs, steps=None):
+    """Step until no slot is busy (or `steps` times), appending each slot's tokens to outputs[slot][-1]."""
+    done = 0
+    while session.active() and (steps is None or done < steps):
+        for t in session.step():
+            outputs.setdefault(t.row, [[]])[-1].append(t.token)
+        done += 1
+
+
+def test_rows_admitted_mid_decode_get_the_tokens_they_would_alone(engine):
+    a, b = prompt(engine, "hello there"), prompt(engine, "the cat sat on the mat")
+    session = DecodeSession(engine, capacity=4, temperature=0.0, use_tools=False)
+    outputs = {}
+    [slot_a] = session.admit(a, max_tokens=20)
+    drain(session, outputs, steps=5)
+    slots_b = session.admit(b, num_samples=2, max_tokens=12)  # two samples of one prompt share its prefill
+    assert slot_a not in slots_b and session.free_slots() == 1
+    drain(session, outputs)
+    assert outputs[slot_a] == alone(engine, a, 20)
+    assert [outputs[s][0] for s in slots_b] == alone(engine, b, 12, n=2)
+
+
+def test_a_released_slot_takes_a_new_prompt(engine):
+    a, b, c = (prompt(engine, t) for t in ("one two three", "four five", "six seven eight nine"))
+    session = DecodeSession(engine, capacity=2, temperature=0.0, use_tools=False)
+    outputs = {}
+    [sa] = session.admit(a, max_tokens=30)
+    [sb] = session.admit(b, max_tokens=15)
+    drain(session, outputs, steps=3)
+    session.release([sa])            # a cancelled request
+    [sc] = session.admit(c, max_tokens=10)
+    assert sc == sa
+    outputs[sc].append([])           # what the slot says from now on is c's
+    drain(session, outputs)
+    assert outputs[sb] == alone(engine, b, 15)
+    assert outputs[sc][-1] == alone(engine, c, 10)[0]
+
+
+def test_a_long_lived_session_keeps_serving_correctly(engine):
+    """More steps than the cache is long (256 positions here) through one session, a free slot
+    decoding junk beside a busy one part of the time: every reply is still its solo reply."""
+    session = DecodeSession(engine, capacity=2, temperature=0.0, use_tools=False)
+    p = prompt(engine, "again")
+    expected = alone(engine, p, 40)[0]
+    for round_ in range(8):          # 8 x 40 steps > 256
+        outputs = {}
+        slots = session.admit(p, num_samples=2, max_tokens=40)
+        if round_ % 2:
+            session.release(slots[:1])  # slot 0 free (and reset every step) while slot 1 decodes
+        drain(session, outputs)
+        assert outputs[slots[-1]] == [expected]
+
+
+def test_admission_errors(engine):
+    session = DecodeSession(engine, capacity=1, temperature=0.0)
+    with pytest.raises(UsageError, match="free slots"):
+        session.admit([1, 2, 3], num_samples=2)
+    with pytest.raises(UsageError, match="context is 64"):
+        session.admit(list(range(70)))
+    with pytest.raises(UsageError, match="at least one slot"):
+        DecodeSession(engine, capacity=0)
