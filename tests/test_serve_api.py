@@ -22,13 +22,14 @@ MODEL_ID = "chatforge-test"
 CONTEXT = 256
 
 
-@pytest.fixture(scope="module")
-def served():
-    """(base url, engine for references, pool) of a server on a tiny random model."""
+@pytest.fixture(scope="module", params=[False, True], ids=["batches", "continuous"])
+def served(request):
+    """(base url, engine for references, pool) of a server on a tiny random model, scheduling by
+    whole batches or with continuous batching (every API test runs against both)."""
     tok = tiny_tokenizer()
     server_engine = Engine(tiny_model(tok.vocab_size, sequence_len=CONTEXT), tok)
     reference = Engine(tiny_model(tok.vocab_size, sequence_len=CONTEXT), tok)  # same weights, own cache
-    pool = WorkerPool([server_engine], max_batch=32)
+    pool = WorkerPool([server_engine], max_batch=32, continuous=request.param)
     app = create_app(pool, MODEL_ID, Limits(context=CONTEXT, max_message_chars=2000, max_body_bytes=50_000,
                                             default_max_tokens=24))
     server = ServerThread(app)

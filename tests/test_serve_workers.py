@@ -36,8 +36,8 @@ def test_batched_jobs_with_different_max_tokens_equal_their_solo_runs(engine):
     texts = [f"{i} hello the cat" for i in range(6)]
     limits = [3, 9, 5, 12, 1, 7]
 
-    async def run(max_batch):
-        pool = WorkerPool([engine], max_batch=max_batch)
+    async def run(max_batch, continuous=False):
+        pool = WorkerPool([engine], max_batch=max_batch, continuous=continuous)
         try:
             jobs = [Job(prompt(engine, t), max_tokens=m, temperature=0.0) for t, m in zip(texts, limits)]
             for job in jobs:
@@ -50,6 +50,7 @@ def test_batched_jobs_with_different_max_tokens_equal_their_solo_runs(engine):
     solo, solo_counts = asyncio.run(run(max_batch=1))
     assert batched == solo
     assert batched_counts == solo_counts and all(c <= m for c, m in zip(batched_counts, limits))
+    assert asyncio.run(run(max_batch=32, continuous=True)) == (solo, solo_counts)
 
 
 def test_queue_batches_only_compatible_jobs_and_skips_cancelled_ones():
@@ -107,3 +108,82 @@ def test_stop_filter_holds_back_a_possible_stop_and_cuts_before_it():
         if hit:
             break
     assert "".join(out) == "abc " and hit
+
+
+@pytest.fixture(scope="module")
+def chatty_engine():
+    """A tiny model that never emits a special token, so every reply runs to its max_tokens."""
+    import torch
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size, sequence_len=256)
+    with torch.no_grad():
+        model.lm_head.weight[tok.vocab_size - 9:] = 0.0  # the special ids' logits stay at 0, below the best word
+        specials = [tok.special_id(s) for s in ("<|bos|>", "<|assistant_end|>", "<|python_start|>")]
+        assert all(i >= tok.vocab_size - 9 for i in specials)
+    return Engine(model, tok)
+
+
+async def solo(engine, job_args):
+    pool = WorkerPool([engine], max_batch=1)
+    try:
+        job = Job(*job_args, temperature=0.0)
+        pool.submit(job)
+        return await collect(job)
+    finally:
+        pool.close()
+
+
+def test_a_request_arriving_mid_decode_joins_it_and_finishes_first(chatty_engine):
+    """Continuous batching: a short request submitted while a long reply decodes starts at the next
+    step instead of waiting for the long one, and neither reply changes."""
+    long_args = (prompt(chatty_engine, "tell me a long story"), 120)
+    short_args = (prompt(chatty_engine, "hi"), 4)
+
+    async def run():
+        pool = WorkerPool([chatty_engine], max_batch=4, continuous=True)
+        try:
+            long = Job(*long_args, temperature=0.0)
+            pool.submit(long)
+            head = await long.queue.get()  # the long reply is running
+            short = Job(*short_args, temperature=0.0)
+            pool.submit(short)
+            short_result = await collect(short)
+            long_tokens_then = long.completion_tokens
+            text, reason = await collect(long)
+            first = "".join(p.shown for p in head.pieces)
+            return short_result, long_tokens_then, (first + text, reason), long.completion_tokens
+        finally:
+            pool.close()
+
+    short_result, long_tokens_then, long_result, long_total = asyncio.run(run())
+    assert long_tokens_then < 120 and long_total == 120
+    assert short_result == asyncio.run(solo(chatty_engine, short_args)) and short_result[1] == "length"
+    assert long_result == asyncio.run(solo(chatty_engine, long_args))
+
+
+def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(chatty_engine):
+    """Two slots, both busy: cancelling one reply lets a queued request run while the other goes on."""
+    async def run():
+        pool = WorkerPool([chatty_engine], max_batch=2, continuous=True)
+        try:
+            a = Job(prompt(chatty_engine, "first long one"), 150, temperature=0.0)
+            b = Job(prompt(chatty_engine, "second long one"), 150, temperature=0.0)
+            pool.submit(a)
+            pool.submit(b)
+            await a.queue.get()
+            await b.queue.get()
+            late = Job(prompt(chatty_engine, "late"), 3, temperature=0.0)
+            pool.submit(late)
+            await asyncio.sleep(0.05)
+            assert late.completion_tokens == 0  # no free slot yet
+            a.cancel()
+            result = await collect(late)
+            b_then = b.completion_tokens
+            await collect(b)
+            return result, b_then, a.completion_tokens
+        finally:
+            pool.close()
+
+    result, b_then, a_tokens = asyncio.run(run())
+    assert result[1] == "length" and b_then < 150 and a_tokens < 150

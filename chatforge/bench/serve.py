@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=128, help="requests in all (default: 128)")
     parser.add_argument("--max-tokens", type=int, default=128, help="reply length cap per request (default: 128)")
     parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default: 32)")
+    parser.add_argument("--continuous-batching", action="store_true", help="start the server with it")
     parser.add_argument("--start-timeout", type=float, default=300, help="seconds to wait for the server to start")
 
 
@@ -83,6 +84,8 @@ def _percentile(values: list[float], q: float) -> float:
 def _start_server(args, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "chatforge", "serve", "--source", args.source, "--port", str(port),
                "--max-batch", str(args.max_batch), "--max-queue", str(max(args.requests, 1))]
+    if args.continuous_batching:
+        command.append("--continuous-batching")
     if args.tag:
         command += ["--tag", args.tag]
     if args.device:
@@ -124,7 +127,8 @@ def main(args) -> int:
     latency = [r["latency"] for r in results]
     tokens = sum(r["tokens"] for r in results)
     print0(f"bench serve: {args.requests} requests, {args.concurrency} concurrent, max_tokens {args.max_tokens}, "
-           f"source {args.source}, device {args.device or 'auto'}, max-batch {args.max_batch}")
+           f"source {args.source}, device {args.device or 'auto'}, max-batch {args.max_batch}, "
+           f"continuous batching {'on' if args.continuous_batching else 'off'}")
     print0(f"{'requests/s':>12} {'TTFT p50':>10} {'TTFT p90':>10} {'lat p50':>9} {'lat p90':>9} {'tok/s':>9}")
     print0(f"{args.requests / wall:12.2f} {_percentile(ttft, 0.5) * 1e3:8.0f}ms {_percentile(ttft, 0.9) * 1e3:8.0f}ms "
            f"{_percentile(latency, 0.5):8.2f}s {_percentile(latency, 0.9):8.2f}s {tokens / wall:9.0f}")

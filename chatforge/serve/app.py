@@ -525,6 +525,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-content", action="store_true", help="also log the messages and replies")
     parser.add_argument("--replicas", type=int, default=None, help="engine replicas (default: one per GPU, or 1)")
     parser.add_argument("--max-batch", type=int, default=32, help="most prompts decoded together per replica")
+    parser.add_argument("--continuous-batching", action="store_true",
+                        help="requests join the running decode at the next step instead of waiting for its "
+                             "batch to end (CPU-tested; opt-in until measured on a GPU)")
     parser.add_argument("--max-queue", type=int, default=256, help="most waiting requests before 429s")
     parser.add_argument("--max-messages", type=int, default=256, help="most messages in one request")
     parser.add_argument("--max-message-chars", type=int, default=32_000, help="longest message, in characters")
@@ -576,7 +579,8 @@ def build_server(args):
     limits = Limits(context=engine.config.sequence_len, max_messages=args.max_messages,
                     max_message_chars=args.max_message_chars, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                     default_max_tokens=args.default_max_tokens)
-    pool = WorkerPool(engines, max_batch=args.max_batch, max_queue=args.max_queue)
+    pool = WorkerPool(engines, max_batch=args.max_batch, max_queue=args.max_queue,
+                      continuous=args.continuous_batching)
     api_key = args.api_key or os.environ.get("CHATFORGE_API_KEY") or None
     app = create_app(pool, model_id, limits, api_key=api_key, cors_origins=args.cors_origin,
                      log_content=args.log_content)

@@ -5,15 +5,25 @@ and submits it to a `WorkerPool`; one worker thread per replica (one per GPU, or
 `Engine` and runs jobs; the job's text comes back to the asyncio side as `Delta`s on its own queue.
 
 Scheduling. A worker takes the oldest waiting job and, with it, every other waiting job that can
-share one `Engine.generate` call (same temperature, top-k, top-p, stop strings, n and tool use; and
-unseeded or greedy, since a seed names a random stream of its own), up to `max_batch` prompts. Each
-job still ends at its own `max_tokens`. The engine decodes the rows of a batch together, so a
-request's text is what it would be alone (rows never see each other's tokens; greedy outputs are
-checked equal to solo runs in the tests). Jobs that arrive while a batch runs wait for the next one.
+share its decode (same temperature, top-k, top-p, stop strings, n and tool use; and unseeded or
+greedy, since a seed names a random stream of its own), up to `max_batch` prompts. By default they
+run as one `Engine.generate` call to the end, and jobs that arrive meanwhile wait for the next one.
+
+With continuous batching (`chatforge serve --continuous-batching`; opt-in until it has GPU
+figures, see docs/benchmarks.md) the batch opens a `DecodeSession` (infer/session.py) with room
+for `max_batch` prompts instead, and after every decode step the jobs that arrived meanwhile join
+its free slots if they share those settings and the oldest waiting job does (so nothing older is
+overtaken); a finished row's slot is reused at once. A session steps only as many rows as its busy
+slots need, so a lone request decodes at batch-1 speed.
+
+Either way each job ends at its own `max_tokens`, and rows never see each other's tokens, so a
+request's text is what it would be alone (greedy outputs are checked equal to solo runs in the
+tests). A seeded sampling request always runs alone through `Engine.generate`.
 
 Disconnects. A route that loses its client calls `Job.cancel()`: a waiting job is dropped when its
 turn comes; a running job stops receiving tokens, and when every job of a batch is cancelled or
-finished the batch's generation is abandoned at once, so the replica moves on to the next job.
+finished the batch's generation is abandoned at once. In a session, a cancelled job's slots are
+freed after the current step, for the next request.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from dataclasses import dataclass, field
 
 from chatforge.errors import ChatforgeError, UsageError
 from chatforge.infer.engine import Engine, IncrementalDecoder
+from chatforge.infer.session import DecodeSession
 from chatforge.runtime import print0
 
 # How a tool call is shown in plain text (the API's `content`): Markdown code fences.
@@ -197,6 +208,22 @@ class JobQueue:
                         batch.append(job)
             return batch
 
+    def take_compatible(self, key, free_rows: int) -> list[Job]:
+        """Without waiting: the oldest jobs that share `key` and fit in `free_rows` rows. Stops at the
+        first job that does not, so a running session never overtakes an older incompatible job."""
+        taken = []
+        with self.cond:
+            while self.jobs:
+                job = self.jobs[0]
+                if job.cancelled.is_set():
+                    self.jobs.popleft()
+                    continue
+                if key is None or job.batch_key() != key or job.n > free_rows:
+                    break
+                taken.append(self.jobs.popleft())
+                free_rows -= job.n
+        return taken
+
     def waiting(self) -> int:
         with self.cond:
             return len(self.jobs)
@@ -210,13 +237,15 @@ class JobQueue:
 class WorkerPool:
     """One thread per engine replica, all taking jobs from one JobQueue."""
 
-    def __init__(self, engines: list[Engine], max_batch: int = 32, max_queue: int = 256):
+    def __init__(self, engines: list[Engine], max_batch: int = 32, max_queue: int = 256, continuous: bool = False):
         if not engines:
             raise UsageError("the server needs at least one engine replica")
         if max_batch < 1:
             raise UsageError(f"--max-batch {max_batch} must be at least 1")
         self.engines = engines
         self.max_batch = max_batch
+        self.continuous = continuous
+        self.sessions: list[DecodeSession | None] = [None] * len(engines)  # per replica, kept for reuse
         self.queue = JobQueue(max_queue)
         self.running = [False] * len(engines)  # per replica: generating now (each thread writes its own)
         self._stop = threading.Event()
@@ -250,12 +279,17 @@ class WorkerPool:
             if not batch:
                 continue
             self.running[index] = True
+            jobs = list(batch)  # every job this call serves (a session admits more as it runs)
             try:
-                run_batch(engine, batch)
+                if batch[0].batch_key() is None or not self.continuous:
+                    run_batch(engine, batch)
+                else:
+                    self.sessions[index] = run_session(engine, batch, self.queue, self.max_batch, self._stop, jobs,
+                                                       self.sessions[index])
             except Exception as exc:  # a failed batch fails its requests, never the replica
                 if not isinstance(exc, ChatforgeError):
-                    print0(f"serve: a batch of {len(batch)} failed: {type(exc).__name__}: {exc}")
-                for job in batch:
+                    print0(f"serve: a batch of {len(jobs)} failed: {type(exc).__name__}: {exc}")
+                for job in jobs:
                     job.send(Delta(error=exc))
             finally:
                 self.running[index] = False
@@ -292,6 +326,27 @@ class _Choice:
         return out + self.stops.flush()
 
 
+def _deliver(choice: _Choice, token: int, engine_reason: str | None, now: float) -> None:
+    """Send one token of a choice to its job; marks the choice done when its reply ended."""
+    job = choice.job
+    if job.ttft is None:
+        job.ttft = now - job.submitted
+    job.completion_tokens += 1
+    pieces = choice.push(token)
+    reason = None
+    if choice.stopped:  # a stop string, cut on our side
+        reason = "stop"
+    elif engine_reason is not None:
+        reason = "stop" if engine_reason == "stop" else "length"
+    elif choice.generated >= job.max_tokens:
+        reason = "length"
+    if reason is not None:
+        choice.done = True
+        pieces += choice.finish()
+    if pieces or reason:
+        job.send(Delta(choice.index, pieces, reason))
+
+
 def run_batch(engine: Engine, batch: list[Job]) -> None:
     """Generate for a batch of compatible jobs, sending each choice's pieces as they come."""
     first = batch[0]
@@ -306,29 +361,61 @@ def run_batch(engine: Engine, batch: list[Job]) -> None:
             now = time.perf_counter()
             for t in step:
                 choice = choices[t.row]
-                job = choice.job
                 if choice.done:
                     continue
-                if job.cancelled.is_set():
+                if choice.job.cancelled.is_set():
                     choice.done = True
                     continue
-                if job.ttft is None:
-                    job.ttft = now - job.submitted
-                job.completion_tokens += 1
-                pieces = choice.push(t.token)
-                reason = None
-                if choice.stopped:  # a stop string, cut on our side
-                    reason = "stop"
-                elif t.done:
-                    reason = "stop" if t.finish_reason == "stop" else "length"
-                elif choice.generated >= job.max_tokens:
-                    reason = "length"
-                if reason is not None:
-                    choice.done = True
-                    pieces += choice.finish()
-                if pieces or reason:
-                    job.send(Delta(choice.index, pieces, reason))
+                _deliver(choice, t.token, t.finish_reason if t.done else None, now)
             if all(c.done for c in choices):
                 break
     finally:
         stream.close()
+
+
+def run_session(engine: Engine, batch: list[Job], queue: JobQueue, max_batch: int, stop: threading.Event,
+                served: list[Job], previous: DecodeSession | None = None) -> DecodeSession:
+    """Continuous batching: decode `batch` in a DecodeSession and, whenever slots are free, admit
+    the compatible jobs that arrived meanwhile; a cancelled job's slots are freed at once. Returns
+    when no slot is busy, with the session, which the next call reuses (its captured steps too) when
+    the settings match. Every job taken is appended to `served`."""
+    first = batch[0]
+    key, n = first.batch_key(), first.n
+    settings = (max_batch * n, (first.temperature, first.top_k, first.top_p), first.use_tools)
+    if previous is not None and (previous.capacity, previous.sampling, previous.use_tools) == settings:
+        session = previous
+    else:
+        session = DecodeSession(engine, max_batch * n, first.temperature, first.top_k, first.top_p, first.use_tools)
+    choices: dict[int, _Choice] = {}  # slot -> the choice decoding there
+
+    def admit(job: Job) -> None:
+        try:
+            taken = session.admit(job.prompt, job.n, job.max_tokens, job.stop)
+        except ChatforgeError as exc:  # this request's own fault (e.g. a prompt over the context): only it fails
+            job.send(Delta(error=exc))
+            return
+        for j, slot in enumerate(taken):
+            choices[slot] = _Choice(engine, job, j)
+
+    for job in batch:
+        admit(job)
+    while not stop.is_set():
+        step = session.step()
+        now = time.perf_counter()
+        for t in step:
+            choice = choices[t.row]
+            if not choice.done and not choice.job.cancelled.is_set():
+                _deliver(choice, t.token, t.finish_reason if t.done else None, now)
+            if t.done:  # the engine ended the row and freed its slot
+                del choices[t.row]
+        ended = [slot for slot, c in choices.items() if c.done or c.job.cancelled.is_set()]
+        if ended:  # cut short on our side (a stop string, a cancelled request): free the slots now
+            session.release(ended)
+            for slot in ended:
+                del choices[slot]
+        if not session.active():
+            return session
+        for job in queue.take_compatible(key, session.free_slots()):
+            served.append(job)
+            admit(job)
+    return session
