@@ -175,10 +175,8 @@ class Engine:
             # Launch the next step before this one's ids reach the host, so the GPU never waits on Python.
             # Its input is this step's sampled ids, except for rows whose token this step is forced (known
             # already: the queue was filled by an earlier step's tool call); their sampled id is dropped.
-            forced = {b: row.forced.popleft() for b, row in enumerate(rows) if not row.done and row.forced}
-            if forced:
-                idx = torch.tensor(list(forced), device=self.device)
-                static_in[idx] = torch.tensor(list(forced.values()), device=self.device, dtype=static_in.dtype)
+            live = {b: row for b, row in enumerate(rows) if not row.done}
+            forced = self._feed_forced(live, static_in)
             if scratch:
                 # a finished row keeps decoding junk (shapes are static) into a scratch slot at 0
                 cache.lengths[torch.tensor(scratch, device=self.device)] = 0
@@ -187,24 +185,37 @@ class Engine:
             if cuda:
                 arrived.synchronize()
             host = host_ids.tolist()  # the one wait per step, for ids the GPU finished a step ago
-            out, tool_calls = [], []
-            for b, row in enumerate(rows):
-                if row.done:
-                    continue
-                was_sampled = b not in forced
-                token = host[b] if was_sampled else forced[b]
-                reason, tool_call = self._advance(row, token, was_sampled, stop_set, use_tools)
-                if tool_call:
-                    tool_calls.append(b)
-                if reason is not None:
-                    scratch.append(b)
-                out.append(StepToken(b, token, was_sampled, row.done, reason))
-            if tool_calls:
-                # the step already launched fed python_end; the tool's output is forced from the next one on
-                self._run_tools([rows[b] for b in tool_calls])
+            out = self._account(live, host, forced, stop_set, use_tools)
+            scratch = [t.row for t in out if t.done]
             yield out
             if all(row.done for row in rows):
                 return
+
+    def _feed_forced(self, live: dict[int, _Row], static_in: torch.Tensor) -> dict[int, int]:
+        """Pop this step's forced token of each live row that has one and patch it into the next
+        step's input (its sampled id is dropped); {row: token}."""
+        forced = {b: row.forced.popleft() for b, row in live.items() if row.forced}
+        if forced:
+            idx = torch.tensor(list(forced), device=self.device)
+            static_in[idx] = torch.tensor(list(forced.values()), device=self.device, dtype=static_in.dtype)
+        return forced
+
+    def _account(self, live: dict[int, _Row], host: list[int], forced: dict[int, int], stop_set: set,
+                 use_tools: bool) -> list[StepToken]:
+        """Each live row's token of this step (forced, else the sampled id in `host`), in row order;
+        tool calls that closed run now and queue their output."""
+        out, tool_rows = [], []
+        for b, row in live.items():
+            was_sampled = b not in forced
+            token = host[b] if was_sampled else forced[b]
+            reason, tool_call = self._advance(row, token, was_sampled, stop_set, use_tools)
+            if tool_call:
+                tool_rows.append(row)
+            out.append(StepToken(b, token, was_sampled, row.done, reason))
+        if tool_rows:
+            # the step already launched fed python_end; the tool's output is forced from the next one on
+            self._run_tools(tool_rows)
+        return out
 
     def _advance(self, row: _Row, token: int, was_sampled: bool, stop_set: set, use_tools: bool):
         """Account one emitted token of a row: (finish reason or None, whether it closed a tool call)."""

@@ -103,14 +103,10 @@ class DecodeSession:
         self.host_ids.copy_(self.next_ids, non_blocking=self.cuda)
         if self.cuda:
             self.arrived.record()
-        rows = list(self.rows)  # the slots whose ids were just copied
-        forced = {i: row.forced.popleft() for i, row in enumerate(rows) if row is not None and row.forced}
-        if forced:
-            index = torch.tensor(list(forced), device=e.device)
-            self.static_in[index] = torch.tensor(list(forced.values()), device=e.device, dtype=self.static_in.dtype)
-        top = max(i for i, row in enumerate(rows) if row is not None)
-        R = min(1 << top.bit_length(), self.capacity)  # a power of two above the highest busy slot
-        free = [i for i in range(R) if rows[i] is None]
+        live = {i: row for i, row in enumerate(self.rows) if row is not None}  # the slots just copied
+        forced = e._feed_forced(live, self.static_in)
+        R = min(1 << max(live).bit_length(), self.capacity)  # a power of two above the highest busy slot
+        free = [i for i in range(R) if i not in live]
         if free:  # junk stays in the scratch slot, never past the cache
             self.cache.lengths[torch.tensor(free, device=e.device)] = 0
         if R not in self.steps:
@@ -120,18 +116,8 @@ class DecodeSession:
         if self.cuda:
             self.arrived.synchronize()
         host = self.host_ids.tolist()
-        out, tool_rows = [], []
-        for i, row in enumerate(rows):
-            if row is None:
-                continue
-            was_sampled = i not in forced
-            token = host[i] if was_sampled else forced[i]
-            reason, tool_call = e._advance(row, token, was_sampled, self.stop_set, self.use_tools)
-            if tool_call:
-                tool_rows.append(row)
-            if reason is not None:
-                self.rows[i] = None
-            out.append(StepToken(i, token, was_sampled, row.done, reason))
-        if tool_rows:
-            e._run_tools(tool_rows)
+        out = e._account(live, host, forced, self.stop_set, self.use_tools)
+        for t in out:
+            if t.done:
+                self.rows[t.row] = None
         return out

@@ -70,8 +70,7 @@ if triton is not None:
     @triton.jit
     def _attn_split_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr,
                            H, G, window, scale, stride_qb, stride_kb, stride_vb, stride_cb, stride_ch, stride_cl,
-                           NSPLIT: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_L: tl.constexpr,
-                           WRITE: tl.constexpr):
+                           NSPLIT: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_L: tl.constexpr):
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // H
@@ -113,10 +112,9 @@ if triton is not None:
             acc = acc * alpha + p * vn.to(tl.float32)
             l = l * alpha + p
             m = m_new
-            if WRITE:
-                if h % G == 0:  # one query head per kv head stores the new key and value
-                    tl.store(kc_ptr + base + pos * stride_cl + d, kn.to(kc_ptr.dtype.element_ty))
-                    tl.store(vc_ptr + base + pos * stride_cl + d, vn.to(vc_ptr.dtype.element_ty))
+            if h % G == 0:  # one query head per kv head stores the new key and value
+                tl.store(kc_ptr + base + pos * stride_cl + d, kn.to(kc_ptr.dtype.element_ty))
+                tl.store(vc_ptr + base + pos * stride_cl + d, vn.to(vc_ptr.dtype.element_ty))
         out = bh * NSPLIT + split
         tl.store(m_ptr + out, m)
         tl.store(l_ptr + out, l)
@@ -172,8 +170,8 @@ def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.shape[1] % 128 == 0 and x.dtype == weight.dtype)
 
 
-def launch_decode_attention(q, k, v, k_cache, v_cache, positions, window: int, write: bool = True,
-                            block_l: int = 32, warps: int = 2, chunk: int | None = None) -> torch.Tensor:
+def launch_decode_attention(q, k, v, k_cache, v_cache, positions, window: int, block_l: int = 32, warps: int = 2,
+                            chunk: int | None = None) -> torch.Tensor:
     """q (B, H, D), k/v (B, Hkv, D) (each row's heads contiguous), caches (B, Hkv, L, D) contiguous,
     positions (B,) the index the new token takes. Returns (B, H, D) in q's dtype."""
     B, H, D = q.shape
@@ -187,7 +185,7 @@ def launch_decode_attention(q, k, v, k_cache, v_cache, positions, window: int, w
     _attn_split_kernel[(B * H, nsplit)](
         q, k, v, k_cache, v_cache, positions, m, l, acc, H, H // Hkv, window, 1.0 / math.sqrt(D),
         q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NSPLIT=nsplit, D=D, CHUNK=chunk, BLOCK_L=block_l, WRITE=write, num_warps=warps)
+        NSPLIT=nsplit, D=D, CHUNK=chunk, BLOCK_L=block_l, num_warps=warps)
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     _attn_combine_kernel[(B * H,)](m, l, acc, out, NSPLIT=nsplit, NSPLIT_P2=triton.next_power_of_2(nsplit), D=D,
                                    num_warps=4)
