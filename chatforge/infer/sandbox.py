@@ -1,52 +1,54 @@
-"""Run untrusted, model-written Python in a separate, limited process.
+"""Run untrusted, model-written Python behind a boundary the kernel enforces, in milliseconds.
 
-The engine calls `run_python` when a model writes `<|python_start|> code <|python_end|>` (the
-calculator of GSM8K-style answers), and the HumanEval evaluation runs candidate programs with it.
-Nothing the code does may hurt the caller, so the defence is in layers:
+The engine calls the sandbox when a model writes `<|python_start|> code <|python_end|>` (the
+calculator of GSM8K-style answers), and HumanEval runs candidate programs with it. The code may be
+hostile (a prompt can talk a model into anything), so it never shares the server's process,
+memory, files, environment or network:
 
-1. A fresh interpreter (`python -I`: no user site, no PYTHON* variables) in its own session, so a
-   wall-clock timeout can SIGKILL the whole process group, with a clean environment (a minimal PATH
-   and nothing else) and an empty temporary working directory that is removed afterwards.
-2. Kernel limits set in the child before the code runs: address space (memory bombs end in
-   MemoryError), CPU seconds, file size, open files, core dumps, and processes (fork bombs; note
-   that root ignores RLIMIT_NPROC, hence layers 3 and 4).
-3. When the caller is root and the interpreter's files are readable by everyone, the child drops to
-   the `nobody` user, so the kernel itself forbids deleting the caller's files and RLIMIT_NPROC
-   applies. When `unshare` can create a network namespace, the child runs inside an empty one (no
-   interfaces, not even loopback). Both are best effort and skipped where the system forbids them.
-4. Python-level guards installed before the user's code: process creation (os.fork, os.system,
-   os.exec*, posix_spawn, subprocess, multiprocessing, ctypes), sockets, and file removal, renaming
-   or writing outside the working directory raise PermissionError. On their own these can be
-   bypassed by determined code; together with layers 1-3 they contain the programs a language model
-   writes by accident (infinite loops, huge prints, `rm -rf`-style cleanups, network calls).
+- One helper process per server process (`sandbox_helper.py`, started on first use) keeps a warm
+  interpreter with the usual modules loaded, inside its own network/IPC/UTS/mount namespaces, and
+  forks a fresh child per call. Each call runs as PID 1 of a new PID namespace in a private tmpfs
+  working folder, as `nobody` (or with no capability inside a user namespace when the server is not
+  root), under Landlock (reads the standard library and its folder, nothing else), seccomp-bpf (no
+  exec, fork, sockets, ptrace, pidfds, mounts, ...) and rlimits. Nothing a call defines, imports,
+  writes or changes is visible to the next: each is a new fork of a helper that never runs user code.
+  helper's docstring lists every layer and what they leave open.
+- Calls run concurrently (up to `max_parallel` at once, the rest queue) and `submit_python` returns
+  a Future, so the engine can let a row wait for its tool while the other rows decode.
+- A helper that dies or stops answering is replaced; the calls it held end with an error result.
 
-Output is capped: stdout and stderr share one pipe read up to `max_output` bytes; a program that
-prints more is stopped and its result marked truncated. The result carries the value of a final
-expression statement, repr'd as a REPL would show it.
+Where the kernel cannot provide the boundary (not Linux, no Landlock, namespaces refused) the tool is
+off: each call returns an error saying why, and one line says so on stderr. `CHATFORGE_SANDBOX`
+chooses: `confined` (the default), `unconfined` (the same helper with only the process, rlimit and
+clean-environment layers, for a machine you are willing to lose), or `off`.
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
+import itertools
 import json
 import math
 import os
-import selectors
+import secrets
 import shutil
 import signal
-import stat
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
-from functools import lru_cache
 
 DEFAULT_MAX_OUTPUT = 16_384
-NOBODY_UID = 65534
-# Modules a tool call commonly needs, imported before privileges are dropped (so they load even
-# when the interpreter's files are unreadable to `nobody`) and to keep each call fast.
-PRELOADED_MODULES = ("math", "re", "json", "random", "statistics", "fractions", "decimal", "itertools",
-                     "functools", "collections", "string", "datetime", "heapq", "bisect", "cmath")
+MAX_CODE_BYTES = 128 * 1024   # one request must fit one socket message
+MODES = ("confined", "unconfined", "off")
+START_TIMEOUT = 30.0          # seconds for a helper to import its modules and say it is ready
+ANSWER_SLACK = 10.0           # beyond a call's own timeout before the helper is declared hung
+HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_helper.py")
 
 
 @dataclass
@@ -68,306 +70,242 @@ class SandboxResult:
         return "\n".join(parts)
 
 
-# The child's program. It receives a JSON header line and then the user's code on stdin, sets its
-# limits, drops privileges, installs the guards, runs the code, and writes one JSON result to the
-# file descriptor named in the header. It must stay self-contained (it runs under `python -I`).
-_RUNNER = r'''
-import ast, json, os, resource, signal, sys
-header = json.loads(sys.stdin.readline())
-code = sys.stdin.read()
-sys.stdin.close()
-result_fd = header["result_fd"]
-workdir = header["workdir"]
+class SandboxUnavailable(RuntimeError):
+    """The machine cannot provide the boundary; the message says why and how to enable it knowingly."""
 
-result_file = os.fdopen(result_fd, "wb")  # opened now: the guards below refuse raw descriptors
 
-def report(**fields):
-    result_file.write(json.dumps(fields).encode())
-    result_file.close()
+def sandbox_mode() -> str:
+    mode = os.environ.get("CHATFORGE_SANDBOX", "confined").strip().lower() or "confined"
+    if mode not in MODES:
+        from chatforge.errors import UsageError
+        raise UsageError(f"CHATFORGE_SANDBOX={mode!r} is not one of {', '.join(MODES)}")
+    return mode
 
-for name in header["preload"]:
-    try:
-        __import__(name)
-    except ImportError:
-        pass
 
-def limit(kind, value):
-    try:
-        resource.setrlimit(kind, (value, value))
-    except (ValueError, OSError):
-        pass
+class Sandbox:
+    """A helper process and the calls in flight on it; thread-safe, one per process (`shared()`)."""
 
-limit(resource.RLIMIT_CORE, 0)
-try:  # SIGXCPU at the soft limit, SIGKILL a second later if the code ignores it
-    resource.setrlimit(resource.RLIMIT_CPU, (header["cpu_seconds"], header["cpu_seconds"] + 1))
-except (ValueError, OSError):
-    pass
-limit(resource.RLIMIT_FSIZE, header["file_bytes"])
-limit(resource.RLIMIT_NOFILE, 64)
-limit(resource.RLIMIT_AS, header["memory_bytes"])
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write raises OSError instead of killing
-if header["drop_to"] is not None:
-    os.setgroups([])
-    os.setgid(header["drop_to"])
-    os.setuid(header["drop_to"])
-limit(resource.RLIMIT_NPROC, 0)
-os.chdir(workdir)
+    def __init__(self, mode: str | None = None, max_parallel: int | None = None, helper: str = HELPER,
+                 answer_slack: float = ANSWER_SLACK):
+        """helper: the helper program (a stand-in in tests); answer_slack: seconds past a call's own
+        timeout after which a silent helper is declared hung and replaced."""
+        self.mode = mode or sandbox_mode()
+        self.helper, self.answer_slack = helper, answer_slack
+        self.max_parallel = max_parallel or max(2, min(16, 2 * (os.cpu_count() or 1)))
+        self.lock = threading.Lock()
+        self.ids = itertools.count()
+        self.waiting: collections.deque = collections.deque()   # (id, message, Future, timeout) not yet sent
+        self.in_flight: dict[int, tuple[Future, float]] = {}    # id -> (Future, answer-by time)
+        self.proc: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+        self.mount_dir: str | None = None
+        self.features: dict = {}
+        self.unavailable: str | None = "the Python tool is off (CHATFORGE_SANDBOX=off)" if self.mode == "off" else None
+        self.reader: threading.Thread | None = None
+        self.closed = False
 
-def install_guards():
-    import builtins, importlib, shutil, socket, _socket
-    def denied(what):
-        def refuse(*args, **kwargs):
-            raise PermissionError(f"{what} is disabled in the sandbox")
-        return refuse
-    import posix
-    for mod in (os, posix):
-        for name in ("system", "popen", "fork", "forkpty", "vfork", "execv", "execve", "execl", "execle",
-                     "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe",
-                     "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "kill",
-                     "killpg", "setuid", "setgid", "chroot", "register_at_fork"):
-            if hasattr(mod, name):
-                setattr(mod, name, denied(f"os.{name}"))
-    real = os.path.realpath
-    root = real(workdir)
-    def inside(path):
+    # ---- the public calls ------------------------------------------------------------------------
+
+    def submit(self, code: str, timeout: float = 5.0, memory_mb: int = 256, max_output: int = DEFAULT_MAX_OUTPUT,
+               cpu_seconds: int | None = None, file_mb: int = 16) -> Future:
+        """Queue a call; the Future's result is a SandboxResult (never an exception)."""
+        future: Future = Future()
+        data = code.encode("utf-8", "surrogatepass")
+        if len(data) > MAX_CODE_BYTES:
+            future.set_result(SandboxResult(False, "", None, f"ValueError: the program is {len(data)} bytes; "
+                                            f"the sandbox takes at most {MAX_CODE_BYTES}"))
+            return future
+        max_output = max(1, min(int(max_output), 32_768))
+        cpu = cpu_seconds if cpu_seconds is not None else max(1, math.ceil(timeout))
+        with self.lock:
+            if self.unavailable is None and self.proc is not None and self.proc.poll() is not None:
+                self._restart("the sandbox helper died")
+            if self.unavailable is None and self.proc is None:
+                self._start()
+            if self.unavailable is not None:
+                future.set_result(SandboxResult(False, "", None, f"ToolUnavailable: {self.unavailable}"))
+                return future
+            call_id = next(self.ids)
+            header = {"id": call_id, "timeout": float(timeout), "cpu_seconds": int(cpu),
+                      "memory_bytes": int(memory_mb) << 20, "file_bytes": int(file_mb) << 20,
+                      "disk_bytes": 2 * (int(file_mb) << 20), "max_output": max_output, "max_value": max_output,
+                      "nonce": secrets.token_hex(16)}
+            head = json.dumps(header).encode()
+            self.waiting.append((call_id, len(head).to_bytes(4, "little") + head + data, future, float(timeout)))
+            self._send_waiting()
+        return future
+
+    def run(self, code: str, **limits) -> SandboxResult:
+        return self.submit(code, **limits).result()
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self._stop("the sandbox was closed")
+
+    # ---- the helper's life -----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Start a helper and wait for its first message (ready, or why not). Holds the lock."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.mount_dir = tempfile.mkdtemp(prefix="chatforge-sandbox-")
+        os.chmod(self.mount_dir, 0o755)  # only ever a mount point; the helper mounts each call's tmpfs on it
+        spare = max(1, min(8, self.max_parallel // 2))  # confined runners kept ready for the next calls
+        cmd = [sys.executable, "-I", "-S", "-B", self.helper, self.mode, self.mount_dir, str(theirs.fileno()), str(spare)]
+        errors = tempfile.TemporaryFile()  # what a helper that fails to start says goes into the reason
         try:
-            p = real(os.fsdecode(path)) if not isinstance(path, int) else None
-        except (TypeError, ValueError):
-            return False
-        return p is not None and (p == root or p.startswith(root + os.sep))
-    def path_guard(name, nargs=1):
-        original = getattr(os, name)
-        def guarded(*args, **kwargs):
-            paths = args[:nargs]
-            if kwargs.get("dir_fd") is not None or kwargs.get("src_dir_fd") is not None \
-                    or not all(inside(p) for p in paths):
-                raise PermissionError(f"os.{name} outside the sandbox's working directory is not allowed")
-            return original(*args, **kwargs)
-        return guarded
-    for name, nargs in (("remove", 1), ("unlink", 1), ("rmdir", 1), ("removedirs", 1), ("rename", 2),
-                        ("renames", 2), ("replace", 2), ("truncate", 1), ("chmod", 1), ("chown", 1),
-                        ("lchown", 1), ("link", 2), ("symlink", 2), ("utime", 1)):
-        if hasattr(os, name):
-            guarded = path_guard(name, nargs)
-            setattr(os, name, guarded)
-            setattr(posix, name, guarded)
-    real_rmtree = shutil.rmtree
-    def rmtree(path, *args, **kwargs):
-        if not inside(path) or real(os.fsdecode(path)) == root:
-            raise PermissionError("shutil.rmtree outside the sandbox's working directory is not allowed")
-        return real_rmtree(path, *args, **kwargs)
-    shutil.rmtree = rmtree
-    real_open = builtins.open
-    def guarded_open(file, mode="r", *args, **kwargs):
-        if isinstance(file, int):
-            if file > 2:
-                raise PermissionError("opening raw file descriptors is not allowed in the sandbox")
-        elif any(c in mode for c in "wax+") and not inside(file):
-            raise PermissionError(f"writing {file!r} outside the sandbox's working directory is not allowed")
-        return real_open(file, mode, *args, **kwargs)
-    builtins.open = guarded_open
-    import io
-    io.open = guarded_open
-    real_os_open = os.open
-    def guarded_os_open(path, flags, *args, **kwargs):
-        writes = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
-        if kwargs.get("dir_fd") is not None or (writes and not inside(path)):
-            raise PermissionError("os.open for writing outside the sandbox's working directory is not allowed")
-        return real_os_open(path, flags, *args, **kwargs)
-    os.open = guarded_os_open
-    no_net = denied("network access")
-    for mod in (socket, _socket):
-        for name in ("socket", "socketpair", "fromfd", "create_connection", "create_server",
-                     "getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
-            if hasattr(mod, name):
-                setattr(mod, name, no_net)
-    for name in ("subprocess", "_posixsubprocess", "multiprocessing", "_multiprocessing", "ctypes", "_ctypes",
-                 "pty", "socket", "_socket", "ssl", "_ssl", "select", "selectors"):
-        sys.modules[name] = None
-    for name in list(sys.modules):
-        if name.startswith(("multiprocessing.", "ctypes.")):
-            sys.modules[name] = None
-
-import traceback
-namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-cushion = bytearray(4 << 20)  # freed on failure so a memory bomb's error can still be reported
-
-def run_user_code():
-    tree = ast.parse(code, filename="<sandbox>")
-    last = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
-    exec(compile(tree, "<sandbox>", "exec"), namespace)
-    if last is not None:
-        value = eval(compile(last, "<sandbox>", "eval"), namespace)
-        if value is not None:
-            return repr(value)[: header["max_value"]]
-    return None
-
-try:
-    sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")
-    sys.stderr.reconfigure(encoding="utf-8", errors="backslashreplace")
-    install_guards()
-    value = run_user_code()
-except SyntaxError as exc:
-    sys.stdout.flush()
-    report(value=None, error=f"SyntaxError: {exc.msg} (line {exc.lineno})")
-except BaseException as exc:
-    del cushion
-    namespace.clear()
-    try:
-        sys.stdout.flush()
-    except BaseException:
-        pass
-    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    report(value=None, error=text[: header["max_value"]] or type(exc).__name__)
-else:
-    sys.stdout.flush()
-    report(value=value, error=None)
-'''
-
-
-@lru_cache(maxsize=1)
-def network_namespace_available() -> bool:
-    """Whether `unshare -n` can give the child an empty network namespace (needs privileges)."""
-    exe = shutil.which("unshare")
-    if exe is None or not sys.platform.startswith("linux"):
-        return False
-    try:
-        return subprocess.run([exe, "-n", "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def _readable_by_everyone(path: str) -> bool:
-    """Every directory from / down to `path` is searchable by others (so `nobody` can import from it)."""
-    path = os.path.realpath(path)
-    while True:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=errors, pass_fds=(theirs.fileno(),),
+                                         env={"PATH": "/usr/bin:/bin"}, cwd="/", start_new_session=True)
+        finally:
+            theirs.close()
+        ours.settimeout(START_TIMEOUT)
         try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            return False
-        if not mode & stat.S_IXOTH:
-            return False
-        parent = os.path.dirname(path)
-        if parent == path:
-            return True
-        path = parent
+            hello = json.loads(ours.recv(1 << 16) or b"{}")
+        except (OSError, ValueError):
+            hello = {}
+        if "ready" not in hello:
+            self.proc.poll()
+            errors.seek(0)
+            said = errors.read().decode("utf-8", "replace").strip().splitlines()
+            hello = {"ready": False, "reason": "the helper did not start" + (f" ({said[-1]})" if said else "")}
+        errors.close()
+        ours.settimeout(None)
+        self.sock, self.features = ours, hello
+        if not hello.get("ready"):
+            reason = hello.get("reason", "the helper did not start")
+            self._stop(reason)
+            self.unavailable = (f"the Python tool is off on this machine: {reason}. It runs model-written code "
+                                "only behind Linux namespaces, Landlock and seccomp; set CHATFORGE_SANDBOX=unconfined "
+                                "to run it without that boundary (only on a machine you are willing to lose)")
+            _say_once(self.unavailable)
+            return
+        self.reader = threading.Thread(target=self._read, args=(ours, self.proc), daemon=True,
+                                       name="chatforge-sandbox")
+        self.reader.start()
+
+    def _stop(self, why: str) -> None:
+        """Kill the helper and every call it runs; their Futures get an error result. Holds the lock."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
+            self.proc = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.mount_dir is not None:
+            shutil.rmtree(self.mount_dir, ignore_errors=True)
+            self.mount_dir = None
+        failed = [f for f, _ in self.in_flight.values()] + [item[2] for item in self.waiting]
+        self.in_flight.clear()
+        self.waiting.clear()
+        for future in failed:
+            future.set_result(SandboxResult(False, "", None, f"RuntimeError: {why}; the call was dropped"))
+
+    def _send_waiting(self) -> None:
+        while self.waiting and len(self.in_flight) < self.max_parallel and self.sock is not None:
+            call_id, message, future, timeout = self.waiting.popleft()
+            self.in_flight[call_id] = (future, time.monotonic() + timeout + self.answer_slack)
+            try:
+                self.sock.send(message)
+            except OSError:
+                self._restart("the sandbox helper stopped accepting calls")
+                return
+
+    def _restart(self, why: str) -> None:
+        self._stop(why)
+        if not self.closed:
+            self._start()
+
+    def _read(self, sock: socket.socket, proc: subprocess.Popen) -> None:
+        """Deliver answers; replace a helper that died or let a call overrun its deadline."""
+        sock.settimeout(0.25)
+        while True:
+            try:
+                data = sock.recv(1 << 18)
+            except socket.timeout:
+                data = None
+            except OSError:
+                data = b""
+            with self.lock:
+                if self.sock is not sock:
+                    return  # replaced or closed meanwhile
+                if data:
+                    answer = json.loads(data)
+                    entry = self.in_flight.pop(answer.pop("id"), None)
+                    if entry is not None:
+                        entry[0].set_result(SandboxResult(**answer))
+                    self._send_waiting()
+                elif proc.poll() is not None or data == b"":
+                    self._restart("the sandbox helper died")
+                    return
+                elif any(deadline < time.monotonic() for _, deadline in self.in_flight.values()):
+                    self._restart("the sandbox helper stopped answering")
+                    return
 
 
-@lru_cache(maxsize=1)
-def privilege_drop_uid() -> int | None:
-    """The uid the child becomes (nobody) when we run as root and it could still import the stdlib."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return None
-    stdlib = os.path.dirname(os.__file__)
-    if all(_readable_by_everyone(p) for p in (stdlib, sys.prefix, os.path.dirname(sys.executable))):
-        return NOBODY_UID
-    return None
+_said: set = set()
+
+
+def _say_once(line: str) -> None:
+    if line not in _said:
+        _said.add(line)
+        print(line, file=sys.stderr, flush=True)
+
+
+_shared: Sandbox | None = None
+_shared_lock = threading.Lock()
+
+
+def shared() -> Sandbox:
+    """This process's sandbox (started on first use, stopped at exit, not inherited across fork)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Sandbox()
+        return _shared
+
+
+def _forget_after_fork() -> None:
+    global _shared, _shared_lock
+    _shared, _shared_lock = None, threading.Lock()
+
+
+def _close_at_exit() -> None:
+    if _shared is not None:
+        _shared.close()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+atexit.register(_close_at_exit)
+
+
+def submit_python(code: str, **limits) -> Future:
+    """Start `code` in the sandbox; a Future of its SandboxResult."""
+    return shared().submit(code, **limits)
 
 
 def run_python(code: str, timeout: float = 5.0, memory_mb: int = 256, max_output: int = DEFAULT_MAX_OUTPUT,
                cpu_seconds: int | None = None, file_mb: int = 16) -> SandboxResult:
-    """Run `code` in a fresh limited process and return what it printed, its final value or its error."""
-    cpu_seconds = cpu_seconds if cpu_seconds is not None else max(1, math.ceil(timeout))
-    workdir = tempfile.mkdtemp(prefix="chatforge-sandbox-")
-    drop_to = privilege_drop_uid()
-    result_r, result_w = os.pipe()
-    try:
-        if drop_to is not None:
-            os.chown(workdir, drop_to, drop_to)
-        cmd = [sys.executable, "-I", "-c", _RUNNER]
-        if network_namespace_available():
-            cmd = [shutil.which("unshare"), "-n", "--"] + cmd
-        header = {"result_fd": result_w, "workdir": workdir, "cpu_seconds": int(cpu_seconds),
-                  "memory_bytes": int(memory_mb) << 20, "file_bytes": int(file_mb) << 20,
-                  "drop_to": drop_to, "max_value": max_output, "preload": list(PRELOADED_MODULES)}
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                cwd=workdir, env={"PATH": "/usr/bin:/bin"}, pass_fds=(result_w,),
-                                start_new_session=True, close_fds=True)
-        os.close(result_w)
-        result_w = -1
-        try:
-            proc.stdin.write((json.dumps(header) + "\n" + code).encode("utf-8", "surrogatepass"))
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        out, result_bytes, timed_out, truncated = _collect(proc, result_r, timeout, max_output)
-        _kill_group(proc)
-        proc.wait()
-    finally:
-        if result_w >= 0:
-            os.close(result_w)
-        os.close(result_r)
-        shutil.rmtree(workdir, ignore_errors=True)
-    stdout = out.decode("utf-8", "replace")
-    if timed_out:
-        return SandboxResult(False, stdout, None, f"TimeoutError: timed out after {timeout:g}s", timed_out=True,
-                             truncated=truncated)
-    if truncated:
-        return SandboxResult(False, stdout, None,
-                             f"OutputLimitError: the program printed more than {max_output} bytes and was stopped",
-                             truncated=True)
-    try:
-        report = json.loads(result_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        if proc.returncode == -signal.SIGXCPU:
-            return SandboxResult(False, stdout, None, f"TimeoutError: CPU time limit of {cpu_seconds}s exceeded",
-                                 timed_out=True)
-        return SandboxResult(False, stdout, None, _death_reason(proc.returncode))
-    return SandboxResult(report["error"] is None, stdout, report["value"], report["error"])
+    """Run `code` in a fresh confined process and return what it printed, its final value or its error."""
+    return shared().run(code, timeout=timeout, memory_mb=memory_mb, max_output=max_output,
+                        cpu_seconds=cpu_seconds, file_mb=file_mb)
 
 
-def _collect(proc: subprocess.Popen, result_fd: int, timeout: float, max_output: int):
-    """Read stdout (capped) and the result pipe until both close, the deadline passes, or output overflows."""
-    deadline = time.monotonic() + timeout
-    out, result = bytearray(), bytearray()
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ, "out")
-    sel.register(result_fd, selectors.EVENT_READ, "result")
-    open_streams = 2
-    try:
-        while open_streams:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                _kill_group(proc)
-                return bytes(out), bytes(result), True, False
-            for key, _ in sel.select(remaining):
-                fd = key.fd
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    sel.unregister(key.fileobj)
-                    open_streams -= 1
-                elif key.data == "out":
-                    out += chunk
-                    if len(out) > max_output:
-                        _kill_group(proc)
-                        return bytes(out[:max_output]), bytes(result), False, True
-                elif len(result) < 4 * max_output + 4096:
-                    result += chunk
-    finally:
-        sel.close()
-        proc.stdout.close()
-    # Both pipes closed: the process is exiting; give it what is left of the deadline to do so.
-    try:
-        proc.wait(max(0.0, deadline - time.monotonic()) + 1.0)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        return bytes(out), bytes(result), True, False
-    return bytes(out), bytes(result), False, False
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _death_reason(returncode: int | None) -> str:
-    if returncode is not None and returncode < 0:
-        sig = -returncode
-        if sig == signal.SIGKILL:
-            return "RuntimeError: the program was killed (it exceeded a memory or CPU limit)"
-        return f"RuntimeError: the program was killed by signal {signal.Signals(sig).name}"
-    return f"RuntimeError: the sandbox process exited with code {returncode} without a result"
+def sandbox_status() -> tuple[bool, str]:
+    """(whether the tool runs here, a line that says how or why not), starting the helper if needed."""
+    box = shared()
+    with box.lock:
+        if box.unavailable is None and box.proc is None:
+            box._start()
+        if box.unavailable is not None:
+            return False, box.unavailable
+        f = box.features
+        if box.mode == "unconfined":
+            return True, "unconfined (CHATFORGE_SANDBOX=unconfined): a fresh process with rlimits, no kernel boundary"
+        who = "nobody" if f.get("root") else "no capabilities in a user namespace"
+        return True, (f"confined: namespaces, Landlock ABI {f.get('landlock_abi')}, seccomp ({f.get('arch')}), "
+                      f"runs as {who}")
