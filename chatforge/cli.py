@@ -43,6 +43,7 @@ COMMANDS: dict = {
         "train": ("chatforge.bench.train", "training tokens/s, MFU and peak memory"),
         "infer": ("chatforge.bench.infer", "time to first token and decode tokens/s by batch size"),
         "serve": ("chatforge.bench.serve", "requests/s and time to first token under concurrent load"),
+        "tools": ("chatforge.bench.tools", "sandbox latency and decode tokens/s with tool calls in the batch"),
     }),
 }
 

@@ -129,6 +129,8 @@ class ScriptedModel(torch.nn.Module):
             at = int(kv_cache.lengths[b])
             kv_cache.k[0][b, 0, at:at + T, 0] = idx[b].float()
             history = kv_cache.k[0][b, 0, :at + T, 0].long().tolist()
+            if assistant_start not in history:
+                continue  # a finished row's junk step in its scratch slot
             generated = history[len(history) - history[::-1].index(assistant_start):]
             inside, produced = False, 0
             for t in generated:
@@ -212,3 +214,94 @@ def test_bench_infer_runs_on_cpu_with_tiny_numbers():
     assert all(r["tokens_per_s"] > 0 and r["bandwidth_fraction"] is None for r in rows)
     with pytest.raises(UsageError, match="--batch-sizes"):
         infer.main(parser.parse_args(["--batch-sizes", "0", "--device", "cpu"]))
+
+
+class ToolThenNoise(ScriptedModel):
+    """Rows whose prompt holds the word 'calc' follow the script (a tool call); every other token is
+    drawn from flat logits, so the sampled ids come from the noise alone."""
+
+    def forward(self, idx, kv_cache=None):
+        at = kv_cache.lengths.clone()
+        logits = super().forward(idx, kv_cache)
+        calc = self.tok.encode(" calc")[-1]
+        for b in range(idx.shape[0]):
+            history = kv_cache.k[0][b, 0, :int(at[b]) + idx.shape[1], 0].long().tolist()
+            produced = logits[b, -1].argmax().item()
+            if calc not in history or produced == self.tok.special_id("<|assistant_end|>"):
+                logits[b, -1] = 0.0  # past the script, or not a tool row: any token
+        return logits
+
+
+def delayed_sandbox(monkeypatch, delays):
+    """submit_python as the engine sees it, each call finishing after the next delay in `delays`;
+    returns the log of (event, time) the calls went through."""
+    import threading
+    import time
+    from concurrent.futures import Future
+
+    import chatforge.infer.engine as engine_module
+    from chatforge.infer.sandbox import run_python
+    log, delays = [], list(delays)
+
+    def submit(code):
+        future, delay = Future(), delays.pop(0) if delays else 0.0
+        log.append(("submit", time.monotonic()))
+
+        def finish():
+            time.sleep(delay)
+            result = run_python(code)
+            log.append(("done", time.monotonic()))
+            future.set_result(result)
+        threading.Thread(target=finish, daemon=True).start()
+        return future
+
+    monkeypatch.setattr(engine_module, "submit_python", submit)
+    return log
+
+
+def test_a_row_waiting_for_its_tool_lets_the_others_decode(tok, monkeypatch):
+    sp = tok.special_id
+    after = tok.encode(" so 42")
+    script = [sp("<|python_start|>"), *tok.encode("6 * 7"), sp("<|python_end|>"), *after]
+    engine = Engine(ScriptedModel(tok, script), tok)
+    delayed_sandbox(monkeypatch, [0.4])  # row 0's call is slow, row 1's is not
+    seen, order = {0: [], 1: []}, []
+    for step in engine.generate([prompt(tok, "what is 6 * 7"), prompt(tok, "and again")], max_tokens=60,
+                                temperature=0.0):
+        for t in step:
+            seen[t.row].append(t.token)
+            order.append(t.row)
+    end = seen[0].index(sp("<|python_end|>"))
+    row0 = [i for i, r in enumerate(order) if r == 0]
+    while_waiting = order[row0[end] + 1:row0[end + 1]]
+    assert while_waiting.count(1) >= len(after) + 3  # row 1 got its output and went on meanwhile
+    assert seen[0] == seen[1]
+
+
+@pytest.mark.parametrize("delays", [[0.0] * 8, [0.3, 0.0, 0.15, 0.0], [0.0, 0.4, 0.05, 0.2]])
+def test_tool_latency_changes_no_token(tok, monkeypatch, delays):
+    """Same seed, same tokens, however long each row's tool took: noise is keyed by row and position."""
+    sp = tok.special_id
+    script = [sp("<|python_start|>"), *tok.encode("6 * 7"), sp("<|python_end|>")]
+    engine = Engine(ToolThenNoise(tok, script), tok)
+    prompts = [prompt(tok, "calc this"), prompt(tok, "just talk"), prompt(tok, "calc that one")]
+    results = {}
+    for name, ds in (("instant", []), ("delayed", delays)):
+        delayed_sandbox(monkeypatch, ds)
+        out = engine.generate_batch(prompts, num_samples=2, max_tokens=24, temperature=1.0, seed=11)
+        results[name] = [(r.tokens, r.sampled_mask) for r in out]
+    assert results["instant"] == results["delayed"]
+    tool_rows = [r for r in results["instant"] if 0 in r[1]]
+    assert len(tool_rows) == 4  # the 'calc' rows called the tool; the others sampled freely
+    assert len({tuple(t) for t, _ in results["instant"]}) == 6
+
+
+def test_several_rows_call_the_tool_at_once(tok, monkeypatch):
+    sp = tok.special_id
+    script = [sp("<|python_start|>"), *tok.encode("6 * 7"), sp("<|python_end|>"), *tok.encode(" ok")]
+    engine = Engine(ScriptedModel(tok, script), tok)
+    log = delayed_sandbox(monkeypatch, [0.3] * 4)
+    engine.generate_batch([prompt(tok, "what is 6 * 7")], num_samples=4, max_tokens=40, temperature=0.0)
+    events = [e for e, _ in log]
+    assert events[:4] == ["submit"] * 4  # all four calls were out before the first came back
+    assert engine.tool_stats["calls"] == 4 and engine.tool_stats["blocked_s"] > 0

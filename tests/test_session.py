@@ -85,3 +85,40 @@ def test_admission_errors(engine):
         session.admit(list(range(70)))
     with pytest.raises(UsageError, match="at least one slot"):
         DecodeSession(engine, capacity=0)
+
+
+def test_a_seeded_admission_draws_what_generate_draws(engine):
+    p = prompt(engine, "tell me a story")
+    expected = [r.tokens for r in engine.generate_batch([p], num_samples=2, max_tokens=12, temperature=1.0,
+                                                        seed=21, use_tools=False)]
+    session = DecodeSession(engine, capacity=4, temperature=1.0, use_tools=False)
+    outputs = {}
+    [other] = session.admit(prompt(engine, "something else"), max_tokens=20)
+    drain(session, outputs, steps=3)  # the seeded request joins a decode already running
+    slots = session.admit(p, num_samples=2, max_tokens=12, seed=21)
+    drain(session, outputs)
+    assert [outputs[s][0] for s in slots] == expected
+    assert other not in slots
+
+
+def test_a_row_waiting_for_its_tool_does_not_hold_the_session(monkeypatch):
+    from test_engine import ScriptedModel, delayed_sandbox
+
+    tok = tiny_tokenizer()
+    sp = tok.special_id
+    script = [sp("<|python_start|>"), *tok.encode("6 * 7"), sp("<|python_end|>"), *tok.encode(" so 42")]
+    scripted = Engine(ScriptedModel(tok, script), tok)
+    p = render_for_completion(tok, {"messages": [{"role": "user", "content": "what is 6 * 7"}]})
+    expected = scripted.generate_batch([p], max_tokens=40, temperature=0.0)[0].tokens
+    delayed_sandbox(monkeypatch, [0.4, 0.0])
+    session = DecodeSession(scripted, capacity=2, temperature=0.0)
+    [slow] = session.admit(p, max_tokens=40)
+    [fast] = session.admit(p, max_tokens=40)
+    outputs, finished_first = {}, None
+    while session.active():
+        for t in session.step():
+            outputs.setdefault(t.row, [[]])[-1].append(t.token)
+            if t.done and finished_first is None:
+                finished_first = t.row
+    assert finished_first == fast  # the fast row finished while the slow one waited
+    assert outputs[slow][0] == outputs[fast][0] == expected

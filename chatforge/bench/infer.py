@@ -50,7 +50,8 @@ def peak_bandwidth(device: torch.device) -> float | None:
 
 class RandomVocabulary:
     """What the engine needs of a tokenizer when the weights are random: the size and the special ids
-    (the top of the vocabulary, as in the real tokenizer). Nothing is ever decoded."""
+    (the top of the vocabulary, as in the real tokenizer). Ids below 256 stand for bytes, so tool code
+    and tool output (bench tools) can be decoded and encoded."""
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
@@ -61,6 +62,26 @@ class RandomVocabulary:
 
     def is_special(self, token_id: int) -> bool:
         return token_id >= self.first_special
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+
+
+def random_model(config, rt) -> GPT:
+    """A GPT with random weights in the compute dtype, fused for inference, as a checkpoint would load."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=rt.device)
+    model.init_weights()
+    with torch.no_grad():  # init zeroes the output projections; time on data that looks like a trained model's
+        for block in model.transformer.h:
+            for lin in (block.attn.c_proj, block.mlp.c_proj):
+                lin.weight.normal_(0.0, 0.02)
+    model.to(dtype=rt.dtype).eval()  # inference weights in the compute dtype (bf16 on modern GPUs)
+    return model.fuse_for_inference()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,17 +127,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     s = derive(args.depth, sequence_len=args.seq_len, vocab_size=args.vocab_size, head_dim=args.head_dim,
                n_kv_head=args.n_kv_head, window_pattern=args.window_pattern)
     config = s.model_config()
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=rt.device)
-    model.init_weights()
-    with torch.no_grad():  # init zeroes the output projections; time on data that looks like a trained model's
-        for block in model.transformer.h:
-            for lin in (block.attn.c_proj, block.mlp.c_proj):
-                lin.weight.normal_(0.0, 0.02)
-    model.to(dtype=rt.dtype).eval()  # inference weights in the compute dtype (bf16 on modern GPUs)
-    model.fuse_for_inference()
-    engine = Engine(model, RandomVocabulary(args.vocab_size), rt.device, rt.dtype,
+    engine = Engine(random_model(config, rt), RandomVocabulary(args.vocab_size), rt.device, rt.dtype,
                     compile=args.compile and cuda, cuda_graph=args.cuda_graph and cuda)
     elem = torch.finfo(rt.dtype).bits // 8
     weight_bytes = (s.num_params - config.vocab_size * config.n_embd) * elem  # the embedding is a lookup
@@ -173,8 +184,8 @@ def main(args: argparse.Namespace) -> list[dict]:
 def _time_decode_step(engine, prompt_len: int, reps: int = 50) -> float:
     """Milliseconds per decode step (forward and sampling) with the host out of the way: the gap to
     ms/step is what the host adds."""
-    _, cache, _, _, steps = engine._decoder
-    step_fn = next(iter(steps.values()))[0]
+    _, cache, _, _, _, steps = engine._decoder
+    step_fn = next(iter(steps.values()))
     cache.lengths.fill_(prompt_len)
     step_fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

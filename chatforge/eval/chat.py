@@ -63,7 +63,7 @@ def run_categorical(model, tokenizer, task, runtime, indices: list[int], batch_s
     """(correct, total, truncated) over this rank's examples."""
     device = runtime.device
     correct = truncated = 0
-    bar = Progress(len(indices), f"{task.name}", unit="q")
+    bar = Progress(len(indices), f"{task.name}", unit="questions")
     for b in range(0, len(indices), batch_size):
         convs = [task[i] for i in indices[b:b + batch_size]]
         prompts = [render_for_completion(tokenizer, c) for c in convs]
@@ -92,7 +92,7 @@ def run_generative(engine, tokenizer, task, indices: list[int], num_samples: int
     """(correct, total, truncated) over this rank's examples; an example is solved if any sample is."""
     ends = {tokenizer.special_id("<|assistant_end|>"), tokenizer.bos_id}
     correct = truncated = 0
-    bar = Progress(len(indices), f"{task.name}", unit="q")
+    bar = Progress(len(indices), f"{task.name}", unit="questions")
     for b in range(0, len(indices), batch_size):
         convs = [task[i] for i in indices[b:b + batch_size]]
         prompts = [render_for_completion(tokenizer, c) for c in convs]

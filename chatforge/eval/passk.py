@@ -53,7 +53,7 @@ def count_correct(engine, tokenizer, conversations: list[dict], score, num_sampl
                   seed: int = 0) -> list[int]:
     """Per conversation, how many of `num_samples` sampled replies `score(conversation, text)` accepts."""
     correct = []
-    bar = Progress(len(conversations), "pass@k", unit="q")
+    bar = Progress(len(conversations), "pass@k", unit="questions")
     for b in range(0, len(conversations), batch_size):
         convs = conversations[b:b + batch_size]
         room = max(1, engine.config.sequence_len - max_new_tokens)  # a longer prompt keeps its last tokens

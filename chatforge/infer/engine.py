@@ -17,9 +17,14 @@ How a call runs:
    machine need them). A forced token is known a step early, so it is patched into the input; a row
    that ends costs one junk step. Same seed, same tokens as a lock-step loop.
 3. Tool use, per row: after `<|python_start|>` the sampled tokens are collected until
-   `<|python_end|>`; the code runs in the sandbox and `<|output_start|> result <|output_end|>` is
-   queued as forced tokens, fed one per step before sampling resumes. Forced tokens are marked
-   `sampled=False` (RL must not train on them).
+   `<|python_end|>`; the code goes to the sandbox (a Future: several rows' calls run at once) and
+   the row waits alone: until its result is in, each step feeds it `<|python_end|>` again at the same
+   position (rewriting the same key/value, so its cache is untouched) and its output is ignored,
+   while the other rows decode on. Then `<|output_start|> result <|output_end|>` is queued as forced
+   tokens, fed one per step before sampling resumes. Sampling noise is keyed by (row, position)
+   (infer/sampling.py), so the steps a row sat out change none of its tokens: same seed, same tokens,
+   however long the tool took. Only when every row waits does the host block on the tools. Forced
+   tokens are marked `sampled=False` (RL must not train on them).
 4. A row ends at a sampled `<|assistant_end|>` or `<|bos|>` (or a caller's stop id / stop string),
    after max_tokens generated tokens, or when it reaches the model's context (sequence_len).
 
@@ -29,9 +34,10 @@ A prompt longer than the context is an error (UsageError), never silently cut.
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -39,8 +45,8 @@ from typing import Iterator
 import torch
 
 from chatforge.errors import CheckpointError, UsageError
-from chatforge.infer.sampling import check_sampling_args, sample_next
-from chatforge.infer.sandbox import run_python
+from chatforge.infer.sampling import check_sampling_args, row_keys, sample_next
+from chatforge.infer.sandbox import submit_python
 
 CACHE_ROUND = 256           # decode cache lengths are rounded up so CUDA graphs are reused across calls
 PREFILL_GROUP = 32          # at most this many equal-length prompts per prefill forward
@@ -76,6 +82,7 @@ class _Row:
     in_code: bool = False
     code: list = field(default_factory=list)
     recent: list = field(default_factory=list)  # tail of generated ids, for stop strings
+    tool: Future | None = None  # the sandbox call this row waits for
 
 
 class Engine:
@@ -106,8 +113,8 @@ class Engine:
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.meta: dict = {}  # the checkpoint's meta.json when loaded with from_checkpoint
-        self._decoder = None  # ((R, max_len), cache, static input, forward, {sampling: (step, generator)})
-        self._tool_pool = None
+        self._decoder = None  # ((R, max_len), cache, static input, row keys, forward, {sampling: step})
+        self.tool_stats = {"calls": 0, "blocked_s": 0.0}  # sandbox calls made; seconds every row waited on one
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -159,10 +166,10 @@ class Engine:
         max_len = min(max(len(p) for p in prompts) + max_tokens, context) + 1  # +1: a finished row's scratch slot
         max_len = -(-max_len // CACHE_ROUND) * CACHE_ROUND
 
-        cache, step_fn, static_in, generator = self._decode_state(R, max_len, (temperature, top_k, top_p))
-        generator.manual_seed(seed if seed is not None else int(time.time_ns()) % (2**63))
+        cache, step_fn, static_in, keys = self._decode_state(R, max_len, (temperature, top_k, top_p))
+        keys.copy_(row_keys(seed if seed is not None else random.getrandbits(63), R, self.device))
         logits = self._prefill(prompts, num_samples, cache)  # (R, V)
-        sampled = sample_next(logits, temperature, top_k, top_p, generator)  # (R,) on the device
+        sampled = sample_next(logits, temperature, top_k, top_p, keys=keys, positions=cache.lengths)  # (R,)
         static_in.copy_(sampled)
         cuda = self.device.type == "cuda"
         host_ids = torch.empty(R, dtype=torch.long, pin_memory=cuda)
@@ -175,8 +182,9 @@ class Engine:
             # Launch the next step before this one's ids reach the host, so the GPU never waits on Python.
             # Its input is this step's sampled ids, except for rows whose token this step is forced (known
             # already: the queue was filled by an earlier step's tool call); their sampled id is dropped.
-            live = {b: row for b, row in enumerate(rows) if not row.done}
+            live = self._wait_for_tools({b: row for b, row in enumerate(rows) if not row.done}, block=True)
             forced = self._feed_forced(live, static_in)
+            self._hold_waiting(live, cache, static_in)
             if scratch:
                 # a finished row keeps decoding junk (shapes are static) into a scratch slot at 0
                 cache.lengths[torch.tensor(scratch, device=self.device)] = 0
@@ -187,9 +195,34 @@ class Engine:
             host = host_ids.tolist()  # the one wait per step, for ids the GPU finished a step ago
             out = self._account(live, host, forced, stop_set, use_tools)
             scratch = [t.row for t in out if t.done]
-            yield out
+            if out:
+                yield out
             if all(row.done for row in rows):
                 return
+
+    def _wait_for_tools(self, live: dict[int, _Row], block: bool) -> dict[int, _Row]:
+        """Queue the output of every finished tool call; with `block`, when every live row waits, wait
+        for the first call to finish rather than step the GPU for nothing. Returns `live`."""
+        pending = [row.tool for row in live.values() if row.tool is not None]
+        if block and pending and len(pending) == len(live):
+            started = time.perf_counter()
+            wait(pending, return_when=FIRST_COMPLETED)
+            self.tool_stats["blocked_s"] += time.perf_counter() - started
+        for row in live.values():
+            if row.tool is not None and row.tool.done():
+                text = row.tool.result().as_text()[:TOOL_OUTPUT_CHARS]
+                row.forced.extend([self.output_start, *self.tokenizer.encode(text), self.output_end])
+                row.tool = None
+        return live
+
+    def _hold_waiting(self, live: dict[int, _Row], cache, static_in: torch.Tensor) -> None:
+        """Rows whose tool still runs sit this step out: `<|python_end|>` again at the same position
+        (the same key/value rewritten) and, in `_account`, no token."""
+        held = [b for b, row in live.items() if row.tool is not None]
+        if held:
+            idx = torch.tensor(held, device=self.device)
+            static_in[idx] = self.python_end
+            cache.lengths[idx] -= 1
 
     def _feed_forced(self, live: dict[int, _Row], static_in: torch.Tensor) -> dict[int, int]:
         """Pop this step's forced token of each live row that has one and patch it into the next
@@ -203,9 +236,11 @@ class Engine:
     def _account(self, live: dict[int, _Row], host: list[int], forced: dict[int, int], stop_set: set,
                  use_tools: bool) -> list[StepToken]:
         """Each live row's token of this step (forced, else the sampled id in `host`), in row order;
-        tool calls that closed run now and queue their output."""
+        rows waiting for a tool have none. Tool calls that closed go to the sandbox now."""
         out, tool_rows = [], []
         for b, row in live.items():
+            if row.tool is not None:
+                continue
             was_sampled = b not in forced
             token = host[b] if was_sampled else forced[b]
             reason, tool_call = self._advance(row, token, was_sampled, stop_set, use_tools)
@@ -213,8 +248,8 @@ class Engine:
                 tool_rows.append(row)
             out.append(StepToken(b, token, was_sampled, row.done, reason))
         if tool_rows:
-            # the step already launched fed python_end; the tool's output is forced from the next one on
-            self._run_tools(tool_rows)
+            # the step already launched fed python_end; the row waits from the next one on
+            self._start_tools(tool_rows)
         return out
 
     def _advance(self, row: _Row, token: int, was_sampled: bool, stop_set: set, use_tools: bool):
@@ -319,13 +354,14 @@ class Engine:
         return self._mask_padding(last[src].float())
 
     def _decode_state(self, R: int, max_len: int, sampling: tuple):
-        """The decode cache, step function, input buffer and generator for R rows.
+        """The decode cache, step function, input buffer and row keys for R rows.
 
-        A step feeds `static_in`, samples with `sampling` = (temperature, top_k, top_p) and leaves the
-        sampled ids both in `static_in` (the next step's input) and in the returned tensor. The cache
-        and the (compiled) forward are built once per (R, max_len); on CUDA each sampling setting gets
-        its own graph of forward + sampling, so a step is a single launch. The graph draws from a
-        generator registered with it: reseeding that generator reseeds the replays.
+        A step feeds `static_in`, samples with `sampling` = (temperature, top_k, top_p) and the rows'
+        keys (noise keyed by row and position), and leaves the sampled ids both in `static_in` (the
+        next step's input) and in the returned tensor. The cache and the (compiled) forward are built
+        once per (R, max_len); on CUDA each sampling setting gets its own graph of forward + sampling,
+        so a step is a single launch. Keys and lengths are device tensors the graph reads, so new
+        seeds need no new graph.
         """
         from chatforge.model.gpt import KVCache
 
@@ -336,23 +372,32 @@ class Engine:
                 torch.cuda.empty_cache()  # the previous shape's cache and graph pools
             cache = KVCache(self.config, R, max_len, self.device, self.dtype)
             static_in = torch.zeros(R, dtype=torch.long, device=self.device)
-            self._decoder = (key, cache, static_in, self._forward_fn(cache, static_in), {})
-        _, cache, static_in, forward, steps = self._decoder
+            keys = torch.zeros(R, dtype=torch.long, device=self.device)
+            self._decoder = (key, cache, static_in, keys, self._forward_fn(cache, static_in), {})
+        _, cache, static_in, keys, forward, steps = self._decoder
         if sampling not in steps:
-            generator = torch.Generator(device=self.device)
-            temperature, top_k, top_p = sampling
+            sample = self._sampler(sampling)
 
             def step():
-                sampled = sample_next(forward(), temperature, top_k, top_p, generator)
+                sampled = sample(forward(), keys, cache.lengths)
                 static_in.copy_(sampled)
                 return sampled
 
             if self.cuda_graph:
-                step = self._capture(step, cache, static_in, generator)
+                step = self._capture(step, cache, static_in)
             steps.clear()  # one sampling setting at a time keeps at most one graph's memory around
-            steps[sampling] = (step, generator)
-        step, generator = steps[sampling]
-        return cache, step, static_in, generator
+            steps[sampling] = step
+        return cache, steps[sampling], static_in, keys
+
+    def _sampler(self, sampling: tuple):
+        """sample(logits, keys, positions) -> ids for one sampling setting; compiled with the forward
+        when that is (the keyed noise is a dozen element-wise passes over (R, V) that fuse into one)."""
+        temperature, top_k, top_p = sampling
+
+        def sample(logits, keys, positions):
+            return sample_next(logits, temperature, top_k, top_p, keys=keys, positions=positions)
+
+        return torch.compile(sample, dynamic=False) if self.compile else sample
 
     def _forward_fn(self, cache, static_in):
         """The decode forward of `static_in` (R,) over `cache`: (R, V) fp32 logits, compiled if asked."""
@@ -367,20 +412,21 @@ class Engine:
         mode = os.environ.get("CHATFORGE_DECODE_COMPILE_MODE") or None
         return torch.compile(forward_step, dynamic=False, mode=mode) if self.compile else forward_step
 
-    def _session_step(self, cache, static_in, out, sampling: tuple, generator):
-        """A decode step for a DecodeSession's first R rows (cache, static_in and out are views):
+    def _session_step(self, cache, static_in, out, keys, sampling: tuple):
+        """A decode step for a DecodeSession's first R rows (cache, static_in, out and keys are views):
         forward, sample, and leave the ids in static_in and out; graph-captured on CUDA."""
         forward = self._forward_fn(cache, static_in)
+        sample = self._sampler(sampling)
 
         def step():
-            sampled = sample_next(forward(), *sampling, generator)
+            sampled = sample(forward(), keys, cache.lengths)
             static_in.copy_(sampled)
             out.copy_(sampled)
             return out
 
-        return self._capture(step, cache, static_in, generator) if self.cuda_graph else step
+        return self._capture(step, cache, static_in) if self.cuda_graph else step
 
-    def _capture(self, step, cache, static_in, generator):
+    def _capture(self, step, cache, static_in):
         """Record one decode step in a CUDA graph; replaying it costs one launch instead of hundreds."""
         saved_lengths, saved_in = cache.lengths.clone(), static_in.clone()
         stream = torch.cuda.Stream(self.device)
@@ -391,10 +437,6 @@ class Engine:
                 cache.lengths.copy_(saved_lengths)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        if not hasattr(graph, "register_generator_state"):
-            raise UsageError(f"sampling inside a CUDA graph needs torch >= 2.5 (this is {torch.__version__}); "
-                             "upgrade torch or turn CUDA graphs off")
-        graph.register_generator_state(generator)
         with torch.cuda.graph(graph):
             static_out = step()
         cache.lengths.copy_(saved_lengths)
@@ -406,18 +448,11 @@ class Engine:
 
         return replay
 
-    def _run_tools(self, rows: list[_Row]) -> None:
-        """Run each row's collected code in the sandbox (in parallel) and queue the forced output tokens."""
-        codes = [self.tokenizer.decode(row.code) for row in rows]
-        if len(codes) == 1:
-            outputs = [run_python(codes[0])]
-        else:
-            if self._tool_pool is None:
-                self._tool_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="chatforge-tool")
-            outputs = list(self._tool_pool.map(run_python, codes))
-        for row, result in zip(rows, outputs):
-            text = result.as_text()[:TOOL_OUTPUT_CHARS]
-            row.forced.extend([self.output_start, *self.tokenizer.encode(text), self.output_end])
+    def _start_tools(self, rows: list[_Row]) -> None:
+        """Send each row's collected code to the sandbox; the row waits until its Future is done."""
+        for row in rows:
+            row.tool = submit_python(self.tokenizer.decode(row.code))
+        self.tool_stats["calls"] += len(rows)
 
 
 class IncrementalDecoder:

@@ -4,6 +4,13 @@ The engine calls `sample_next` once per decode step for every row at once. Nothi
 value back to the host: the draw uses the exponential race (argmax of p_i / E_i with E_i ~ Exp(1)
 picks i with probability p_i, the trick gpt-fast uses) instead of `torch.multinomial`, which
 synchronises on CUDA. Filters are applied in the usual order: temperature, then top-k, then top-p.
+
+The engine's noise is keyed, not streamed: E for row b and token v is a hash of (the row's key, the
+position being sampled, v), computed on the device. A row's tokens then depend on its seed and its
+own history only, not on how many steps the batch took: a row that sits out steps while its tool runs
+(or joins a running decode) draws exactly what it would have drawn without waiting. The hash is a
+32-bit integer mixer (two multiply-xorshift rounds, as in Wellons' "lowbias32") evaluated in int64
+with the products split so nothing overflows; its top 24 bits become a uniform in (0, 1).
 """
 
 from __future__ import annotations
@@ -45,10 +52,49 @@ def filtered_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int |
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B,) int64 token ids drawn from (B, V) logits; temperature 0 is argmax (greedy)."""
+                top_p: float | None = None, generator: torch.Generator | None = None,
+                keys: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) int64 token ids drawn from (B, V) logits; temperature 0 is argmax (greedy).
+
+    With `keys` and `positions` ((B,) int64 tensors on the logits' device) the noise is keyed (see the
+    module docstring); otherwise it is drawn from `generator`."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(1e-20)  # no 0/0
+    if keys is not None:
+        race = keyed_exponential(keys, positions, probs.shape[-1])
+    else:
+        race = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(1e-20)  # no 0/0
     return (probs / race).argmax(dim=-1)
+
+
+M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x < 2^32, in int64 without overflow: c split into 16-bit halves."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def row_keys(seed: int, rows: int, device) -> torch.Tensor:
+    """(rows,) int64 keys, one per row, from one seed (any Python int)."""
+    base = torch.arange(rows, dtype=torch.int64, device=device)
+    return _mix32((_mix32(torch.full_like(base, seed & M32)) + (seed >> 32 & M32) + base * 0x9E3779B9) & M32)
+
+
+def keyed_exponential(keys: torch.Tensor, positions: torch.Tensor, V: int) -> torch.Tensor:
+    """(B, V) float32 Exp(1) draws, a function of (keys[b], positions[b], v) alone."""
+    row = _mix32((keys.long() ^ _mix32(positions.long() & M32)) & M32)  # (B,)
+    v = torch.arange(V, dtype=torch.int64, device=keys.device)
+    x = _mix32((row[:, None] + v[None, :] * 0x9E3779B9) & M32)  # (B, V)
+    uniform = ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0 or 1
+    return -torch.log(uniform)

@@ -18,19 +18,25 @@ whatever that step wrote for the slot (its cache rows, its length, its sampled i
 newly admitted slot's output from a step launched before the change is ignored on the host. Free
 slots inside the R rows decode junk at position 0 (their length is reset before every step), as
 finished rows do in `generate`. Per-row limits (max_tokens, stop strings) work as in `generate`;
-all rows share the session's temperature/top-k/top-p and its generator, so seeded requests are not
-for sessions. One engine runs one session (or one `generate`) at a time.
+all rows share the session's temperature/top-k/top-p, but each admission has its own seed (noise is
+keyed by row and position), so a seeded request gets the same tokens here as alone through
+`generate`. A row whose tool call runs waits alone, as in `generate`. One engine runs one session
+(or one `generate`) at a time.
 """
 
 from __future__ import annotations
 
 import random
+import time
+from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
 from chatforge.errors import UsageError
 from chatforge.infer.engine import CACHE_ROUND, Engine, StepToken, _Row
-from chatforge.infer.sampling import check_sampling_args, sample_next
+from chatforge.infer.sampling import check_sampling_args, row_keys, sample_next
+
+TOOL_POLL = 0.005  # seconds a step waits for a tool when every row waits, before it returns to admit
 
 
 class DecodeSession:
@@ -49,8 +55,7 @@ class DecodeSession:
         self.cache = KVCache(engine.config, capacity, max_len, device, engine.dtype)
         self.static_in = torch.zeros(capacity, dtype=torch.long, device=device)  # each slot's next input
         self.next_ids = torch.zeros(capacity, dtype=torch.long, device=device)   # each slot's next output
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(random.getrandbits(63))
+        self.keys = torch.zeros(capacity, dtype=torch.long, device=device)      # each slot's noise key
         self.steps: dict[int, object] = {}  # R -> the step over the first R rows
         self.rows: list[_Row | None] = [None] * capacity
         self.stop_set = {engine.assistant_end, engine.bos}
@@ -68,17 +73,19 @@ class DecodeSession:
 
     @torch.inference_mode()
     def admit(self, prompt: list[int], num_samples: int = 1, max_tokens: int = 256,
-              stop_strings: tuple[str, ...] = ()) -> list[int]:
+              stop_strings: tuple[str, ...] = (), seed: int | None = None) -> list[int]:
         """Prefill `prompt` into `num_samples` free slots; their first tokens come out of the next
-        `step`. Returns the slots (a StepToken's `row` names its slot)."""
+        `step`. Returns the slots (a StepToken's `row` names its slot). With a seed, the samples are
+        those `Engine.generate(..., seed=seed)` draws for this prompt."""
         e = self.engine
         [prompt] = e._check_prompts([prompt], num_samples, max_tokens)
         free = [i for i, row in enumerate(self.rows) if row is None][:num_samples]  # lowest first: R stays small
         if len(free) < num_samples:
             raise UsageError(f"{num_samples} rows asked of a session with {len(free)} free slots")
         logits = e._prefill_rows(self.cache, [prompt], num_samples, free)
-        first = sample_next(logits, *self.sampling, self.generator)
         index = torch.tensor(free, device=e.device)
+        self.keys[index] = row_keys(seed if seed is not None else random.getrandbits(63), num_samples, e.device)
+        first = sample_next(logits, *self.sampling, keys=self.keys[index], positions=self.cache.lengths[index])
         self.next_ids[index] = first
         self.static_in[index] = first
         stops = tuple(s for s in stop_strings if s)
@@ -89,6 +96,8 @@ class DecodeSession:
     def release(self, slots: list[int]) -> None:
         """Stop these slots now (a cancelled request); they are free for the next `admit`."""
         for i in slots:
+            if self.rows[i] is not None and self.rows[i].tool is not None:
+                self.rows[i].tool.cancel()  # a call not started yet is dropped; a running one just ends
             self.rows[i] = None
 
     # ---- decoding --------------------------------------------------------------------------------
@@ -100,18 +109,27 @@ class DecodeSession:
         if not self.active():
             return []
         e = self.engine
+        live = {i: row for i, row in enumerate(self.rows) if row is not None}  # the slots copied below
+        pending = [row.tool for row in live.values() if row.tool is not None]
+        if len(pending) == len(live):  # every row waits for a tool: give it a moment, then let the caller admit
+            started = time.perf_counter()
+            wait(pending, timeout=TOOL_POLL, return_when=FIRST_COMPLETED)
+            e.tool_stats["blocked_s"] += time.perf_counter() - started
+            if not any(f.done() for f in pending):
+                return []
+        e._wait_for_tools(live, block=False)
         self.host_ids.copy_(self.next_ids, non_blocking=self.cuda)
         if self.cuda:
             self.arrived.record()
-        live = {i: row for i, row in enumerate(self.rows) if row is not None}  # the slots just copied
         forced = e._feed_forced(live, self.static_in)
+        e._hold_waiting(live, self.cache, self.static_in)
         R = min(1 << max(live).bit_length(), self.capacity)  # a power of two above the highest busy slot
         free = [i for i in range(R) if i not in live]
         if free:  # junk stays in the scratch slot, never past the cache
             self.cache.lengths[torch.tensor(free, device=e.device)] = 0
         if R not in self.steps:
             self.steps[R] = e._session_step(self.cache.head(R), self.static_in[:R], self.next_ids[:R],
-                                            self.sampling, self.generator)
+                                            self.keys[:R], self.sampling)
         self.steps[R]()
         if self.cuda:
             self.arrived.synchronize()

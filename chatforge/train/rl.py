@@ -37,6 +37,7 @@ Each step:
 Every --eval-every steps (and at the end): pass@1..k (`eval/passk.py`, the unbiased estimator) on the
 first --eval-examples questions of the test split, k from --pass-k. Every step a line with the mean
 reward and samples/s (all ranks' sampled replies per second of the whole step, rollout + update),
+the tool calls the rollouts made and the share of rollout time in which every row waited on one,
 plus a metrics.jsonl record. Checkpoints go to checkpoints/rl/<tag>/ every --save-every steps and at
 the end (with the stream position); --resume continues the latest one. The summary is
 eval/rl/<tag>/rl.json.
@@ -374,6 +375,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
         prompts = [prompt_of(c) for c in conversations]
         model.eval()
         results = []
+        tools_before = dict(engine.tool_stats)
         for c0 in range(0, len(prompts), questions_per_call):
             call_seed = ((args.seed * 100_003 + step) * 1_009 + rt.rank) * 10_007 + c0
             results += engine.generate_batch(prompts[c0:c0 + questions_per_call], num_samples=k,
@@ -383,6 +385,8 @@ def _train(args: argparse.Namespace, rt) -> dict:
                   for r, res in enumerate(results)]
         rt.synchronize()
         t1 = time.perf_counter()
+        tool_calls = engine.tool_stats["calls"] - tools_before["calls"]
+        tool_wait = (engine.tool_stats["blocked_s"] - tools_before["blocked_s"]) / max(t1 - t0, 1e-9)
 
         # 4-5. advantages and the masked policy-gradient loss, micro-batch by micro-batch
         rewards_t = torch.tensor(scores, dtype=torch.float32).view(len(prompts), k)
@@ -424,13 +428,15 @@ def _train(args: argparse.Namespace, rt) -> dict:
                   "lr_multiplier": sched["lr_multiplier"], "samples_per_s": round(num_rows / seconds, 2),
                   "sampled_tokens": int(sampled_tokens), "mean_reply_tokens": round(generated_tokens / num_rows, 1),
                   "rollout_s": round(t1 - t0, 3), "update_s": round(t2 - t1, 3), "step_s": round(seconds, 3),
+                  "tool_calls": tool_calls, "tool_wait_frac": round(tool_wait, 4),
                   "trained_rows": len(active), "rank0_questions": indices, **loop.memory_stats(rt.device)}
         reward_history.append(record["reward"])
         samples_per_s.append(record["samples_per_s"])
         logger.log(step, **record)
         print0(f"step {step}/{num_iterations} | reward {record['reward']:.3f} | pg loss {pg_loss:+.4f} | "
                f"{record['samples_per_s']:.1f} samples/s | rollout {t1 - t0:.2f}s update {t2 - t1:.2f}s | "
-               f"{record['mean_reply_tokens']:.0f} tokens/reply")
+               f"{record['mean_reply_tokens']:.0f} tokens/reply | {tool_calls} tool calls, "
+               f"{100 * tool_wait:.0f}% of rollout waiting on them")
         progress.update(1, reward=f"{record['reward']:.3f}", samples_s=f"{record['samples_per_s']:.1f}")
     progress.close()
     logger.close()
