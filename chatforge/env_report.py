@@ -42,6 +42,8 @@ def collect(device: str | None = None, dtype: str | None = None) -> dict:
     }
     if info["gpus"]:
         info["gpu names"] = ", ".join(torch.cuda.get_device_name(i) for i in range(info["gpus"]))
+    from chatforge.infer.sandbox import sandbox_status
+    info["python tool"] = sandbox_status()[1]
     return info
 
 

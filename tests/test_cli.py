@@ -32,7 +32,7 @@ def test_env_reports_what_a_bug_report_needs(chatforge_home):
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     for key in ("python", "torch", "cuda (torch build)", "device", "compute dtype", "gpus",
-                "base directory", "free space"):
+                "base directory", "free space", "python tool"):
         assert key in info
     assert str(chatforge_home) in info["base directory"]
     assert info["compute dtype"].startswith("float32 (")

@@ -54,10 +54,11 @@ class ScriptedCalls(torch.nn.Module):
     the real forward, the scripted token gets a large bias and the special tokens a large penalty, so
     free positions never start a call or end a reply by chance. All on the device: CUDA-graph safe."""
 
-    def __init__(self, model, max_len: int, first_special: int):
+    def __init__(self, model, rows: int, max_len: int, first_special: int):
         super().__init__()
         self.model, self.config, self.first_special = model, model.config, first_special
-        self.register_buffer("script", torch.full((1, max_len), -1, dtype=torch.long,
+        # filled in place between runs: the compiled step and its CUDA graph keep reading this storage
+        self.register_buffer("script", torch.full((rows, max_len), -1, dtype=torch.long,
                                                   device=next(model.parameters()).device), persistent=False)
 
     def forward(self, idx, kv_cache=None):
@@ -105,7 +106,7 @@ def decode_with_tools(engine, scripted, B: int, rate: float, prompt_len: int, ne
     kw = dict(max_tokens=new_tokens, temperature=1.0, top_k=50, ignore_stops=True, seed=0)
     out = {}
     for name, use in (("no tools", torch.full_like(script, -1)), ("tools", script)):
-        scripted.script = use.to(scripted.script.device)
+        scripted.script.copy_(use)
         for i, _ in enumerate(engine.generate(prompts, **kw)):  # warm-up: compile and graph capture
             if i == 2:
                 break
@@ -140,7 +141,8 @@ def main(args: argparse.Namespace) -> dict:
     cuda = rt.device.type == "cuda"
     s = derive(args.depth, sequence_len=args.seq_len, vocab_size=args.vocab_size)
     vocab = RandomVocabulary(args.vocab_size)
-    scripted = ScriptedCalls(random_model(s.model_config(), rt), args.seq_len + 1, vocab.first_special)
+    scripted = ScriptedCalls(random_model(s.model_config(), rt), args.batch_size, args.seq_len + 1,
+                             vocab.first_special)
     engine = Engine(scripted, vocab, rt.device, rt.dtype, compile=args.compile and cuda)
     decode = decode_with_tools(engine, scripted, args.batch_size, args.tool_rate, args.prompt_len,
                                args.new_tokens, vocab)

@@ -390,14 +390,17 @@ class Engine:
         return cache, steps[sampling], static_in, keys
 
     def _sampler(self, sampling: tuple):
-        """sample(logits, keys, positions) -> ids for one sampling setting; compiled with the forward
-        when that is (the keyed noise is a dozen element-wise passes over (R, V) that fuse into one)."""
+        """sample(logits, keys, positions) -> ids for one sampling setting. Compiled on CUDA even when
+        the forward is not: the keyed noise is some twenty element-wise passes over (R, V) int64 that
+        fuse into one kernel (eager, they cost ~10% of a batch-128 step); never on the CPU test path."""
         temperature, top_k, top_p = sampling
 
         def sample(logits, keys, positions):
             return sample_next(logits, temperature, top_k, top_p, keys=keys, positions=positions)
 
-        return torch.compile(sample, dynamic=False) if self.compile else sample
+        fuse = self.compile or (self.device.type == "cuda" and temperature > 0
+                                and os.environ.get("CHATFORGE_COMPILE_SAMPLER", "1") != "0")
+        return torch.compile(sample, dynamic=False) if fuse else sample
 
     def _forward_fn(self, cache, static_in):
         """The decode forward of `static_in` (R,) over `cache`: (R, V) fp32 logits, compiled if asked."""

@@ -88,13 +88,17 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def row_keys(seed: int, rows: int, device) -> torch.Tensor:
     """(rows,) int64 keys, one per row, from one seed (any Python int)."""
     base = torch.arange(rows, dtype=torch.int64, device=device)
-    return _mix32((_mix32(torch.full_like(base, seed & M32)) + (seed >> 32 & M32) + base * 0x9E3779B9) & M32)
+    seeded = _mix32(torch.full_like(base, seed & M32) ^ _mix32(torch.full_like(base, seed >> 32 & M32)))
+    return _mix32(seeded ^ _mix32(base))
 
 
 def keyed_exponential(keys: torch.Tensor, positions: torch.Tensor, V: int) -> torch.Tensor:
-    """(B, V) float32 Exp(1) draws, a function of (keys[b], positions[b], v) alone."""
+    """(B, V) float32 Exp(1) draws, a function of (keys[b], positions[b], v) alone.
+
+    Every constant stays below 2^16 (inside `_mul32`): compiled, Inductor multiplies index variables
+    as 32-bit integers and refuses larger literals."""
     row = _mix32((keys.long() ^ _mix32(positions.long() & M32)) & M32)  # (B,)
     v = torch.arange(V, dtype=torch.int64, device=keys.device)
-    x = _mix32((row[:, None] + v[None, :] * 0x9E3779B9) & M32)  # (B, V)
+    x = _mix32(row[:, None] ^ _mix32(v)[None, :])  # (B, V)
     uniform = ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0 or 1
     return -torch.log(uniform)

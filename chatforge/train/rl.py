@@ -79,12 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     roll.add_argument("--max-new-tokens", type=int, default=256, help="longest reply sampled")
     roll.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     roll.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    roll.add_argument("--rollout-batch-size", type=int, default=128,
+    roll.add_argument("--rollout-batch-size", type=int, default=256,
                       help="replies generated together per engine call (whole groups; lower it on OOM)")
     opt = parser.add_argument_group("optimization")
     opt.add_argument("--num-iterations", type=int, default=None, help="number of steps (default: from --epochs)")
     opt.add_argument("--epochs", type=float, default=None, help="passes over the training questions (default 1)")
-    opt.add_argument("--device-batch-size", type=int, default=8, help="rows per training forward/backward")
+    opt.add_argument("--device-batch-size", type=int, default=32, help="rows per training forward/backward")
     opt.add_argument("--init-lr-frac", type=float, default=0.05,
                      help="learning rates as a fraction of the depth dial's (default 0.05, as nanochat)")
     run = parser.add_argument_group("evaluation, checkpoints, logging")
