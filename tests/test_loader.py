@@ -178,3 +178,45 @@ def test_bad_state_and_empty_split_are_clear_errors(tmp_path, tokenizer):
     few = open_corpus(write_jsonl(tmp_path / "few.jsonl", make_texts(3)))
     with pytest.raises(DataError, match="val split has no documents for rank 0 of 1"):
         list(PackedLoader(few, tokenizer, batch_size=1, seq_len=16, split="val"))
+
+
+def test_pad_last_measures_a_val_split_smaller_than_one_batch(tmp_path, tokenizer):
+    corpus = open_corpus(write_jsonl(tmp_path / "docs.jsonl", make_texts(100, seed=9)))
+    docs = [tokenizer.encode(t, prepend="<|bos|>") for t in corpus.iter_documents("val")]
+    kwargs = dict(batch_size=16, seq_len=32, split="val", loop=False)
+    assert sum(map(len, docs)) < 16 * 33  # fewer tokens than one batch holds
+    # the bug: a finite pass yields only full batches, so this split gave none (and a NaN val loss)
+    assert list(PackedLoader(corpus, tokenizer, **kwargs)) == []
+    loader = PackedLoader(corpus, tokenizer, pad_last=True, **kwargs)
+    [(x, y)] = list(loader)
+    assert x.shape == y.shape == (16, 32)
+    stats = loader.stats()
+    assert stats["tokens_used"] == sum(map(len, docs)) + stats["splits"] and stats["tokens_dropped"] == 0
+    # every row's real tokens, then bos inputs with ignored targets; each real token after a row's
+    # first is a target exactly once
+    assert int((y != -1).sum()) == stats["tokens_used"] - stats["rows"]
+    rows = []
+    for r in range(stats["rows"]):
+        n = int((y[r] != -1).sum())
+        assert n > 0 and torch.equal(x[r, 1:n], y[r, :n - 1])
+        assert (x[r, n + 1:] == tokenizer.bos_id).all() and (y[r, n:] == -1).all()
+        rows.append([int(x[r, 0])] + y[r, :n].tolist())
+    assert (y[stats["rows"]:] == -1).all()
+    done, last = reconstruct(rows, tokenizer.bos_id, {tuple(d) for d in docs})
+    assert sorted(done + [tuple(last)]) == sorted(tuple(d) for d in docs)
+
+
+def test_pad_last_keeps_full_batches_and_pads_only_the_rest(tmp_path, tokenizer):
+    corpus = open_corpus(write_jsonl(tmp_path / "docs.jsonl", make_texts(200, seed=10)))
+    kwargs = dict(batch_size=3, seq_len=16, split="val", loop=False)
+    plain_loader = PackedLoader(corpus, tokenizer, **kwargs)
+    plain = list(plain_loader)
+    assert plain_loader.stats()["tokens_dropped"] > 0  # rows left over: the unfinished last batch
+    loader = PackedLoader(corpus, tokenizer, pad_last=True, **kwargs)
+    padded = list(loader)
+    assert len(padded) == len(plain) + 1 and loader.stats()["tokens_dropped"] == 0
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, padded))
+    docs = [tokenizer.encode(t, prepend="<|bos|>") for t in corpus.iter_documents("val")]
+    assert loader.stats()["tokens_used"] == sum(map(len, docs)) + loader.stats()["splits"]
+    with pytest.raises(ValueError, match="finite pass"):
+        PackedLoader(corpus, tokenizer, batch_size=2, seq_len=16, pad_last=True)

@@ -19,8 +19,12 @@ How a row of `seq_len + 1` tokens is filled (inputs = row[:-1], targets = row[1:
   opened, so masks built from bos positions stay right), and every token of every document is a
   target exactly once. The cost of never cropping: one extra bos per split (`stats()["splits"]`),
   and a continuation's first tokens are predicted without the text before the split.
-- Nothing is padded and, while looping, no token is dropped. A finite pass (`loop=False`, e.g. the val
-  split) ends with the last full batch; the tokens of the unfinished last rows count as dropped.
+- Training rows are never padded and, while looping, no token is dropped. A finite pass
+  (`loop=False`) ends with the last full batch; the tokens of the unfinished last rows count as
+  dropped. A validation pass passes `pad_last=True` instead: the leftover rows become one more batch of the same shape, padded
+  with bos inputs and ignored (-1) targets, so every token is measured once and a split smaller than
+  one batch per rank still gives a loss (without it, midtraining's small chat val split gave no
+  batch at all on 8 ranks, hence a NaN validation loss).
 
 nanochat's loader crops what does not fit (its notes: ~35% of FineWeb tokens discarded; with the ~5k
 token documents of the docs corpus most tokens). Here `stats()["tokens_dropped"]` is 0 while looping.
@@ -156,8 +160,11 @@ class PackedLoader:
     def __init__(self, corpus, tokenizer, batch_size: int, seq_len: int, split: str = "train", rank: int = 0,
                  world_size: int = 1, device="cpu", state: dict | None = None, loop: bool = True,
                  buffer_docs: int = 256, tokenize_batch: int = 128, num_threads: int | None = None,
-                 prefetch: int = 4):
+                 prefetch: int = 4, pad_last: bool = False):
+        """pad_last: end a finite pass with its leftover rows padded into one more batch (validation)."""
         self._stop: threading.Event | None = None
+        if pad_last and loop:
+            raise ValueError("pad_last applies to a finite pass (loop=False)")
         if batch_size < 1 or seq_len < 1:
             raise UsageError(f"batch size ({batch_size}) and sequence length ({seq_len}) must be positive")
         if buffer_docs < 1:
@@ -175,6 +182,7 @@ class PackedLoader:
         self.tokenize_batch = tokenize_batch
         self.num_threads = num_threads
         self.prefetch = prefetch
+        self.pad_last = pad_last
         self.bos_id = tokenizer.bos_id
         self._initial = self._check_state(state) if state is not None else self._fresh_state()
         self._state = self._initial
@@ -283,7 +291,10 @@ class PackedLoader:
                 break
             row, filled = packer.next_row()
             if filled < len(row):
-                stats["tokens_dropped"] += filled
+                if self.pad_last:  # the documents ran out: this is the last row
+                    rows.append(row[:filled])
+                else:
+                    stats["tokens_dropped"] += filled
                 continue
             rows.append(row)
             if len(rows) < self.batch_size:
@@ -300,9 +311,36 @@ class PackedLoader:
             if self.device.type == "cuda":
                 inputs, targets = inputs.pin_memory(), targets.pin_memory()
             yield inputs, targets, snapshot
+        if self.pad_last and rows and not stop.is_set():
+            yield self._padded_batch(rows, stats, state, pulled, packer)
+            rows = []
         stats["tokens_dropped"] += sum(len(r) for r in rows)
         if not stop.is_set():
             finished["stats"] = dict(stats, splits=state["stats"]["splits"] + packer.splits)
+
+    def _padded_batch(self, rows: list[np.ndarray], stats: dict, state: dict, pulled, packer):
+        """The leftover rows of a finite pass as a full-shape batch: bos inputs, -1 targets where padded.
+
+        A fixed shape keeps a compiled model from recompiling for the last batch; a causal model's
+        real positions never see the padding behind them.
+        """
+        L = self.seq_len + 1
+        inputs = np.full((self.batch_size, self.seq_len), self.bos_id, dtype=np.int64)
+        targets = np.full((self.batch_size, self.seq_len), -1, dtype=np.int64)
+        for r, row in enumerate(rows):
+            n = len(row)
+            inputs[r, :min(n, L - 1)] = row[:L - 1]
+            targets[r, :n - 1] = row[1:]
+            stats["tokens_used"] += n
+        stats["rows"] += len(rows)
+        stats["batches"] += 1
+        stats["splits"] = state["stats"]["splits"] + packer.splits
+        snapshot = {**state, "pulled": list(pulled) if pulled else None, "buffer": packer.entries(),
+                    "stats": dict(stats)}
+        inputs, targets = torch.from_numpy(inputs), torch.from_numpy(targets)
+        if self.device.type == "cuda":
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return inputs, targets, snapshot
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.close()

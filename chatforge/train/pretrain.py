@@ -202,7 +202,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
     def val_bpb() -> float:
         # one pass at most (loop=False): a small val split is measured once, not counted several times
         val_loader = PackedLoader(corpus, tokenizer, device_batch, seq_len, split="val", rank=rt.rank,
-                                  world_size=rt.world_size, device=rt.device, loop=False)
+                                  world_size=rt.world_size, device=rt.device, loop=False, pad_last=True)
         train_model.eval()
         try:
             return evaluate_bpb(train_model, itertools.islice(iter(val_loader), eval_steps), token_bytes, rt)
