@@ -1,7 +1,11 @@
 """PackedLoader: bos-aligned best-fit rows, every document token used exactly once, rank sharding, exact resume."""
 
+import itertools
 import json
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -220,3 +224,61 @@ def test_pad_last_keeps_full_batches_and_pads_only_the_rest(tmp_path, tokenizer)
     assert loader.stats()["tokens_used"] == sum(map(len, docs)) + loader.stats()["splits"]
     with pytest.raises(ValueError, match="finite pass"):
         PackedLoader(corpus, tokenizer, batch_size=2, seq_len=16, pad_last=True)
+
+
+class BusyCorpus:
+    """Endless documents whose reading keeps the thread inside torch's C++ code (GIL released),
+    where a daemon thread killed by interpreter exit aborts the process."""
+
+    description = "busy corpus"
+
+    def iter_indexed(self, split, rank=0, world_size=1, start=0):
+        a = torch.ones(256, 256)
+        for i in itertools.count(start):
+            for _ in range(0 if i < 8 else 20):  # the first batch comes quickly, then the thread is busy
+                a = (a @ a).clamp_(max=1.0)
+            yield i, f"doc {i} alpha beta gamma delta river stone"
+
+
+def test_close_stops_and_joins_the_background_threads(tokenizer):
+    loader = PackedLoader(BusyCorpus(), tokenizer, batch_size=2, seq_len=16, buffer_docs=4, tokenize_batch=4)
+    with loader:
+        next(iter(loader))
+        threads = [w.thread for w in loader._workers]
+        assert {t.name for t in threads} == {"pack", "tokenize"} and all(t.is_alive() for t in threads)
+    assert not any(t.is_alive() for t in threads)
+    assert loader._workers == []
+
+
+EXIT_SCRIPT = """
+import sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+from chatforge.data.loader import PackedLoader
+from chatforge.tokenizer import Tokenizer
+from test_loader import BusyCorpus
+
+tok = Tokenizer.train(iter(["doc alpha beta gamma delta river stone 1 2 3"] * 20), 270)
+loader = PackedLoader(BusyCorpus(), tok, batch_size=2, seq_len=16, buffer_docs=4, tokenize_batch=4)
+next(iter(loader))
+if sys.argv[1] == "close":
+    loader.close()
+print("done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_processes_exit_cleanly_while_the_loader_is_busy(tmp_path):
+    # Before the fix, most of these aborted at exit with "terminate called without an
+    # active exception" (exit 134). Several at once on two cores make the threads lag, as on a busy machine.
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT.format(repo=str(tests.parent), tests=str(tests)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), mode], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for mode in ["close", "leave-open"] * 2]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0 and out.strip() == "done", out

@@ -113,10 +113,35 @@ def test_bad_input_messages(corpus):
                         "--resume"))
 
 
-def test_diverging_loss_stops_with_step_and_checkpoint(corpus):
+def test_diverging_loss_stops_with_step_and_checkpoint(corpus, loader_threads):
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step \d+; the last good checkpoint is .*step_0000"):
         run(*tiny_flags(corpus, "--num-iterations", "20", "--eval-every", "0", "--save-every", "1",
                         "--matrix-lr", "1e30", "--embedding-lr", "1e30", "--unembedding-lr", "1e30"))
+    assert loader_threads and not any(t.is_alive() for t in loader_threads)  # stopped on the way out too
+
+
+@pytest.fixture
+def loader_threads(monkeypatch):
+    """Every background thread a PackedLoader starts during the test."""
+    from chatforge.data import loader
+
+    started = []
+
+    class Recorded(loader._Background):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self.thread)
+
+    monkeypatch.setattr(loader, "_Background", Recorded)
+    return started
+
+
+def test_loader_threads_are_joined_before_pretrain_returns(corpus, loader_threads):
+    # A thread still inside torch at interpreter exit aborts the process after "done ... summary in"
+    # (exit 134); test_loader.py shows that in subprocesses, this that pretrain leaves none running.
+    run(*tiny_flags(corpus, "--num-iterations", "3", "--eval-every", "3"))
+    assert sorted(t.name for t in loader_threads) == ["pack", "pack", "pack", "tokenize", "tokenize", "tokenize"]
+    assert not any(t.is_alive() for t in loader_threads)
 
 
 def unigram_entropy_bits_per_byte(data: Path) -> float:

@@ -34,13 +34,19 @@ Exact resume: the state names, for each buffered document, (epoch, index, offset
 position; a new loader re-reads and re-tokenizes from the oldest buffered document, rebuilds the
 buffer exactly, and so yields bit-identical batches. Reading, tokenizing and packing all run ahead in
 background threads (`prefetch` batches); on CUDA the batches are pinned and copied non-blocking.
+`close()` (or leaving a `with PackedLoader(...)` block) stops those threads and waits for them; an
+exit hook does the same for loaders nobody closed. A daemon thread still inside torch's C++ code when
+the interpreter finalizes is killed mid-call and aborts the process ("terminate called without an
+active exception", exit 134) after the run's work is done, so they must be gone before that.
 A pre-tokenized cache (`shards.TokenCache`) can stand in for the corpus: same documents, same batches.
 """
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -52,13 +58,21 @@ STATE_VERSION = 1
 
 
 class _Background:
-    """Run a generator in a daemon thread, handing its items (or its exception) through a queue."""
+    """Run a generator in a daemon thread, handing its items (or its exception) through a queue.
+
+    Daemon, so a consumer that forgets to stop it cannot hang the interpreter at exit; the owner
+    still stops and joins it (PackedLoader.close) so it is never running when the interpreter dies.
+    """
 
     def __init__(self, gen, maxsize: int, stop: threading.Event, name: str):
         self.queue: queue.Queue = queue.Queue(maxsize)
         self.stop = stop
         self.thread = threading.Thread(target=self._run, args=(gen,), daemon=True, name=name)
         self.thread.start()
+
+    def join(self) -> None:
+        if self.thread is not threading.current_thread():
+            self.thread.join()
 
     def _put(self, message) -> bool:
         while not self.stop.is_set():
@@ -77,14 +91,16 @@ class _Background:
             self._put(("end", None))
         except BaseException as exc:  # handed to the consumer, which re-raises it
             self._put(("error", exc))
+        finally:
+            gen.close()  # here, not at some later garbage collection: its files and inner threads end now
 
     def __iter__(self):
         while True:
+            if self.stop.is_set():  # not after draining the queue: up to a whole buffer of work
+                return
             try:
                 kind, item = self.queue.get(timeout=0.1)
             except queue.Empty:
-                if self.stop.is_set():
-                    return
                 continue
             if kind == "item":
                 yield item
@@ -163,6 +179,7 @@ class PackedLoader:
                  prefetch: int = 4, pad_last: bool = False):
         """pad_last: end a finite pass with its leftover rows padded into one more batch (validation)."""
         self._stop: threading.Event | None = None
+        self._workers: list[_Background] = []
         if pad_last and loop:
             raise ValueError("pad_last applies to a finite pass (loop=False)")
         if batch_size < 1 or seq_len < 1:
@@ -260,6 +277,7 @@ class PackedLoader:
             begin = (pulled[0], pulled[1] + 1)
         docs = _Background(
             (doc for chunk in self._documents(*begin) for doc in chunk), 4 * self.tokenize_batch, stop, "tokenize")
+        self._workers.append(docs)
         stream = iter(docs)
         packer = RowPacker(self.seq_len + 1, self.bos_id)
         if order:  # rebuild the buffer: re-read up to the last document pulled before the save
@@ -345,8 +363,10 @@ class PackedLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.close()
         stop = self._stop = threading.Event()
+        _open_loaders.add(self)
         finished: dict = {}
         batches = _Background(self._batches(self._state, stop, finished), self.prefetch, stop, "pack")
+        self._workers.append(batches)
         try:
             for inputs, targets, snapshot in batches:
                 if self.device.type != "cpu":
@@ -360,10 +380,34 @@ class PackedLoader:
             self._state = {**self._initial, "stats": finished["stats"]}
 
     def close(self) -> None:
-        """Stop the background threads (a new iteration, or the end of training)."""
+        """Stop the background threads and wait for them: each finishes at most the chunk in hand."""
         if self._stop is not None:
             self._stop.set()
             self._stop = None
+        # the pack thread first: it starts the tokenize thread, so once it is gone no new one appears
+        while self._workers:
+            workers, self._workers = self._workers, []
+            for worker in sorted(workers, key=lambda w: w.thread.name != "pack"):
+                worker.join()
+        _open_loaders.discard(self)
+
+    def __enter__(self) -> "PackedLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __del__(self):
-        self.close()
+        # only signal: a finalizer may run on one of these very threads, or during interpreter teardown
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
+
+
+# Loaders whose threads may still run; emptied at exit, before the interpreter kills daemon threads.
+_open_loaders: "weakref.WeakSet[PackedLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    for loader in list(_open_loaders):
+        loader.close()

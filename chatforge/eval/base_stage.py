@@ -74,10 +74,10 @@ def bits_per_byte(model, tokenizer, runtime, args) -> dict:
     corpus = open_corpus(args.data, args.corpus)
     result = {"eval_tokens": steps * per_step, "seq_len": seq_len}
     for split in ("train", "val"):
-        loader = PackedLoader(corpus, tokenizer, args.device_batch_size, seq_len, split=split, rank=runtime.rank,
-                              world_size=runtime.world_size, device=runtime.device, loop=True)
-        batches = (batch for _, batch in zip(range(steps), loader))
-        result[f"{split}_bpb"] = evaluate_bpb(model, batches, tokenizer.token_bytes(), runtime)
+        with PackedLoader(corpus, tokenizer, args.device_batch_size, seq_len, split=split, rank=runtime.rank,
+                          world_size=runtime.world_size, device=runtime.device, loop=True) as loader:
+            batches = (batch for _, batch in zip(range(steps), loader))
+            result[f"{split}_bpb"] = evaluate_bpb(model, batches, tokenizer.token_bytes(), runtime)
         print0(f"{split} bits per byte: {result[f'{split}_bpb']:.4f}")
     return result
 

@@ -234,37 +234,41 @@ def _train(args: argparse.Namespace, rt) -> dict:
     step, last_loss = start_step, resumed_meta.get("metrics", {}).get("train_loss")
     bpb_history = [tuple(point) for point in resumed_meta.get("val_bpb_history", [])]
     progress = Progress(num_iterations - start_step, "pretrain", unit="step")
-    while True:
-        last = step == num_iterations
-        # a resumed run skips the eval and samples its checkpoint's step already had
-        fresh_step = step > start_step or start_step == 0
-        if fresh_step and loop.is_due(step, args.eval_every, num_iterations):
-            bpb = val_bpb()
-            bpb_history.append((step, bpb))
-            logger.log(step, val_bpb=bpb)
-            print0(f"step {step}: val bpb {bpb:.4f}")
-        if fresh_step and loop.is_due(step, args.sample_every, num_iterations) and rt.is_main:
-            samples = loop.greedy_samples(model, tokenizer, rt)
-            print0(f"step {step}: greedy samples")
-            for sample in samples:
-                print0(f"  {sample['prompt']!r} -> {sample['completion']!r}")
-            logger.log(step, samples=[sample["prompt"] + sample["completion"] for sample in samples])
-        if step > start_step and (last or loop.is_due(step, args.save_every, num_iterations)):
-            last_checkpoint = save(step, {"train_loss": last_loss, **({"val_bpb": bpb_history[-1][1]}
-                                                                        if bpb_history else {})})
-        if last:
-            break
+    try:
+        while True:
+            last = step == num_iterations
+            # a resumed run skips the eval and samples its checkpoint's step already had
+            fresh_step = step > start_step or start_step == 0
+            if fresh_step and loop.is_due(step, args.eval_every, num_iterations):
+                bpb = val_bpb()
+                bpb_history.append((step, bpb))
+                logger.log(step, val_bpb=bpb)
+                print0(f"step {step}: val bpb {bpb:.4f}")
+            if fresh_step and loop.is_due(step, args.sample_every, num_iterations) and rt.is_main:
+                samples = loop.greedy_samples(model, tokenizer, rt)
+                print0(f"step {step}: greedy samples")
+                for sample in samples:
+                    print0(f"  {sample['prompt']!r} -> {sample['completion']!r}")
+                logger.log(step, samples=[sample["prompt"] + sample["completion"] for sample in samples])
+            if step > start_step and (last or loop.is_due(step, args.save_every, num_iterations)):
+                last_checkpoint = save(step, {"train_loss": last_loss, **({"val_bpb": bpb_history[-1][1]}
+                                                                            if bpb_history else {})})
+            if last:
+                break
 
-        sched = loop.apply_schedules(optimizer, step, schedule)
-        last_loss, seconds = loop.optimizer_step(train_model, model, optimizer, batches, accum, rt, step,
-                                                 last_checkpoint)
-        step += 1
-        throughput.record(seconds)
-        record = {"train_loss": last_loss, "lr_multiplier": sched["lr_multiplier"], **throughput.summary(),
-                  "eta_s": round(throughput.eta_seconds(num_iterations - step)), **loop.memory_stats(rt.device)}
-        logger.log(step, **record)
-        progress.update(1, loss=f"{last_loss:.4f}", **{k: v for k, v in throughput.summary().items()
-                                                       if k != "step_ms"})
+            sched = loop.apply_schedules(optimizer, step, schedule)
+            last_loss, seconds = loop.optimizer_step(train_model, model, optimizer, batches, accum, rt, step,
+                                                     last_checkpoint)
+            step += 1
+            throughput.record(seconds)
+            record = {"train_loss": last_loss, "lr_multiplier": sched["lr_multiplier"], **throughput.summary(),
+                      "eta_s": round(throughput.eta_seconds(num_iterations - step)), **loop.memory_stats(rt.device)}
+            logger.log(step, **record)
+            progress.update(1, loss=f"{last_loss:.4f}", **{k: v for k, v in throughput.summary().items()
+                                                           if k != "step_ms"})
+    finally:
+        # its threads must be gone before interpreter exit (see data/loader.py), and now, not at exit
+        train_loader.close()
     progress.close()
     core_result = final_core(args, rt, tokenizer) if args.core_max_per_task else None
     if core_result is not None:
