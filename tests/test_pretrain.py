@@ -207,3 +207,12 @@ def test_epochs_sets_the_steps_from_the_train_split(corpus):
     assert summary["num_iterations"] == int(0.05 * tokens) // 128
     with pytest.raises(UsageError, match="--epochs"):
         run(*tiny_flags(corpus, "--epochs", "1", "--num-iterations", "3"))
+
+
+def test_a_log_file_gets_a_progress_line_at_every_eval(corpus, capsys):
+    run(*tiny_flags(corpus, "--num-iterations", "4", "--eval-every", "2"))
+    err = capsys.readouterr().err  # not a terminal: plain lines, no bar
+    at_evals = [line for line in err.splitlines() if line.startswith(("pretrain: step 2/4 ", "pretrain: step 4/4 "))
+                and "done in" not in line]
+    assert [line.split(" | ")[0] for line in at_evals] == ["pretrain: step 2/4 (50%)", "pretrain: step 4/4 (100%)"]
+    assert all(" | loss " in line and " | tok/s " in line and " | eta " in line for line in at_evals)

@@ -336,6 +336,16 @@ class Throughput:
         return out
 
 
+def progress_fields(loss: float, throughput: Throughput | None = None) -> dict:
+    """What a training progress line shows after the step count: loss, tokens/s and MFU where known."""
+    fields = {"loss": f"{loss:.4f}"}
+    if throughput is not None and throughput.tokens_per_step:
+        fields["tok/s"] = f"{throughput.tokens_per_second:,.0f}"
+    if throughput is not None and throughput.mfu is not None:
+        fields["mfu"] = f"{100 * throughput.mfu:.1f}%"
+    return fields
+
+
 class StepTimer:
     """Wall time of one step, synchronising the device so queued GPU work is counted."""
 

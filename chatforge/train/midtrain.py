@@ -250,7 +250,7 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, *, nu
         print0(f"step {step}: saved {folder}")
         return str(folder)
 
-    progress = Progress(num_iterations - start_step, stage, unit="step")
+    progress = Progress(num_iterations, stage, unit="step", initial=start_step, warmup=throughput.skip_steps)
     while True:
         last = step == num_iterations
         if (step > start_step or start_step == 0) and (last or loop.is_due(step, args.eval_every, num_iterations)):
@@ -260,6 +260,8 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, *, nu
             val_history.append((step, loss))
             logger.log(step, val_loss=loss)
             print0(f"step {step}: val loss {loss:.4f}")
+            if step > start_step:
+                progress.report()
         if step > start_step and (last or loop.is_due(step, args.save_every, num_iterations)):
             last_checkpoint = save()
         if last:
@@ -272,7 +274,7 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, *, nu
         speed = throughput.summary() if tokens_per_step else {"step_ms": throughput.summary()["step_ms"]}
         logger.log(step, train_loss=last_loss, lr_multiplier=sched["lr_multiplier"], **speed,
                    eta_s=round(throughput.eta_seconds(num_iterations - step)), **loop.memory_stats(rt.device))
-        progress.update(1, loss=f"{last_loss:.4f}", **{k: v for k, v in speed.items() if k != "step_ms"})
+        progress.update(1, **loop.progress_fields(last_loss, throughput if tokens_per_step else None))
     progress.close()
     logger.close()
     return {"stage": stage, "tag": start["tag"], "source": start["source"], "parameters": model.num_params(),

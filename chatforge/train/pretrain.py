@@ -233,7 +233,8 @@ def _train(args: argparse.Namespace, rt) -> dict:
 
     step, last_loss = start_step, resumed_meta.get("metrics", {}).get("train_loss")
     bpb_history = [tuple(point) for point in resumed_meta.get("val_bpb_history", [])]
-    progress = Progress(num_iterations - start_step, "pretrain", unit="step")
+    # the ETA leaves out the steps Throughput leaves out: compilation and warmup
+    progress = Progress(num_iterations, "pretrain", unit="step", initial=start_step, warmup=throughput.skip_steps)
     try:
         while True:
             last = step == num_iterations
@@ -244,6 +245,8 @@ def _train(args: argparse.Namespace, rt) -> dict:
                 bpb_history.append((step, bpb))
                 logger.log(step, val_bpb=bpb)
                 print0(f"step {step}: val bpb {bpb:.4f}")
+                if step > start_step:
+                    progress.report()
             if fresh_step and loop.is_due(step, args.sample_every, num_iterations) and rt.is_main:
                 samples = loop.greedy_samples(model, tokenizer, rt)
                 print0(f"step {step}: greedy samples")
@@ -264,8 +267,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
             record = {"train_loss": last_loss, "lr_multiplier": sched["lr_multiplier"], **throughput.summary(),
                       "eta_s": round(throughput.eta_seconds(num_iterations - step)), **loop.memory_stats(rt.device)}
             logger.log(step, **record)
-            progress.update(1, loss=f"{last_loss:.4f}", **{k: v for k, v in throughput.summary().items()
-                                                           if k != "step_ms"})
+            progress.update(1, **loop.progress_fields(last_loss, throughput))
     finally:
         # its threads must be gone before interpreter exit (see data/loader.py), and now, not at exit
         train_loader.close()
