@@ -32,6 +32,16 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def format_figure(value: float | None, why_not: str, digits: int = 4) -> str:
+    """A measured figure, or why it was not measured: a summary never says "None" for a skipped eval."""
+    return f"{value:.{digits}f}" if value is not None else f"not measured ({why_not})"
+
+
+def not_measured(figures: dict, reasons: dict) -> dict:
+    """{name: reason} for each of `figures` that is None, for a summary JSON and the report to quote."""
+    return {name: reasons[name] for name, value in figures.items() if value is None and name in reasons}
+
+
 class Progress:
     """A bar on a TTY, a periodic line otherwise, nothing on non-zero ranks."""
 

@@ -216,3 +216,13 @@ def test_a_log_file_gets_a_progress_line_at_every_eval(corpus, capsys):
                 and "done in" not in line]
     assert [line.split(" | ")[0] for line in at_evals] == ["pretrain: step 2/4 (50%)", "pretrain: step 4/4 (100%)"]
     assert all(" | loss " in line and " | tok/s " in line and " | eta " in line for line in at_evals)
+
+
+def test_the_summary_says_why_val_bpb_was_not_measured(corpus, capsys):
+    summary = run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0"))
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done in")]
+    assert len(done) == 1 and "None" not in done[0]
+    assert f"final train loss {summary['final_train_loss']:.4f}, val bpb not measured (--eval-every 0);" in done[0]
+    assert summary["final_val_bpb"] is None and summary["not_measured"] == {
+        "final_val_bpb": "--eval-every 0", "min_val_bpb": "--eval-every 0",
+        "core": "--core-max-per-task 0; `chatforge eval base` runs CORE"}

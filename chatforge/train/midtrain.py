@@ -40,7 +40,7 @@ import torch
 
 from chatforge import paths
 from chatforge.errors import CheckpointError, UsageError
-from chatforge.progress import MetricsLogger, Progress, format_duration, provenance
+from chatforge.progress import MetricsLogger, Progress, format_duration, format_figure, not_measured, provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
 from chatforge.train import loop
 
@@ -287,10 +287,13 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, *, nu
 
 def write_summary(stage: str, tag: str, name: str, summary: dict, rt) -> Path:
     path = paths.eval_dir(stage, tag, create=False) / name
+    reasons = {"final_train_loss": "no step ran in this run", "final_val_loss": "no validation ran in this run"}
+    summary["not_measured"] = not_measured({k: summary.get(k) for k in reasons}, reasons)
     if rt.is_main:
         paths.atomic_write_text(path, json.dumps({**summary, **provenance()}, indent=2, default=str))
-        print0(f"done in {format_duration(summary['wall_time_s'])}: final val loss {summary['final_val_loss']}; "
-               f"summary in {path}")
+        print0(f"done in {format_duration(summary['wall_time_s'])}: final train loss "
+               f"{format_figure(summary.get('final_train_loss'), reasons['final_train_loss'])}, val loss "
+               f"{format_figure(summary.get('final_val_loss'), reasons['final_val_loss'])}; summary in {path}")
     return path
 
 

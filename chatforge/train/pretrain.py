@@ -36,7 +36,7 @@ import torch
 
 from chatforge import paths
 from chatforge.errors import CheckpointError, UsageError
-from chatforge.progress import MetricsLogger, Progress, format_duration, provenance
+from chatforge.progress import MetricsLogger, Progress, format_duration, format_figure, not_measured, provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
 from chatforge.train import loop
 
@@ -291,10 +291,17 @@ def _train(args: argparse.Namespace, rt) -> dict:
         "resumed_from_step": start_step or None, "checkpoint": last_checkpoint,
         "settings": settings_dict, "args": vars(args), **provenance(),
     }
+    reasons = {"final_val_bpb": "--eval-every 0" if args.eval_every <= 0 else "no eval step ran in this run",
+               "min_val_bpb": "--eval-every 0" if args.eval_every <= 0 else "no eval step ran in this run",
+               "core": "--core-max-per-task 0; `chatforge eval base` runs CORE"}
+    summary["not_measured"] = not_measured({k: summary[k] for k in reasons}, reasons)
     if rt.is_main:
         paths.atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str))
-        print0(f"done in {format_duration(summary['wall_time_s'])}: final val bpb "
-               f"{summary['final_val_bpb']}; summary in {summary_path}")
+        core_text = f", CORE {summary['core']:.4f}" if summary["core"] is not None else ""
+        print0(f"done in {format_duration(summary['wall_time_s'])}: final train loss "
+               f"{format_figure(last_loss, 'no step ran')}, val bpb "
+               f"{format_figure(summary['final_val_bpb'], reasons['final_val_bpb'])}{core_text}; "
+               f"summary in {summary_path}")
     return summary
 
 
