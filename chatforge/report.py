@@ -339,8 +339,10 @@ def build_blocks(data: dict, out_dir: Path, gpu_hour_cost: float) -> list[tuple]
                    out_dir / "bpb.png"):
         blocks.append(("img", "bpb.png", "validation bits per byte"))
     if data["bpb"]:
-        blocks.append(("p", f"Bits per byte of the final base model: train {fmt(data['bpb'].get('train_bpb'))}, "
-                            f"val {fmt(data['bpb'].get('val_bpb'))}."))
+        bpb = data["bpb"]
+        blocks.append(("p", f"Bits per byte of the final base model: train "
+                            f"{fmt(bpb.get('train_bpb'), missing=measured_or_why(bpb, 'train_bpb'))}, "
+                            f"val {fmt(bpb.get('val_bpb'), missing=measured_or_why(bpb, 'val_bpb'))}."))
 
     # CORE per task
     blocks.append(("h", 2, "CORE by task"))
