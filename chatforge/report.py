@@ -117,6 +117,12 @@ def collect(tag: str | None, preset: str | None) -> dict:
 # the numbers, as tables
 
 
+def measured_or_why(summary: dict, figure: str) -> str:
+    """What a stage that ran says in place of a figure it did not measure (its summary's reason)."""
+    why = (summary.get("not_measured") or {}).get(figure)
+    return f"not measured ({why})" if why else "not measured"
+
+
 def fmt(value, digits: int = 4, missing: str = NOT_RUN) -> str:
     if value is None:
         return missing
@@ -323,7 +329,7 @@ def build_blocks(data: dict, out_dir: Path, gpu_hour_cost: float) -> list[tuple]
             ["steps", fmt(pt.get("num_iterations"))], ["time", format_duration(pt.get("wall_time_s") or 0)],
             ["tokens/s", fmt(pt.get("tok_per_s"), 1)],
             ["MFU %", fmt(pt.get("mfu"), 2) if pt.get("mfu") is not None else "n/a (no peak FLOPs for this device)"],
-            ["final val bpb", fmt(pt.get("final_val_bpb"))],
+            ["final val bpb", fmt(pt.get("final_val_bpb"), missing=measured_or_why(pt, "final_val_bpb"))],
             ["CORE", fmt((data["core"] or {}).get("core"))]]))
     else:
         blocks.append(("p", f"Pretraining: {NOT_RUN}."))
@@ -333,8 +339,10 @@ def build_blocks(data: dict, out_dir: Path, gpu_hour_cost: float) -> list[tuple]
                    out_dir / "bpb.png"):
         blocks.append(("img", "bpb.png", "validation bits per byte"))
     if data["bpb"]:
-        blocks.append(("p", f"Bits per byte of the final base model: train {fmt(data['bpb'].get('train_bpb'))}, "
-                            f"val {fmt(data['bpb'].get('val_bpb'))}."))
+        bpb = data["bpb"]
+        blocks.append(("p", f"Bits per byte of the final base model: train "
+                            f"{fmt(bpb.get('train_bpb'), missing=measured_or_why(bpb, 'train_bpb'))}, "
+                            f"val {fmt(bpb.get('val_bpb'), missing=measured_or_why(bpb, 'val_bpb'))}."))
 
     # CORE per task
     blocks.append(("h", 2, "CORE by task"))
@@ -360,8 +368,10 @@ def build_blocks(data: dict, out_dir: Path, gpu_hour_cost: float) -> list[tuple]
     rows = []
     for stage, summary in data["train"].items():
         if summary:
-            rows.append([stage, fmt(summary.get("num_iterations")), fmt(summary.get("final_train_loss")),
-                         fmt(summary.get("final_val_loss")), format_duration(summary.get("wall_time_s") or 0)])
+            rows.append([stage, fmt(summary.get("num_iterations")),
+                         fmt(summary.get("final_train_loss"), missing=measured_or_why(summary, "final_train_loss")),
+                         fmt(summary.get("final_val_loss"), missing=measured_or_why(summary, "final_val_loss")),
+                         format_duration(summary.get("wall_time_s") or 0)])
         else:
             rows.append([stage, NOT_RUN, "", "", ""])
     blocks.append(("h", 2, "Midtraining, SFT, RL"))

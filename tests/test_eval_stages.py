@@ -64,3 +64,31 @@ def test_bad_usage_is_one_line(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["eval", "base", "--skip", "everything"])
     assert exc.value.code == 2 and "--skip" in capsys.readouterr().err
+
+
+def test_eval_base_without_a_corpus_runs_core_and_says_bpb_was_skipped(tmp_path, capsys):
+    from test_core import make_records, write_bundle
+
+    tiny_checkpoint("base")
+    mc, _, lm = make_records(n=6)
+    write_bundle(tmp_path / "bundle", {"mc": ("multiple_choice", 1, " ", mc), "lm": ("language_modeling", 0, None, lm)},
+                 {"mc": 33.3, "lm": 0})
+    # no --data and no downloaded shards in the (fresh) base directory
+    main(["eval", "base", "--device", "cpu", "--max-per-task", "2", "--eval-bundle", str(tmp_path / "bundle")])
+    out = capsys.readouterr().out
+    assert "bits per byte: skipped (no pretraining corpus: no shards in" in out
+    closing = out.strip().splitlines()[-1]
+    assert closing.startswith("eval base: CORE ") and "over 2 task(s); bits per byte not measured (no pretraining" in closing
+    assert "None" not in out
+    folder = paths.eval_dir("base", "d1")
+    assert json.loads((folder / "core.json").read_text())["num_tasks"] == 2
+    bpb = json.loads((folder / "bpb.json").read_text())
+    assert bpb["val_bpb"] is None and "no shards in" in bpb["not_measured"]["val_bpb"]
+    assert json.loads((folder / "samples.json").read_text())["samples"]
+    # a --data that names no corpus is the user's to fix: one line, before any CORE work
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "base", "--device", "cpu", "--eval-bundle", str(tmp_path / "bundle"),
+              "--data", str(tmp_path / "nothing-here")])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert "nothing-here" in captured.err and "CORE" not in captured.out

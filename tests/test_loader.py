@@ -1,7 +1,11 @@
 """PackedLoader: bos-aligned best-fit rows, every document token used exactly once, rank sharding, exact resume."""
 
+import itertools
 import json
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -178,3 +182,103 @@ def test_bad_state_and_empty_split_are_clear_errors(tmp_path, tokenizer):
     few = open_corpus(write_jsonl(tmp_path / "few.jsonl", make_texts(3)))
     with pytest.raises(DataError, match="val split has no documents for rank 0 of 1"):
         list(PackedLoader(few, tokenizer, batch_size=1, seq_len=16, split="val"))
+
+
+def test_pad_last_measures_a_val_split_smaller_than_one_batch(tmp_path, tokenizer):
+    corpus = open_corpus(write_jsonl(tmp_path / "docs.jsonl", make_texts(100, seed=9)))
+    docs = [tokenizer.encode(t, prepend="<|bos|>") for t in corpus.iter_documents("val")]
+    kwargs = dict(batch_size=16, seq_len=32, split="val", loop=False)
+    assert sum(map(len, docs)) < 16 * 33  # fewer tokens than one batch holds
+    # the bug: a finite pass yields only full batches, so this split gave none (and a NaN val loss)
+    assert list(PackedLoader(corpus, tokenizer, **kwargs)) == []
+    loader = PackedLoader(corpus, tokenizer, pad_last=True, **kwargs)
+    [(x, y)] = list(loader)
+    assert x.shape == y.shape == (16, 32)
+    stats = loader.stats()
+    assert stats["tokens_used"] == sum(map(len, docs)) + stats["splits"] and stats["tokens_dropped"] == 0
+    # every row's real tokens, then bos inputs with ignored targets; each real token after a row's
+    # first is a target exactly once
+    assert int((y != -1).sum()) == stats["tokens_used"] - stats["rows"]
+    rows = []
+    for r in range(stats["rows"]):
+        n = int((y[r] != -1).sum())
+        assert n > 0 and torch.equal(x[r, 1:n], y[r, :n - 1])
+        assert (x[r, n + 1:] == tokenizer.bos_id).all() and (y[r, n:] == -1).all()
+        rows.append([int(x[r, 0])] + y[r, :n].tolist())
+    assert (y[stats["rows"]:] == -1).all()
+    done, last = reconstruct(rows, tokenizer.bos_id, {tuple(d) for d in docs})
+    assert sorted(done + [tuple(last)]) == sorted(tuple(d) for d in docs)
+
+
+def test_pad_last_keeps_full_batches_and_pads_only_the_rest(tmp_path, tokenizer):
+    corpus = open_corpus(write_jsonl(tmp_path / "docs.jsonl", make_texts(200, seed=10)))
+    kwargs = dict(batch_size=3, seq_len=16, split="val", loop=False)
+    plain_loader = PackedLoader(corpus, tokenizer, **kwargs)
+    plain = list(plain_loader)
+    assert plain_loader.stats()["tokens_dropped"] > 0  # rows left over: the unfinished last batch
+    loader = PackedLoader(corpus, tokenizer, pad_last=True, **kwargs)
+    padded = list(loader)
+    assert len(padded) == len(plain) + 1 and loader.stats()["tokens_dropped"] == 0
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, padded))
+    docs = [tokenizer.encode(t, prepend="<|bos|>") for t in corpus.iter_documents("val")]
+    assert loader.stats()["tokens_used"] == sum(map(len, docs)) + loader.stats()["splits"]
+    with pytest.raises(ValueError, match="finite pass"):
+        PackedLoader(corpus, tokenizer, batch_size=2, seq_len=16, pad_last=True)
+
+
+class BusyCorpus:
+    """Endless documents whose reading keeps the thread inside torch's C++ code (GIL released),
+    where a daemon thread killed by interpreter exit aborts the process."""
+
+    description = "busy corpus"
+
+    def iter_indexed(self, split, rank=0, world_size=1, start=0):
+        a = torch.ones(256, 256)
+        for i in itertools.count(start):
+            for _ in range(0 if i < 8 else 20):  # the first batch comes quickly, then the thread is busy
+                a = (a @ a).clamp_(max=1.0)
+            yield i, f"doc {i} alpha beta gamma delta river stone"
+
+
+def test_close_stops_and_joins_the_background_threads(tokenizer):
+    loader = PackedLoader(BusyCorpus(), tokenizer, batch_size=2, seq_len=16, buffer_docs=4, tokenize_batch=4)
+    with loader:
+        next(iter(loader))
+        threads = [w.thread for w in loader._workers]
+        assert {t.name for t in threads} == {"pack", "tokenize"} and all(t.is_alive() for t in threads)
+    assert not any(t.is_alive() for t in threads)
+    assert loader._workers == []
+
+
+EXIT_SCRIPT = """
+import sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+from chatforge.data.loader import PackedLoader
+from chatforge.tokenizer import Tokenizer
+from test_loader import BusyCorpus
+
+tok = Tokenizer.train(iter(["doc alpha beta gamma delta river stone 1 2 3"] * 20), 270)
+loader = PackedLoader(BusyCorpus(), tok, batch_size=2, seq_len=16, buffer_docs=4, tokenize_batch=4)
+next(iter(loader))
+if sys.argv[1] == "close":
+    loader.close()
+print("done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_processes_exit_cleanly_while_the_loader_is_busy(tmp_path):
+    # Before the fix, most of these aborted at exit with "terminate called without an
+    # active exception" (exit 134). Several at once on two cores make the threads lag, as on a busy machine.
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT.format(repo=str(tests.parent), tests=str(tests)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), mode], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for mode in ["close", "leave-open"] * 2]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0 and out.strip() == "done", out

@@ -1,6 +1,8 @@
 """Midtraining: the real mixture's proportions and determinism, exact resume, flag errors."""
 
 import argparse
+import itertools
+import math
 import shutil
 from collections import Counter
 
@@ -8,8 +10,11 @@ import pytest
 import torch
 
 from chatforge import paths
-from chatforge.errors import UsageError
+from chatforge.data.conversations import ConversationCorpus, estimate_tokens
+from chatforge.data.loader import PackedLoader
+from chatforge.errors import DataError, UsageError
 from chatforge.model.checkpoint import step_dir_name
+from chatforge.tasks.custom import CustomJSON
 from chatforge.train import midtrain
 from test_sft import tiny_base, write_extra, run_stage
 
@@ -57,3 +62,54 @@ def test_flag_errors(tmp_path):
         run_stage(midtrain, ["--mixture", "extra"])
     with pytest.raises(UsageError, match="--num-iterations must be a positive"):
         run_stage(midtrain, ["--num-iterations", "0"])
+
+
+def test_val_loss_is_measured_when_the_val_split_fills_less_than_one_batch(tmp_path):
+    # The GPU bug: 399 val conversations over 8 ranks of 32 x 2048 tokens gave no full batch on any
+    # rank, so validation saw nothing and reported NaN. Here 4 conversations against a 4 x 33 batch.
+    tok = tiny_base(seq_len=32, n_embd=32)
+    extra = str(write_extra(tmp_path / "facts.jsonl"))
+    assert estimate_tokens(list(CustomJSON(extra)), tok) < 4 * 33
+    summary = run_stage(midtrain, ["--extra", extra, "--mixture", "extra", "--device", "cpu", "--num-iterations", "2",
+                                   "--device-batch-size", "4", "--eval-every", "1", "--eval-steps", "5"])
+    losses = [loss for _, loss in summary["val_loss_history"]]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    # an untrained model's output layer is near zero: its loss is that of a uniform guess
+    assert abs(losses[0] - math.log(tok.vocab_size)) < 0.01
+
+
+def test_no_target_to_score_is_a_data_error_not_nan():
+    from chatforge.runtime import init_runtime
+    from chatforge.train import loop
+
+    rt = init_runtime("cpu", "fp32", announce=False)
+    model = torch.nn.Module()
+    with pytest.raises(DataError, match="no target to score"):
+        loop.evaluate_loss(model, itertools.islice([], 1), rt)
+
+
+@pytest.mark.shared_data
+def test_the_real_val_split_gives_every_rank_a_batch(shared_data):
+    from chatforge.tasks.smoltalk import SmolTalk
+
+    tok = tiny_base()
+    val = SmolTalk("test", str(shared_data))
+    corpus = ConversationCorpus({"val": val}, tok)
+    rank, world = 7, 8  # the d20 recipe on one 8-GPU node: 32 rows of 2048 tokens per rank
+    mine = [val[i] for i in range(rank, len(val), world)]
+    assert estimate_tokens(mine, tok) < 32 * 2049
+    loader = PackedLoader(corpus, tok, 32, 2048, split="val", rank=rank, world_size=world, loop=False, pad_last=True)
+    batches = list(loader)
+    assert len(batches) == 1 and batches[0][0].shape == (32, 2048)
+    stats = loader.stats()
+    assert int((batches[0][1] != -1).sum()) == stats["tokens_used"] - stats["rows"] > 0
+    assert stats["documents"] == len(mine) and stats["tokens_dropped"] == 0
+
+
+def test_write_summary_names_a_loss_that_was_not_measured(capsys):
+    rt = argparse.Namespace(is_main=True)
+    summary = {"wall_time_s": 1.0, "final_train_loss": 2.25, "final_val_loss": None}
+    path = midtrain.write_summary("mid", "t", "midtrain.json", summary, rt)
+    out = capsys.readouterr().out
+    assert "None" not in out and "final train loss 2.2500, val loss not measured (no validation ran" in out
+    assert '"final_val_loss": "no validation ran in this run"' in path.read_text()

@@ -113,10 +113,35 @@ def test_bad_input_messages(corpus):
                         "--resume"))
 
 
-def test_diverging_loss_stops_with_step_and_checkpoint(corpus):
+def test_diverging_loss_stops_with_step_and_checkpoint(corpus, loader_threads):
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step \d+; the last good checkpoint is .*step_0000"):
         run(*tiny_flags(corpus, "--num-iterations", "20", "--eval-every", "0", "--save-every", "1",
                         "--matrix-lr", "1e30", "--embedding-lr", "1e30", "--unembedding-lr", "1e30"))
+    assert loader_threads and not any(t.is_alive() for t in loader_threads)  # stopped on the way out too
+
+
+@pytest.fixture
+def loader_threads(monkeypatch):
+    """Every background thread a PackedLoader starts during the test."""
+    from chatforge.data import loader
+
+    started = []
+
+    class Recorded(loader._Background):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self.thread)
+
+    monkeypatch.setattr(loader, "_Background", Recorded)
+    return started
+
+
+def test_loader_threads_are_joined_before_pretrain_returns(corpus, loader_threads):
+    # A thread still inside torch at interpreter exit aborts the process after "done ... summary in"
+    # (exit 134); test_loader.py shows that in subprocesses, this that pretrain leaves none running.
+    run(*tiny_flags(corpus, "--num-iterations", "3", "--eval-every", "3"))
+    assert sorted(t.name for t in loader_threads) == ["pack", "pack", "pack", "tokenize", "tokenize", "tokenize"]
+    assert not any(t.is_alive() for t in loader_threads)
 
 
 def unigram_entropy_bits_per_byte(data: Path) -> float:
@@ -182,3 +207,22 @@ def test_epochs_sets_the_steps_from_the_train_split(corpus):
     assert summary["num_iterations"] == int(0.05 * tokens) // 128
     with pytest.raises(UsageError, match="--epochs"):
         run(*tiny_flags(corpus, "--epochs", "1", "--num-iterations", "3"))
+
+
+def test_a_log_file_gets_a_progress_line_at_every_eval(corpus, capsys):
+    run(*tiny_flags(corpus, "--num-iterations", "4", "--eval-every", "2"))
+    err = capsys.readouterr().err  # not a terminal: plain lines, no bar
+    at_evals = [line for line in err.splitlines() if line.startswith(("pretrain: step 2/4 ", "pretrain: step 4/4 "))
+                and "done in" not in line]
+    assert [line.split(" | ")[0] for line in at_evals] == ["pretrain: step 2/4 (50%)", "pretrain: step 4/4 (100%)"]
+    assert all(" | loss " in line and " | tok/s " in line and " | eta " in line for line in at_evals)
+
+
+def test_the_summary_says_why_val_bpb_was_not_measured(corpus, capsys):
+    summary = run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0"))
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done in")]
+    assert len(done) == 1 and "None" not in done[0]
+    assert f"final train loss {summary['final_train_loss']:.4f}, val bpb not measured (--eval-every 0);" in done[0]
+    assert summary["final_val_bpb"] is None and summary["not_measured"] == {
+        "final_val_bpb": "--eval-every 0", "min_val_bpb": "--eval-every 0",
+        "core": "--core-max-per-task 0; `chatforge eval base` runs CORE"}

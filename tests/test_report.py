@@ -124,3 +124,16 @@ def test_a_resumed_runs_relogged_steps_replace_the_crashed_ones(chatforge_home):
     rows = report.read_metrics(report.find_run("pretrain", "t1"))
     assert report.curve(rows, "train_loss") == [(1, 7.0), (2, 6.0), (3, 1.5), (4, 1.0)]
     assert report.curve(rows, "val_bpb") == [(0, 3.0), (4, 2.7)]
+
+
+def test_a_figure_a_stage_did_not_measure_says_why_not_none(chatforge_home):
+    make_run(chatforge_home)
+    summary_path = chatforge_home / "eval" / "base" / "t1" / "pretrain.json"
+    summary = json.loads(summary_path.read_text())
+    write(summary_path, {**summary, "final_val_bpb": None, "not_measured": {"final_val_bpb": "--eval-every 0"}})
+    write(chatforge_home / "eval" / "mid" / "t1" / "midtrain.json", {
+        "num_iterations": 3, "final_train_loss": 1.5, "final_val_loss": None, "wall_time_s": 2.0})
+    md = run_report().read_text()
+    assert "None" not in md
+    assert table_after(md, "## Pretraining")["final val bpb"] == ["not measured (--eval-every 0)"]
+    assert table_after(md, "## Midtraining, SFT, RL")["mid"][:3] == ["3", "1.5000", "not measured"]

@@ -19,8 +19,12 @@ How a row of `seq_len + 1` tokens is filled (inputs = row[:-1], targets = row[1:
   opened, so masks built from bos positions stay right), and every token of every document is a
   target exactly once. The cost of never cropping: one extra bos per split (`stats()["splits"]`),
   and a continuation's first tokens are predicted without the text before the split.
-- Nothing is padded and, while looping, no token is dropped. A finite pass (`loop=False`, e.g. the val
-  split) ends with the last full batch; the tokens of the unfinished last rows count as dropped.
+- Training rows are never padded and, while looping, no token is dropped. A finite pass
+  (`loop=False`) ends with the last full batch; the tokens of the unfinished last rows count as
+  dropped. A validation pass passes `pad_last=True` instead: the leftover rows become one more batch of the same shape, padded
+  with bos inputs and ignored (-1) targets, so every token is measured once and a split smaller than
+  one batch per rank still gives a loss (without it, midtraining's small chat val split gave no
+  batch at all on 8 ranks, hence a NaN validation loss).
 
 nanochat's loader crops what does not fit (its notes: ~35% of FineWeb tokens discarded; with the ~5k
 token documents of the docs corpus most tokens). Here `stats()["tokens_dropped"]` is 0 while looping.
@@ -30,13 +34,19 @@ Exact resume: the state names, for each buffered document, (epoch, index, offset
 position; a new loader re-reads and re-tokenizes from the oldest buffered document, rebuilds the
 buffer exactly, and so yields bit-identical batches. Reading, tokenizing and packing all run ahead in
 background threads (`prefetch` batches); on CUDA the batches are pinned and copied non-blocking.
+`close()` (or leaving a `with PackedLoader(...)` block) stops those threads and waits for them; an
+exit hook does the same for loaders nobody closed. A daemon thread still inside torch's C++ code when
+the interpreter finalizes is killed mid-call and aborts the process ("terminate called without an
+active exception", exit 134) after the run's work is done, so they must be gone before that.
 A pre-tokenized cache (`shards.TokenCache`) can stand in for the corpus: same documents, same batches.
 """
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -48,13 +58,21 @@ STATE_VERSION = 1
 
 
 class _Background:
-    """Run a generator in a daemon thread, handing its items (or its exception) through a queue."""
+    """Run a generator in a daemon thread, handing its items (or its exception) through a queue.
+
+    Daemon, so a consumer that forgets to stop it cannot hang the interpreter at exit; the owner
+    still stops and joins it (PackedLoader.close) so it is never running when the interpreter dies.
+    """
 
     def __init__(self, gen, maxsize: int, stop: threading.Event, name: str):
         self.queue: queue.Queue = queue.Queue(maxsize)
         self.stop = stop
         self.thread = threading.Thread(target=self._run, args=(gen,), daemon=True, name=name)
         self.thread.start()
+
+    def join(self) -> None:
+        if self.thread is not threading.current_thread():
+            self.thread.join()
 
     def _put(self, message) -> bool:
         while not self.stop.is_set():
@@ -73,14 +91,16 @@ class _Background:
             self._put(("end", None))
         except BaseException as exc:  # handed to the consumer, which re-raises it
             self._put(("error", exc))
+        finally:
+            gen.close()  # here, not at some later garbage collection: its files and inner threads end now
 
     def __iter__(self):
         while True:
+            if self.stop.is_set():  # not after draining the queue: up to a whole buffer of work
+                return
             try:
                 kind, item = self.queue.get(timeout=0.1)
             except queue.Empty:
-                if self.stop.is_set():
-                    return
                 continue
             if kind == "item":
                 yield item
@@ -156,8 +176,12 @@ class PackedLoader:
     def __init__(self, corpus, tokenizer, batch_size: int, seq_len: int, split: str = "train", rank: int = 0,
                  world_size: int = 1, device="cpu", state: dict | None = None, loop: bool = True,
                  buffer_docs: int = 256, tokenize_batch: int = 128, num_threads: int | None = None,
-                 prefetch: int = 4):
+                 prefetch: int = 4, pad_last: bool = False):
+        """pad_last: end a finite pass with its leftover rows padded into one more batch (validation)."""
         self._stop: threading.Event | None = None
+        self._workers: list[_Background] = []
+        if pad_last and loop:
+            raise ValueError("pad_last applies to a finite pass (loop=False)")
         if batch_size < 1 or seq_len < 1:
             raise UsageError(f"batch size ({batch_size}) and sequence length ({seq_len}) must be positive")
         if buffer_docs < 1:
@@ -175,6 +199,7 @@ class PackedLoader:
         self.tokenize_batch = tokenize_batch
         self.num_threads = num_threads
         self.prefetch = prefetch
+        self.pad_last = pad_last
         self.bos_id = tokenizer.bos_id
         self._initial = self._check_state(state) if state is not None else self._fresh_state()
         self._state = self._initial
@@ -252,6 +277,7 @@ class PackedLoader:
             begin = (pulled[0], pulled[1] + 1)
         docs = _Background(
             (doc for chunk in self._documents(*begin) for doc in chunk), 4 * self.tokenize_batch, stop, "tokenize")
+        self._workers.append(docs)
         stream = iter(docs)
         packer = RowPacker(self.seq_len + 1, self.bos_id)
         if order:  # rebuild the buffer: re-read up to the last document pulled before the save
@@ -283,7 +309,10 @@ class PackedLoader:
                 break
             row, filled = packer.next_row()
             if filled < len(row):
-                stats["tokens_dropped"] += filled
+                if self.pad_last:  # the documents ran out: this is the last row
+                    rows.append(row[:filled])
+                else:
+                    stats["tokens_dropped"] += filled
                 continue
             rows.append(row)
             if len(rows) < self.batch_size:
@@ -300,15 +329,44 @@ class PackedLoader:
             if self.device.type == "cuda":
                 inputs, targets = inputs.pin_memory(), targets.pin_memory()
             yield inputs, targets, snapshot
+        if self.pad_last and rows and not stop.is_set():
+            yield self._padded_batch(rows, stats, state, pulled, packer)
+            rows = []
         stats["tokens_dropped"] += sum(len(r) for r in rows)
         if not stop.is_set():
             finished["stats"] = dict(stats, splits=state["stats"]["splits"] + packer.splits)
 
+    def _padded_batch(self, rows: list[np.ndarray], stats: dict, state: dict, pulled, packer):
+        """The leftover rows of a finite pass as a full-shape batch: bos inputs, -1 targets where padded.
+
+        A fixed shape keeps a compiled model from recompiling for the last batch; a causal model's
+        real positions never see the padding behind them.
+        """
+        L = self.seq_len + 1
+        inputs = np.full((self.batch_size, self.seq_len), self.bos_id, dtype=np.int64)
+        targets = np.full((self.batch_size, self.seq_len), -1, dtype=np.int64)
+        for r, row in enumerate(rows):
+            n = len(row)
+            inputs[r, :min(n, L - 1)] = row[:L - 1]
+            targets[r, :n - 1] = row[1:]
+            stats["tokens_used"] += n
+        stats["rows"] += len(rows)
+        stats["batches"] += 1
+        stats["splits"] = state["stats"]["splits"] + packer.splits
+        snapshot = {**state, "pulled": list(pulled) if pulled else None, "buffer": packer.entries(),
+                    "stats": dict(stats)}
+        inputs, targets = torch.from_numpy(inputs), torch.from_numpy(targets)
+        if self.device.type == "cuda":
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return inputs, targets, snapshot
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.close()
         stop = self._stop = threading.Event()
+        _open_loaders.add(self)
         finished: dict = {}
         batches = _Background(self._batches(self._state, stop, finished), self.prefetch, stop, "pack")
+        self._workers.append(batches)
         try:
             for inputs, targets, snapshot in batches:
                 if self.device.type != "cpu":
@@ -322,10 +380,34 @@ class PackedLoader:
             self._state = {**self._initial, "stats": finished["stats"]}
 
     def close(self) -> None:
-        """Stop the background threads (a new iteration, or the end of training)."""
+        """Stop the background threads and wait for them: each finishes at most the chunk in hand."""
         if self._stop is not None:
             self._stop.set()
             self._stop = None
+        # the pack thread first: it starts the tokenize thread, so once it is gone no new one appears
+        while self._workers:
+            workers, self._workers = self._workers, []
+            for worker in sorted(workers, key=lambda w: w.thread.name != "pack"):
+                worker.join()
+        _open_loaders.discard(self)
+
+    def __enter__(self) -> "PackedLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __del__(self):
-        self.close()
+        # only signal: a finalizer may run on one of these very threads, or during interpreter teardown
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
+
+
+# Loaders whose threads may still run; emptied at exit, before the interpreter kills daemon threads.
+_open_loaders: "weakref.WeakSet[PackedLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    for loader in list(_open_loaders):
+        loader.close()

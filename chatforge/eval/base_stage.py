@@ -7,6 +7,10 @@
 Writes, under <base>/eval/<source>/<tag>/: core.json (per-task accuracy, centered accuracy, CORE,
 skipped tasks), bpb.json (train and val bits per byte), samples.json (greedy continuations), each
 with the checkpoint step and the run's provenance; prints a table of the CORE tasks.
+
+Bits per byte needs a pretraining corpus. Without --data and without downloaded shards (a machine
+that has only the CORE bundle) it is skipped, and said so at the start and in the closing line, in
+bpb.json too; CORE and the samples still run. A --data that does not hold a corpus is an error.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import argparse
 import json
 
 from chatforge import paths
-from chatforge.errors import UsageError
+from chatforge.errors import DataError, UsageError
 from chatforge.eval import core
 from chatforge.progress import provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
@@ -63,21 +67,31 @@ def write_result(source: str, tag: str, name: str, payload: dict) -> None:
     print0(f"wrote {path}")
 
 
-def bits_per_byte(model, tokenizer, runtime, args) -> dict:
+def bpb_corpus(args):
+    """(corpus, None), or (None, why) when no --data was given and no downloaded shards are there."""
     from chatforge.data.corpus import open_corpus
+
+    if args.data is not None:  # asked for by name: a bad path is the user's to fix, not to skip
+        return open_corpus(args.data, args.corpus), None
+    try:
+        return open_corpus(None, args.corpus), None
+    except DataError as exc:
+        return None, f"no pretraining corpus: {exc}"
+
+
+def bits_per_byte(model, tokenizer, runtime, args, corpus) -> dict:
     from chatforge.data.loader import PackedLoader
     from chatforge.eval.bpb import evaluate_bpb
 
     seq_len = model.config.sequence_len
     per_step = args.device_batch_size * seq_len * runtime.world_size
     steps = max(1, args.eval_tokens // per_step)
-    corpus = open_corpus(args.data, args.corpus)
     result = {"eval_tokens": steps * per_step, "seq_len": seq_len}
     for split in ("train", "val"):
-        loader = PackedLoader(corpus, tokenizer, args.device_batch_size, seq_len, split=split, rank=runtime.rank,
-                              world_size=runtime.world_size, device=runtime.device, loop=True)
-        batches = (batch for _, batch in zip(range(steps), loader))
-        result[f"{split}_bpb"] = evaluate_bpb(model, batches, tokenizer.token_bytes(), runtime)
+        with PackedLoader(corpus, tokenizer, args.device_batch_size, seq_len, split=split, rank=runtime.rank,
+                          world_size=runtime.world_size, device=runtime.device, loop=True) as loader:
+            batches = (batch for _, batch in zip(range(steps), loader))
+            result[f"{split}_bpb"] = evaluate_bpb(model, batches, tokenizer.token_bytes(), runtime)
         print0(f"{split} bits per byte: {result[f'{split}_bpb']:.4f}")
     return result
 
@@ -108,6 +122,10 @@ def main(args) -> int:
     runtime = init_runtime(args.device, args.dtype)
     model, tokenizer, tag, step = load_for_eval(args, runtime)
     common = {"source": args.source, "tag": tag, "step": step, "args": vars(args), **provenance()}
+    corpus, no_bpb = bpb_corpus(args) if "bpb" not in skip else (None, None)
+    if no_bpb:
+        print0(f"bits per byte: skipped ({no_bpb}); CORE and samples still run")
+    core_result = None
     if "core" not in skip:
         bundle = core.resolve_bundle(args.eval_bundle)
         labels = [s.strip() for s in args.core_tasks.split(",")] if args.core_tasks else None
@@ -116,15 +134,23 @@ def main(args) -> int:
                                         model.config.sequence_len, args.batch_tokens, runtime.rank,
                                         runtime.world_size, labels)
         print_core_table(result)
+        core_result = result
         if runtime.is_main:
             write_result(args.source, tag, "core.json", {**result, **common})
-    if "bpb" not in skip:
-        result = bits_per_byte(model, tokenizer, runtime, args)
+    if corpus is not None:
+        result = bits_per_byte(model, tokenizer, runtime, args, corpus)
         if runtime.is_main:
             write_result(args.source, tag, "bpb.json", {**result, **common})
+    elif no_bpb and runtime.is_main:
+        write_result(args.source, tag, "bpb.json", {"train_bpb": None, "val_bpb": None,
+                                                    "not_measured": {"train_bpb": no_bpb, "val_bpb": no_bpb},
+                                                    **common})
     if "samples" not in skip and runtime.is_main:
         samples = greedy_samples(model, tokenizer, runtime)
         for s in samples:
             print0(f"{s['prompt']!r} -> {s['completion']!r}")
         write_result(args.source, tag, "samples.json", {"samples": samples, **common})
+    if core_result is not None:
+        print0(f"eval base: CORE {core_result['core']:.4f} over {core_result['num_tasks']} task(s)"
+               + (f"; bits per byte not measured ({no_bpb})" if no_bpb else ""))
     return 0

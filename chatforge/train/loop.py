@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from chatforge.errors import TrainingDiverged, UsageError
+from chatforge.errors import DataError, TrainingDiverged, UsageError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,15 +163,20 @@ def accumulate_masked_gradients(model: torch.nn.Module, batches, accum_steps: in
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, batches, runtime) -> float:
-    """Mean cross-entropy per counted target (targets != -1) over `batches` and all ranks (nan if none)."""
+    """Mean cross-entropy per counted target (targets != -1) over `batches` and all ranks.
+
+    No counted target at all is a DataError, raised on every rank alike (after the all-reduce): a
+    NaN here once looked like a broken model when the val split had simply given no batch.
+    """
     totals = torch.zeros(2, dtype=torch.float64, device=runtime.device)
     for inputs, targets in batches:
         with runtime.autocast():
             totals[0] += model(inputs, targets, loss_reduction="sum").double()
         totals[1] += (targets != -1).sum()
     totals = _global_sum(totals)
-    if totals[1] == 0:  # e.g. every row cut off before its first assistant token
-        return float("nan")
+    if totals[1] == 0:
+        raise DataError("the validation split gave no target to score (no rows, or every row cut off before its "
+                        "first trained token); add validation data or raise --max-seq-len")
     return (totals[0] / totals[1]).item()
 
 
@@ -329,6 +334,16 @@ class Throughput:
         if self.mfu is not None:
             out["mfu"] = round(100 * self.mfu, 2)
         return out
+
+
+def progress_fields(loss: float, throughput: Throughput | None = None) -> dict:
+    """What a training progress line shows after the step count: loss, tokens/s and MFU where known."""
+    fields = {"loss": f"{loss:.4f}"}
+    if throughput is not None and throughput.tokens_per_step:
+        fields["tok/s"] = f"{throughput.tokens_per_second:,.0f}"
+    if throughput is not None and throughput.mfu is not None:
+        fields["mfu"] = f"{100 * throughput.mfu:.1f}%"
+    return fields
 
 
 class StepTimer:

@@ -40,7 +40,7 @@ import torch
 
 from chatforge import paths
 from chatforge.errors import CheckpointError, UsageError
-from chatforge.progress import MetricsLogger, Progress, format_duration, provenance
+from chatforge.progress import MetricsLogger, Progress, format_duration, format_figure, not_measured, provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
 from chatforge.train import loop
 
@@ -250,7 +250,7 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, *, nu
         print0(f"step {step}: saved {folder}")
         return str(folder)
 
-    progress = Progress(num_iterations - start_step, stage, unit="step")
+    progress = Progress(num_iterations, stage, unit="step", initial=start_step, warmup=throughput.skip_steps)
     while True:
         last = step == num_iterations
         if (step > start_step or start_step == 0) and (last or loop.is_due(step, args.eval_every, num_iterations)):
@@ -260,6 +260,8 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, *, nu
             val_history.append((step, loss))
             logger.log(step, val_loss=loss)
             print0(f"step {step}: val loss {loss:.4f}")
+            if step > start_step:
+                progress.report()
         if step > start_step and (last or loop.is_due(step, args.save_every, num_iterations)):
             last_checkpoint = save()
         if last:
@@ -272,7 +274,7 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, *, nu
         speed = throughput.summary() if tokens_per_step else {"step_ms": throughput.summary()["step_ms"]}
         logger.log(step, train_loss=last_loss, lr_multiplier=sched["lr_multiplier"], **speed,
                    eta_s=round(throughput.eta_seconds(num_iterations - step)), **loop.memory_stats(rt.device))
-        progress.update(1, loss=f"{last_loss:.4f}", **{k: v for k, v in speed.items() if k != "step_ms"})
+        progress.update(1, **loop.progress_fields(last_loss, throughput if tokens_per_step else None))
     progress.close()
     logger.close()
     return {"stage": stage, "tag": start["tag"], "source": start["source"], "parameters": model.num_params(),
@@ -285,10 +287,13 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, *, nu
 
 def write_summary(stage: str, tag: str, name: str, summary: dict, rt) -> Path:
     path = paths.eval_dir(stage, tag, create=False) / name
+    reasons = {"final_train_loss": "no step ran in this run", "final_val_loss": "no validation ran in this run"}
+    summary["not_measured"] = not_measured({k: summary.get(k) for k in reasons}, reasons)
     if rt.is_main:
         paths.atomic_write_text(path, json.dumps({**summary, **provenance()}, indent=2, default=str))
-        print0(f"done in {format_duration(summary['wall_time_s'])}: final val loss {summary['final_val_loss']}; "
-               f"summary in {path}")
+        print0(f"done in {format_duration(summary['wall_time_s'])}: final train loss "
+               f"{format_figure(summary.get('final_train_loss'), reasons['final_train_loss'])}, val loss "
+               f"{format_figure(summary.get('final_val_loss'), reasons['final_val_loss'])}; summary in {path}")
     return path
 
 
@@ -349,8 +354,10 @@ def _midtrain(args: argparse.Namespace, rt) -> dict:
     train_model = prepare_model(model, rt, compile=args.compile != "off")
 
     def val_loss() -> float:
+        # pad_last: the val split may not fill one batch per rank (399 conversations of the shared
+        # stand-in over 8 ranks of 32 x 2048 tokens did not), and an empty pass measures nothing
         val_loader = PackedLoader(corpus, tokenizer, device_batch, seq_len, split="val", rank=rt.rank,
-                                  world_size=rt.world_size, device=rt.device, loop=False)
+                                  world_size=rt.world_size, device=rt.device, loop=False, pad_last=True)
         try:
             return loop.evaluate_loss(train_model, itertools.islice(iter(val_loader), args.eval_steps), rt)
         finally:

@@ -36,7 +36,7 @@ import torch
 
 from chatforge import paths
 from chatforge.errors import CheckpointError, UsageError
-from chatforge.progress import MetricsLogger, Progress, format_duration, provenance
+from chatforge.progress import MetricsLogger, Progress, format_duration, format_figure, not_measured, provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
 from chatforge.train import loop
 
@@ -202,7 +202,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
     def val_bpb() -> float:
         # one pass at most (loop=False): a small val split is measured once, not counted several times
         val_loader = PackedLoader(corpus, tokenizer, device_batch, seq_len, split="val", rank=rt.rank,
-                                  world_size=rt.world_size, device=rt.device, loop=False)
+                                  world_size=rt.world_size, device=rt.device, loop=False, pad_last=True)
         train_model.eval()
         try:
             return evaluate_bpb(train_model, itertools.islice(iter(val_loader), eval_steps), token_bytes, rt)
@@ -233,38 +233,44 @@ def _train(args: argparse.Namespace, rt) -> dict:
 
     step, last_loss = start_step, resumed_meta.get("metrics", {}).get("train_loss")
     bpb_history = [tuple(point) for point in resumed_meta.get("val_bpb_history", [])]
-    progress = Progress(num_iterations - start_step, "pretrain", unit="step")
-    while True:
-        last = step == num_iterations
-        # a resumed run skips the eval and samples its checkpoint's step already had
-        fresh_step = step > start_step or start_step == 0
-        if fresh_step and loop.is_due(step, args.eval_every, num_iterations):
-            bpb = val_bpb()
-            bpb_history.append((step, bpb))
-            logger.log(step, val_bpb=bpb)
-            print0(f"step {step}: val bpb {bpb:.4f}")
-        if fresh_step and loop.is_due(step, args.sample_every, num_iterations) and rt.is_main:
-            samples = loop.greedy_samples(model, tokenizer, rt)
-            print0(f"step {step}: greedy samples")
-            for sample in samples:
-                print0(f"  {sample['prompt']!r} -> {sample['completion']!r}")
-            logger.log(step, samples=[sample["prompt"] + sample["completion"] for sample in samples])
-        if step > start_step and (last or loop.is_due(step, args.save_every, num_iterations)):
-            last_checkpoint = save(step, {"train_loss": last_loss, **({"val_bpb": bpb_history[-1][1]}
-                                                                        if bpb_history else {})})
-        if last:
-            break
+    # the ETA leaves out the steps Throughput leaves out: compilation and warmup
+    progress = Progress(num_iterations, "pretrain", unit="step", initial=start_step, warmup=throughput.skip_steps)
+    try:
+        while True:
+            last = step == num_iterations
+            # a resumed run skips the eval and samples its checkpoint's step already had
+            fresh_step = step > start_step or start_step == 0
+            if fresh_step and loop.is_due(step, args.eval_every, num_iterations):
+                bpb = val_bpb()
+                bpb_history.append((step, bpb))
+                logger.log(step, val_bpb=bpb)
+                print0(f"step {step}: val bpb {bpb:.4f}")
+                if step > start_step:
+                    progress.report()
+            if fresh_step and loop.is_due(step, args.sample_every, num_iterations) and rt.is_main:
+                samples = loop.greedy_samples(model, tokenizer, rt)
+                print0(f"step {step}: greedy samples")
+                for sample in samples:
+                    print0(f"  {sample['prompt']!r} -> {sample['completion']!r}")
+                logger.log(step, samples=[sample["prompt"] + sample["completion"] for sample in samples])
+            if step > start_step and (last or loop.is_due(step, args.save_every, num_iterations)):
+                last_checkpoint = save(step, {"train_loss": last_loss, **({"val_bpb": bpb_history[-1][1]}
+                                                                            if bpb_history else {})})
+            if last:
+                break
 
-        sched = loop.apply_schedules(optimizer, step, schedule)
-        last_loss, seconds = loop.optimizer_step(train_model, model, optimizer, batches, accum, rt, step,
-                                                 last_checkpoint)
-        step += 1
-        throughput.record(seconds)
-        record = {"train_loss": last_loss, "lr_multiplier": sched["lr_multiplier"], **throughput.summary(),
-                  "eta_s": round(throughput.eta_seconds(num_iterations - step)), **loop.memory_stats(rt.device)}
-        logger.log(step, **record)
-        progress.update(1, loss=f"{last_loss:.4f}", **{k: v for k, v in throughput.summary().items()
-                                                       if k != "step_ms"})
+            sched = loop.apply_schedules(optimizer, step, schedule)
+            last_loss, seconds = loop.optimizer_step(train_model, model, optimizer, batches, accum, rt, step,
+                                                     last_checkpoint)
+            step += 1
+            throughput.record(seconds)
+            record = {"train_loss": last_loss, "lr_multiplier": sched["lr_multiplier"], **throughput.summary(),
+                      "eta_s": round(throughput.eta_seconds(num_iterations - step)), **loop.memory_stats(rt.device)}
+            logger.log(step, **record)
+            progress.update(1, **loop.progress_fields(last_loss, throughput))
+    finally:
+        # its threads must be gone before interpreter exit (see data/loader.py), and now, not at exit
+        train_loader.close()
     progress.close()
     core_result = final_core(args, rt, tokenizer) if args.core_max_per_task else None
     if core_result is not None:
@@ -285,10 +291,17 @@ def _train(args: argparse.Namespace, rt) -> dict:
         "resumed_from_step": start_step or None, "checkpoint": last_checkpoint,
         "settings": settings_dict, "args": vars(args), **provenance(),
     }
+    reasons = {"final_val_bpb": "--eval-every 0" if args.eval_every <= 0 else "no eval step ran in this run",
+               "min_val_bpb": "--eval-every 0" if args.eval_every <= 0 else "no eval step ran in this run",
+               "core": "--core-max-per-task 0; `chatforge eval base` runs CORE"}
+    summary["not_measured"] = not_measured({k: summary[k] for k in reasons}, reasons)
     if rt.is_main:
         paths.atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str))
-        print0(f"done in {format_duration(summary['wall_time_s'])}: final val bpb "
-               f"{summary['final_val_bpb']}; summary in {summary_path}")
+        core_text = f", CORE {summary['core']:.4f}" if summary["core"] is not None else ""
+        print0(f"done in {format_duration(summary['wall_time_s'])}: final train loss "
+               f"{format_figure(last_loss, 'no step ran')}, val bpb "
+               f"{format_figure(summary['final_val_bpb'], reasons['final_val_bpb'])}{core_text}; "
+               f"summary in {summary_path}")
     return summary
 
 

@@ -354,7 +354,8 @@ def _train(args: argparse.Namespace, rt) -> dict:
 
     step, record = start_step, dict(meta.get("metrics", {})) if resuming else {}
     samples_per_s: list[float] = []
-    progress = Progress(num_iterations - start_step, "rl", unit="step")
+    # the first step captures CUDA graphs (see samples_per_s below): not part of the ETA
+    progress = Progress(num_iterations, "rl", unit="step", initial=start_step, warmup=1)
     while True:
         last = step == num_iterations
         fresh_step = step > start_step or start_step == 0
@@ -362,6 +363,8 @@ def _train(args: argparse.Namespace, rt) -> dict:
             table = evaluate(step)
             eval_history.append({"step": step, **table})
             logger.log(step, **table)
+            if step > start_step:
+                progress.report()
         if step > start_step and (last or loop.is_due(step, args.save_every, num_iterations)):
             last_checkpoint = save(step, {k_: v for k_, v in record.items() if k_ != "rank0_questions"})
         if last:
