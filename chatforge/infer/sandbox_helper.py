@@ -191,6 +191,12 @@ def landlock_restrict(ruleset: int) -> None:
     os.close(ruleset)
 
 
+def die_with_parent() -> None:
+    """SIGKILL when the parent ends (Linux; the unconfined mode elsewhere goes without)."""
+    if hasattr(libc, "prctl"):
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def check(ret: int, what: str) -> None:
     if ret < 0:
         err = ctypes.get_errno()
@@ -302,7 +308,7 @@ def keeper(sock, taken_w: int, mode: str, info: dict, mount_point: str, seccomp:
     """Prepare a confined runner, take one request off the socket, supervise it, answer, exit."""
     code = 1
     try:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        die_with_parent()
         if os.getppid() != helper_pid:
             os._exit(1)
         work = prepare_folder(mode, info, mount_point)
@@ -432,7 +438,7 @@ def death_reason(status: int) -> str:
 
 def runner(mode, info, work, seccomp, req_r, out_w, res_w, life_r):
     try:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        die_with_parent()
         if select.select([life_r], [], [], 0)[0]:
             os._exit(1)  # the keeper died before PDEATHSIG was armed
         import fcntl
