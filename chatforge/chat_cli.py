@@ -20,7 +20,8 @@ import sys
 
 from chatforge.conversation import render_for_completion
 from chatforge.errors import UsageError
-from chatforge.infer.engine import Engine, IncrementalDecoder
+from chatforge.infer.engine import Engine
+from chatforge.infer.reply import ReplyParser
 from chatforge.infer.sampling import check_sampling_args
 from chatforge.runtime import add_runtime_arguments
 
@@ -57,14 +58,12 @@ class ReplyPrinter:
     """Shows a reply token by token and rebuilds it as conversation parts (text / python / output)."""
 
     COLORS = {"text": "0", "python": "36", "python_output": "2"}
+    LABELS = {"python": "[python] ", "python_output": "[output] "}
 
     def __init__(self, engine: Engine, stream=None):
-        self.engine = engine
+        self.parser = ReplyParser(engine.tokenizer)
         self.stream = stream or sys.stdout
         self.style = _Style(self.stream)
-        self.decoder = IncrementalDecoder(engine.tokenizer)
-        self.kind = "text"
-        self.ids: list[int] = []
         self.parts: list[dict] = []
         self.line_start = True
 
@@ -75,40 +74,31 @@ class ReplyPrinter:
         self.stream.flush()
         self.line_start = text.endswith("\n")
 
-    def _close_part(self) -> None:
-        self.write(self.decoder.flush(), self.COLORS[self.kind] if self.kind != "text" else None)
-        if self.ids:
-            text = self.engine.tokenizer.decode(self.ids)
-            if self.kind == "text" and self.parts and self.parts[-1]["type"] == "text":
-                self.parts[-1]["text"] += text
-            else:
-                self.parts.append({"type": self.kind, "text": text})
-        self.ids = []
-
     def push(self, token: int) -> None:
-        e = self.engine
-        if token in (e.python_start, e.output_start):
-            self._close_part()
-            self.kind = "python" if token == e.python_start else "python_output"
+        for event in self.parser.push(token):
+            self._show(event)
+
+    def _show(self, event) -> None:
+        if event.event == "open":
             if not self.line_start:
                 self.write("\n")
-            self.write("[python] " if token == e.python_start else "[output] ", "1;" + self.COLORS[self.kind])
-        elif token in (e.python_end, e.output_end):
-            self._close_part()
-            self.kind = "text"
+            self.write(self.LABELS[event.kind], "1;" + self.COLORS[event.kind])
+            self.parts.append({"type": event.kind, "text": ""})
+        elif event.event == "close":
             self.write("\n")
-        elif token in (e.assistant_end, e.bos) or e.tokenizer.is_special(token):
-            return
+            self.parts.append({"type": "text", "text": ""})  # what follows a block is a new text part
         else:
-            self.ids.append(token)
-            piece = self.decoder.push(token)
-            self.write(piece, self.COLORS[self.kind] if self.kind != "text" else None)
+            self.write(event.text, self.COLORS[event.kind] if event.kind != "text" else None)
+            if not self.parts:
+                self.parts.append({"type": "text", "text": ""})
+            self.parts[-1]["text"] += event.text
 
     def finish(self) -> list[dict]:
-        self._close_part()
+        for event in self.parser.finish():
+            self._show(event)
         if not self.line_start:
             self.write("\n")
-        return self.parts
+        return [p for p in self.parts if p["text"] or p["type"] != "text"]
 
 
 def reply(engine: Engine, messages: list[dict], args, turn: int, stream=None) -> list[dict]:

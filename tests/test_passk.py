@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatforge.eval.passk import mean_pass_at_k, pass_at_k, pass_at_k_table, response_text
+from chatforge.eval.passk import mean_pass_at_k, pass_at_k, pass_at_k_table
+from chatforge.infer.reply import response_text
 
 
 def enumerated_pass_at_k(outcomes: list[bool], k: int) -> Fraction:

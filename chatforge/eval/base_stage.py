@@ -23,7 +23,7 @@ from chatforge.errors import DataError, UsageError
 from chatforge.eval import core
 from chatforge.progress import provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
-from chatforge.train.loop import greedy_samples
+from chatforge.eval.samples import greedy_samples
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, default_source: str) -> None:

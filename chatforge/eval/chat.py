@@ -20,6 +20,7 @@ import torch
 
 from chatforge.conversation import render_for_completion
 from chatforge.errors import DataError
+from chatforge.infer.reply import response_text
 from chatforge.progress import Progress
 from chatforge.runtime import print0
 
@@ -90,7 +91,6 @@ def run_generative(engine, tokenizer, task, indices: list[int], num_samples: int
                    temperature: float = 0.0, top_k: int | None = None, batch_size: int = 8,
                    max_seq_len: int | None = None, seed: int = 0) -> tuple[int, int, int]:
     """(correct, total, truncated) over this rank's examples; an example is solved if any sample is."""
-    ends = {tokenizer.special_id("<|assistant_end|>"), tokenizer.bos_id}
     correct = truncated = 0
     bar = Progress(len(indices), f"{task.name}", unit="questions")
     for b in range(0, len(indices), batch_size):
@@ -104,10 +104,8 @@ def run_generative(engine, tokenizer, task, indices: list[int], num_samples: int
         results = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
                                         temperature=temperature, top_k=top_k, seed=seed + b)
         for i, conv in enumerate(convs):
-            texts = []
-            for r in results[i * num_samples:(i + 1) * num_samples]:  # rows are prompt-major
-                tokens = r.tokens[:-1] if r.tokens and r.tokens[-1] in ends else r.tokens
-                texts.append(tokenizer.decode(tokens))
+            texts = [response_text(tokenizer, r.tokens)  # rows are prompt-major
+                     for r in results[i * num_samples:(i + 1) * num_samples]]
             correct += any(task.evaluate(conv, t) for t in texts)
         bar.update(len(convs))
     bar.close()

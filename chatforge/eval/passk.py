@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from chatforge.conversation import render_for_completion
+from chatforge.infer.reply import response_text
 from chatforge.progress import Progress
 
 
@@ -38,14 +39,6 @@ def mean_pass_at_k(counts: list[tuple[int, int]], ks: list[int]) -> dict[int, fl
     if not counts:
         return {k: float("nan") for k in ks}
     return {k: sum(pass_at_k(n, c, k) for n, c in counts) / len(counts) for k in ks}
-
-
-def response_text(tokenizer, tokens: list[int]) -> str:
-    """The decoded reply of a generated row, without the token that ended it."""
-    ends = {tokenizer.special_id("<|assistant_end|>"), tokenizer.bos_id}
-    if tokens and tokens[-1] in ends:
-        tokens = tokens[:-1]
-    return tokenizer.decode(tokens)
 
 
 def count_correct(engine, tokenizer, conversations: list[dict], score, num_samples: int, max_new_tokens: int,

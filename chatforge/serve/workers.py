@@ -35,7 +35,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from chatforge.errors import ChatforgeError, UsageError
-from chatforge.infer.engine import Engine, IncrementalDecoder
+from chatforge.infer.engine import Engine
+from chatforge.infer.reply import ReplyEvent, ReplyParser
 from chatforge.infer.session import DecodeSession
 from chatforge.runtime import print0
 
@@ -65,42 +66,24 @@ class Delta:
 
 
 class PartStream:
-    """Token ids of one reply -> Pieces, split at the tool-call special tokens, UTF-8 safe."""
+    """Token ids of one reply -> Pieces: the reply's parts (infer/reply.py) with fences shown."""
 
     def __init__(self, engine: Engine):
-        self.engine = engine
-        self.decoder = IncrementalDecoder(engine.tokenizer)
-        self.kind = "text"
+        self.parser = ReplyParser(engine.tokenizer)
 
     def push(self, token: int) -> list[Piece]:
-        e = self.engine
-        if token in (e.python_start, e.output_start):
-            out = self._flush()
-            if self.kind != "text":  # a block the model never closed: close its fence first
-                out.append(Piece(self.kind, "", CLOSE_SHOWN))
-            self.kind = "python" if token == e.python_start else "python_output"
-            return out + [Piece(self.kind, "", OPEN_SHOWN[self.kind], open=True)]
-        if token in (e.python_end, e.output_end):
-            out = self._flush()
-            if self.kind != "text":
-                out.append(Piece(self.kind, "", CLOSE_SHOWN))
-            self.kind = "text"
-            return out
-        if e.tokenizer.is_special(token):
-            return []
-        text = self.decoder.push(token)
-        return [Piece(self.kind, text, text)] if text else []
+        return [self._piece(e) for e in self.parser.push(token)]
 
     def finish(self) -> list[Piece]:
-        out = self._flush()
-        if self.kind != "text":  # a reply cut inside a tool block still closes its fence
-            out.append(Piece(self.kind, "", CLOSE_SHOWN))
-            self.kind = "text"
-        return out
+        return [self._piece(e) for e in self.parser.finish()]
 
-    def _flush(self) -> list[Piece]:
-        text = self.decoder.flush()
-        return [Piece(self.kind, text, text)] if text else []
+    @staticmethod
+    def _piece(event: ReplyEvent) -> Piece:
+        if event.event == "open":
+            return Piece(event.kind, "", OPEN_SHOWN[event.kind], open=True)
+        if event.event == "close":
+            return Piece(event.kind, "", CLOSE_SHOWN)
+        return Piece(event.kind, event.text, event.text)
 
 
 class StopFilter:

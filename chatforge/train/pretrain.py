@@ -38,6 +38,7 @@ from chatforge import paths
 from chatforge.errors import CheckpointError, UsageError
 from chatforge.progress import MetricsLogger, Progress, format_duration, format_figure, not_measured, provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
+from chatforge.eval.samples import greedy_samples
 from chatforge.train import loop
 
 STAGE = "base"
@@ -248,7 +249,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
                 if step > start_step:
                     progress.report()
             if fresh_step and loop.is_due(step, args.sample_every, num_iterations) and rt.is_main:
-                samples = loop.greedy_samples(model, tokenizer, rt)
+                samples = greedy_samples(model, tokenizer, rt)
                 print0(f"step {step}: greedy samples")
                 for sample in samples:
                     print0(f"  {sample['prompt']!r} -> {sample['completion']!r}")

@@ -57,10 +57,17 @@ import time
 import torch
 
 from chatforge import paths
+from chatforge.conversation import render_for_completion
 from chatforge.errors import CheckpointError, UsageError
+from chatforge.eval import passk
+from chatforge.infer.engine import Engine
+from chatforge.infer.reply import response_text
+from chatforge.model import checkpoint
+from chatforge.model.optim import build_optimizer
 from chatforge.progress import MetricsLogger, Progress, format_duration, provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
-from chatforge.train import loop
+from chatforge.tokenizer import load_tokenizer
+from chatforge.train import loop, rewards
 
 STAGE = "rl"
 
@@ -242,13 +249,6 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace, rt) -> dict:
-    from chatforge.conversation import render_for_completion
-    from chatforge.eval import passk
-    from chatforge.infer.engine import Engine
-    from chatforge.model import checkpoint
-    from chatforge.model.optim import build_optimizer
-    from chatforge.tokenizer import load_tokenizer
-    from chatforge.train import rewards
 
     started = time.time()
     ks = check_arguments(args, rt.world_size)
@@ -384,7 +384,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
             results += engine.generate_batch(prompts[c0:c0 + questions_per_call], num_samples=k,
                                              max_tokens=args.max_new_tokens, temperature=args.temperature,
                                              top_k=top_k, seed=call_seed)
-        scores = [reward_task.reward(conversations[r // k], passk.response_text(tokenizer, res.tokens))
+        scores = [reward_task.reward(conversations[r // k], response_text(tokenizer, res.tokens))
                   for r, res in enumerate(results)]
         rt.synchronize()
         t1 = time.perf_counter()
