@@ -27,10 +27,11 @@ from chatforge.errors import UsageError
 from chatforge.progress import format_duration
 from chatforge.runtime import print0
 from chatforge.speedrun import STAGES
+from chatforge.tasks import EVAL_TASKS
 
 NOT_RUN = "not run"
 CHAT_STAGES = ("base", "mid", "sft", "rl")
-EVAL_ROWS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE")
+EVAL_ROWS = ("CORE", *EVAL_TASKS, "ChatCORE")
 TRAIN_SUMMARIES = {"mid": "midtrain.json", "sft": "sft.json", "rl": "rl.json"}
 
 
