@@ -174,7 +174,7 @@ def test_cuda_window_mask_for_flex_attention_matches_the_cpu_mask():
     # boolean mask of the CPU path (FlexAttention's eager reference runs on CPU)
     from torch.nn.attention.flex_attention import flex_attention
 
-    from chatforge.model.gpt import _window_block_mask
+    from chatforge.model.attention import _window_block_mask
 
     torch.manual_seed(0)
     B, H, Hkv, T, D, W = 2, 4, 2, 40, 16, 7

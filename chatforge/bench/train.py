@@ -21,7 +21,7 @@ import torch
 from chatforge.errors import UsageError
 from chatforge.model.gpt import GPT
 from chatforge.model.optim import build_optimizer
-from chatforge.model.parallel import prepare_model
+from chatforge.model.speedups import prepare_model
 from chatforge.model.scaling import derive
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0, shutdown
 from chatforge.train.loop import peak_flops

@@ -2,7 +2,7 @@
 
 Where it sits: `train/*` calls `forward(idx, targets)` for a loss; `infer/engine.py` allocates a
 `KVCache` and calls `forward(idx, kv_cache=cache)` for logits; `model/optim.py` updates the weights;
-`model/parallel.py` wraps a built model in compile/FP8 from outside (this file knows neither).
+`model/speedups.py` wraps a built model in compile/FP8 from outside (this file knows neither).
 
 The architecture, top to bottom, and why:
 - token embedding, untied from the output head (separate tables learn faster at small scale);
@@ -37,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge.errors import UsageError
-from chatforge.model import decode_kernels
+from chatforge.model import attention
+from chatforge.model.attention import linear
 
 # Rotary tables cover this many times sequence_len, so generation may run past the training length.
 ROTARY_MARGIN = 10
@@ -111,82 +112,6 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],))
 
 
-NO_WINDOW = 1 << 30  # the decode attention kernel's window for full-context layers
-
-
-def linear(x: torch.Tensor, layer: nn.Linear, kernels: frozenset = frozenset(), relu2: bool = False):
-    """layer(x) (then relu(.)^2 when asked): the Triton GEMV for a single row when enabled, else the
-    module itself (which FP8 training may have swapped for its own Linear)."""
-    if "gemv" in kernels and decode_kernels.gemv_supported(x, layer.weight):
-        return decode_kernels.gemv(x, layer.weight, relu2)
-    y = layer(x)
-    return F.relu(y).square() if relu2 else y
-
-
-# ---------------------------------------------------------------------------------------------
-# the blocks
-
-_block_masks: dict = {}
-
-
-def _window_block_mask(T: int, window: int, device: torch.device):
-    """FlexAttention block mask for causal attention within `window` tokens.
-
-    Eager: built once per shape and kept. Inside torch.compile it is traced into the graph instead
-    (cheap: one bit per 128x128 tile), since a cache mutated during tracing would not be replayed.
-    """
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def sliding_causal(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
-
-    if torch.compiler.is_compiling():
-        return create_block_mask(sliding_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
-    key = (T, window, str(device))
-    if key not in _block_masks:
-        _block_masks[key] = create_block_mask(sliding_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
-    return _block_masks[key]
-
-
-_flex_compiled = None
-
-
-def _flex(q, k, v, block_mask, enable_gqa):
-    """FlexAttention is fast only as a compiled kernel: inside a compiled model it is traced like any op;
-    in an eager model we compile just this call (how FlexAttention is meant to be used)."""
-    global _flex_compiled
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if torch.compiler.is_compiling():
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
-    return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-
-
-def _sdpa_backends() -> list:
-    """Which fused attention kernels CUDA training tries first (CHATFORGE_SDPA=cudnn|flash|auto).
-
-    cuDNN first: on an H200 (torch 2.11) it made a depth-20 training step 2.4% faster than the
-    default choice (docs/benchmarks.md); the others stay as fallbacks for shapes cuDNN refuses.
-    """
-    import os
-
-    choice = os.environ.get("CHATFORGE_SDPA", "cudnn").lower()
-    if choice == "auto":
-        return []
-    from torch.nn.attention import SDPBackend
-
-    order = {"cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION],
-             "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]}
-    if choice not in order:
-        raise UsageError(f"CHATFORGE_SDPA={choice!r} is not one of cudnn, flash, auto")
-    return order[choice] + [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-SDPA_BACKENDS = _sdpa_backends()
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int, window: int | None):
         super().__init__()
@@ -199,6 +124,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
         self.c_qkv = None
         self.kernels: frozenset = frozenset()  # decode kernels in use, set by GPT.fuse_for_inference
+        self.sdpa_backends = attention.sdpa_backends()  # CUDA training's SDPA order, read at build time
         self.qkv_sizes = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim)
 
     @torch.no_grad()
@@ -222,37 +148,18 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim)   # (B, T, Hkv, D)
         # QK-norm, then rotate (RMS over D is unchanged by the rotation, so the order is free)
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
-        if kv_cache is not None and T == 1 and "attn" in self.kernels and \
-                decode_kernels.decode_attention_supported(q[:, 0], k[:, 0], v[:, 0], kv_cache.k[self.layer_idx]):
-            y = decode_kernels.decode_attention(q[:, 0], k[:, 0], v[:, 0], kv_cache.k[self.layer_idx],
-                                                kv_cache.v[self.layer_idx], kv_cache.lengths,
-                                                self.window or NO_WINDOW)  # (B, H, D)
-            return linear(y.view(B, T, self.n_head * self.head_dim), self.c_proj, self.kernels)
+        if kv_cache is not None and T == 1:
+            y = attention.decode_step(q[:, 0], k[:, 0], v[:, 0], kv_cache.k[self.layer_idx],
+                                      kv_cache.v[self.layer_idx], kv_cache.lengths, self.window, self.kernels)
+            if y is not None:  # (B, H, D): the decode kernel wrote this step's k/v and attended
+                return linear(y.view(B, T, self.n_head * self.head_dim), self.c_proj, self.kernels)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if kv_cache is None:
-            y = self._attend_training(q, k, v)
+            y = attention.causal(q, k, v, self.window, self.sdpa_backends)
         else:
             y = self._attend_cached(q, k, v, kv_cache, step)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
         return linear(y, self.c_proj, self.kernels)
-
-    def _attend_training(self, q, k, v):
-        T = q.shape[2]
-        gqa = self.n_kv_head != self.n_head
-        if self.window is None or self.window >= T:
-            if q.device.type == "cuda" and SDPA_BACKENDS:
-                from torch.nn.attention import sdpa_kernel
-
-                with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        if q.device.type == "cuda":
-            # unlike SDPA, FlexAttention is not an autocast op: give it one dtype (v's is the linear's)
-            q, k = q.to(v.dtype), k.to(v.dtype)
-            return _flex(q, k, v, _window_block_mask(T, self.window, q.device), gqa)
-        i = torch.arange(T, device=q.device)
-        allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)  # (Tq, Tk)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
 
     def _attend_cached(self, q, k, v, cache: "KVCache", step: "CachedStep"):
         """Write k/v at each row's positions, then attend over the whole static cache with a mask.
@@ -346,15 +253,9 @@ class GPT(nn.Module):
         kernels: which Triton decode kernels (model/decode_kernels.py) to use on CUDA: "all",
         "gemv", "attn" or "none"; default CHATFORGE_DECODE_KERNELS, else "all" where Triton exists.
         """
-        import os
-
         for block in self.transformer.h:
             block.attn.fuse_qkv()
-        choice = (kernels or os.environ.get("CHATFORGE_DECODE_KERNELS") or "all").lower()
-        named = {"all": {"gemv", "attn"}, "gemv": {"gemv"}, "attn": {"attn"}, "none": set()}
-        if choice not in named:
-            raise UsageError(f"CHATFORGE_DECODE_KERNELS={choice!r} is not one of all, gemv, attn, none")
-        chosen = frozenset(named[choice]) if decode_kernels.available(self.lm_head.weight.device) else frozenset()
+        chosen = attention.decode_kernels_for(self.lm_head.weight.device, kernels)
         self.kernels = chosen
         for block in self.transformer.h:
             block.attn.kernels = block.mlp.kernels = chosen

@@ -319,7 +319,7 @@ def main(args: argparse.Namespace) -> dict:
 def _midtrain(args: argparse.Namespace, rt) -> dict:
     from chatforge.data.conversations import ConversationCorpus, estimate_tokens
     from chatforge.data.loader import PackedLoader
-    from chatforge.model.parallel import prepare_model
+    from chatforge.model.speedups import prepare_model
 
     started = time.time()
     start = start_model(STAGE, args, rt)

@@ -133,7 +133,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
     from chatforge.model import checkpoint
     from chatforge.model.gpt import GPT
     from chatforge.model.optim import build_optimizer
-    from chatforge.model.parallel import prepare_model
+    from chatforge.model.speedups import prepare_model
     from chatforge.model.scaling import derive, overrides_from_args
     from chatforge.tokenizer import load_tokenizer
 

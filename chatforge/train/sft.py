@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def _sft(args: argparse.Namespace, rt) -> dict:
     from chatforge.data.conversations import SFTBatches
-    from chatforge.model.parallel import prepare_model
+    from chatforge.model.speedups import prepare_model
 
     started = time.time()
     start = start_model(STAGE, args, rt)

@@ -5,7 +5,7 @@ import torch
 
 from chatforge.errors import UsageError
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.model.parallel import Float8Linear, convert_to_float8, prepare_model
+from chatforge.model.speedups import Float8Linear, convert_to_float8, prepare_model
 from chatforge.runtime import init_runtime
 
 
