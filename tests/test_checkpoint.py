@@ -11,10 +11,19 @@ from chatforge import paths
 from chatforge.errors import CheckpointError
 from chatforge.model import checkpoint as ckpt
 from chatforge.model.gpt import GPT, GPTConfig
+from tiny_chat import tiny_tokenizer
+
+TOKENIZER = tiny_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def saved_tokenizer():
+    """checkpoint.load checks the base directory's tokenizer against the checkpoint's vocabulary."""
+    TOKENIZER.save(paths.tokenizer_dir())
 
 
 def tiny_config(**overrides) -> GPTConfig:
-    fields = dict(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    fields = dict(sequence_len=16, vocab_size=TOKENIZER.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
     fields.update(overrides)
     return GPTConfig(**fields)
 
@@ -48,7 +57,7 @@ def test_round_trip_restores_weights_optimizer_loader_and_rng():
 
     loaded = ckpt.load_checkpoint("base", "d2")
     meta = loaded["meta"]
-    assert meta["step"] == 7 and meta["world_size"] == 1 and meta["vocab_size"] == 64
+    assert meta["step"] == 7 and meta["world_size"] == 1 and meta["vocab_size"] == TOKENIZER.vocab_size
     assert meta["model_config"] == config.to_dict()
     assert meta["loader_state"] == [{"doc": 12, "row": [1, 2]}]
     assert meta["metrics"] == {"val_bpb": 1.5}
@@ -67,11 +76,13 @@ def test_round_trip_restores_weights_optimizer_loader_and_rng():
     assert torch.equal(torch.rand(3), expected_torch)
 
 
-def test_build_model_gives_the_same_logits_in_eval_mode():
+def test_load_gives_the_same_logits_in_eval_mode():
     model, opt, config = trained_pair()
     save(model, opt, config, 3)
-    rebuilt, meta = ckpt.build_model("base", device="cpu")
-    assert not rebuilt.training and meta["step"] == 3
+    loaded = ckpt.load("base", device="cpu")
+    rebuilt, meta = loaded.model, loaded.meta
+    assert not rebuilt.training and meta["step"] == 3 and loaded.step == 3 and loaded.tag == "d2"
+    assert loaded.optimizer is None and loaded.tokenizer.vocab_size == config.vocab_size
     x = torch.randint(0, config.vocab_size, (2, config.sequence_len))
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
@@ -86,8 +97,7 @@ def test_kill_during_save_leaves_previous_checkpoint_usable():
     partial.mkdir()
     (partial / "model.pt").write_bytes(b"\x80\x02truncated")
     assert ckpt.latest_step("base", "d2") == 2
-    rebuilt, meta = ckpt.build_model("base")
-    assert meta["step"] == 2
+    assert ckpt.load("base").meta["step"] == 2
     # the next save clears the debris and commits normally
     save(model, opt, config, 4)
     assert not partial.exists()
@@ -122,7 +132,7 @@ def test_default_tag_is_most_recently_written_and_errors_list_what_exists():
     with pytest.raises(CheckpointError, match=r"no complete step 9; available steps: 6"):
         ckpt.load_checkpoint("base", "beta", step=9)
     with pytest.raises(CheckpointError, match=r"no sft checkpoints under .*chatforge sft"):
-        ckpt.build_model("sft")
+        ckpt.load("sft")
     with pytest.raises(CheckpointError, match="unknown checkpoint stage"):
         ckpt.resolve("pre")
 
@@ -157,12 +167,29 @@ def test_compiled_prefix_is_stripped():
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
 
 
-def test_build_model_casts_parameters_but_keeps_rotary_tables_fp32():
+def test_load_casts_parameters_but_keeps_rotary_tables_fp32():
     model, opt, config = trained_pair()
     save(model, opt, config, 1)
-    rebuilt, _ = ckpt.build_model("base", dtype=torch.bfloat16)
+    rebuilt = ckpt.load("base", dtype=torch.bfloat16).model
     assert {p.dtype for p in rebuilt.parameters()} == {torch.bfloat16}
     assert rebuilt.cos.dtype == torch.float32
     x = torch.randint(0, config.vocab_size, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x), atol=0.1, rtol=0.05)
+
+
+def test_load_reads_the_optimizer_shard_and_overrides_the_context():
+    model, opt, config = trained_pair()
+    save(model, opt, config, 2)
+    loaded = ckpt.load("base", optimizer=True, max_seq_len=32)
+    assert loaded.model.config.sequence_len == 32
+    assert loaded.optimizer["state"].keys() == opt.state_dict()["state"].keys()
+
+
+def test_a_checkpoint_of_another_tokenizer_is_one_clear_error():
+    model, opt, config = trained_pair()
+    save(model, opt, config, 1)
+    other = tiny_tokenizer(vocab_size=300)
+    other.save(paths.tokenizer_dir())
+    with pytest.raises(CheckpointError, match=r"trained with a 320-token tokenizer but .* holds a 300-token one"):
+        ckpt.load("base")

@@ -21,9 +21,10 @@ import json
 from chatforge import paths
 from chatforge.errors import DataError, UsageError
 from chatforge.eval import core
+from chatforge.eval.samples import greedy_samples
+from chatforge.model import checkpoint
 from chatforge.progress import provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
-from chatforge.eval.samples import greedy_samples
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, default_source: str) -> None:
@@ -49,16 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_for_eval(args, runtime):
     """(model, tokenizer, tag, step) of the checkpoint the flags name."""
-    from chatforge.model.checkpoint import build_model, resolve
-    from chatforge.tokenizer import load_tokenizer
-
-    tag, step, _ = resolve(args.source, args.tag, args.step)
-    model, meta = build_model(args.source, tag, step, device=runtime.device)
-    tokenizer = load_tokenizer()
-    if meta.get("vocab_size") not in (None, tokenizer.vocab_size):
-        raise UsageError(f"checkpoint {meta['path']} was trained with vocab size {meta['vocab_size']} but the "
-                         f"tokenizer in {paths.tokenizer_dir()} has {tokenizer.vocab_size}; use the matching tokenizer")
-    return model, tokenizer, tag, step
+    loaded = checkpoint.load(args.source, args.tag, args.step, device=runtime.device)
+    return loaded.model, loaded.tokenizer, loaded.tag, loaded.step
 
 
 def write_result(source: str, tag: str, name: str, payload: dict) -> None:

@@ -47,6 +47,9 @@ import torch
 from chatforge.errors import CheckpointError, UsageError
 from chatforge.infer.sampling import check_sampling_args, row_keys, sample_next
 from chatforge.infer.sandbox import submit_python
+from chatforge.model import checkpoint
+from chatforge.model.gpt import KVCache
+from chatforge.runtime import pick_device, pick_dtype
 
 CACHE_ROUND = 256           # decode cache lengths are rounded up so CUDA graphs are reused across calls
 PREFILL_GROUP = 32          # at most this many equal-length prompts per prefill forward
@@ -127,22 +130,11 @@ class Engine:
         On CUDA (compute capability 8+) the weights are cast to bf16: decoding reads every weight
         once per step, so half the bytes is nearly twice the speed.
         """
-        from chatforge.model.checkpoint import build_model
-        from chatforge.runtime import pick_device, pick_dtype
-        from chatforge.tokenizer import load_tokenizer
-
         dev = torch.device(device) if isinstance(device, torch.device) else pick_device(device)[0]
         dt = pick_dtype(dev, dtype)[0]
-        model, meta = build_model(source, tag, step, device=dev, dtype=dt)
-        tokenizer = load_tokenizer()
-        saved_vocab = meta.get("vocab_size")
-        if saved_vocab is not None and saved_vocab != tokenizer.vocab_size:
-            raise CheckpointError(
-                f"checkpoint {meta.get('path')} was trained with a {saved_vocab}-token tokenizer but the one in "
-                f"the base directory has {tokenizer.vocab_size}; restore the matching tokenizer or retrain the model"
-            )
-        engine = cls(model.fuse_for_inference(), tokenizer, dev, dt, compile=compile)
-        engine.meta = meta
+        loaded = checkpoint.load(source, tag, step, device=dev, dtype=dt)
+        engine = cls(loaded.model.fuse_for_inference(), loaded.tokenizer, dev, dt, compile=compile)
+        engine.meta = loaded.meta
         return engine
 
     # ---- the public calls ----------------------------------------------------------------------
@@ -343,8 +335,6 @@ class Engine:
     def _prefill_rows(self, cache, prompts: list[list[int]], num_samples: int, dst: list[int]) -> torch.Tensor:
         """One forward over equal-length prompts; prompt i's K/V go to cache rows
         dst[i * num_samples : (i + 1) * num_samples]. Returns those rows' last-position logits (fp32)."""
-        from chatforge.model.gpt import KVCache
-
         ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
         small = KVCache(self.config, len(prompts), ids.shape[1], self.device, self.dtype)
         with self._autocast():
@@ -363,8 +353,6 @@ class Engine:
         so a step is a single launch. Keys and lengths are device tensors the graph reads, so new
         seeds need no new graph.
         """
-        from chatforge.model.gpt import KVCache
-
         key = (R, max_len)
         if self._decoder is None or self._decoder[0] != key:
             self._decoder = None

@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +33,8 @@ import torch.distributed as dist
 
 from chatforge import paths
 from chatforge.errors import CheckpointError
+from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.tokenizer import load_tokenizer
 
 STAGES = ("base", "mid", "sft", "rl")
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -327,29 +330,52 @@ def load_model_state(model: torch.nn.Module, state: dict, where: Path | str) -> 
         raise CheckpointError(f"checkpoint {where} does not fit this model ({detail}); use a matching --tag") from None
 
 
-def build_model(stage: str, tag: str | None = None, step: int | None = None, *,
-                device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-    """A GPT rebuilt from a checkpoint of any stage, in eval mode, plus its meta.
+@dataclass
+class Loaded:
+    """What `load` returns: a model with the checkpoint's weights, the tokenizer it was trained with,
+    the checkpoint's meta, and this rank's optimizer shard when asked for."""
+    model: torch.nn.Module
+    tokenizer: object
+    meta: dict
+    path: Path
+    tag: str
+    step: int
+    optimizer: dict | None = None
 
-    `dtype` None keeps the weights as trained (fp32 master weights); a float dtype casts every
-    parameter, e.g. bf16 for inference on a GPU.
+
+def load(stage: str, tag: str | None = None, step: int | None = None, *, device: torch.device | str = "cpu",
+         dtype: torch.dtype | None = None, optimizer: bool = False, rank: int = 0,
+         max_seq_len: int | None = None) -> Loaded:
+    """The one way from a checkpoint to a model, for every stage, the engine, eval and serve.
+
+    Rebuilds the GPT from the checkpoint's config (`max_seq_len` overrides its context, e.g. to
+    fine-tune on longer rows), loads the weights, checks the tokenizer in the base directory against
+    the one the checkpoint was trained with (a CheckpointError otherwise), and reads this rank's
+    optimizer shard when `optimizer` is set (training resumes). `dtype` None keeps the weights as
+    trained (fp32 masters); a float dtype casts the parameters, e.g. bf16 for inference on a GPU.
+    The model is in eval mode.
     """
-    from chatforge.model.gpt import GPT, GPTConfig
-
-    ckpt = load_checkpoint(stage, tag, step, device="cpu", load_optimizer=False)
+    tag, step, folder = resolve(stage, tag, step)
+    ckpt = load_checkpoint(stage, tag, step, device=device, rank=rank, load_optimizer=optimizer)
     meta = ckpt["meta"]
+    tokenizer = load_tokenizer()
+    saved_vocab = meta.get("vocab_size")
+    if saved_vocab not in (None, tokenizer.vocab_size):
+        raise CheckpointError(
+            f"checkpoint {folder} was trained with a {saved_vocab}-token tokenizer but {paths.tokenizer_dir()} "
+            f"holds a {tokenizer.vocab_size}-token one; restore the matching tokenizer or retrain the model")
     try:
-        config = GPTConfig(**meta["model_config"])
+        config = GPTConfig(**{**meta["model_config"], **({"sequence_len": max_seq_len} if max_seq_len else {})})
     except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{ckpt['path'] / 'meta.json'} has an unusable model_config ({exc})") from None
+        raise CheckpointError(f"{folder / 'meta.json'} has an unusable model_config ({exc})") from None
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()  # buffers (e.g. rotary tables) are not in the state dict
-    load_model_state(model, ckpt["model"], ckpt["path"])
+    load_model_state(model, ckpt["model"], folder)
     if dtype is not None:  # parameters only: the rotary tables stay fp32 (they are cast per use)
         for param in model.parameters():
             param.data = param.data.to(dtype)
     model.eval()
-    meta["path"] = str(ckpt["path"])
-    return model, meta
+    meta["path"] = str(folder)
+    return Loaded(model, tokenizer, meta, folder, tag, step, ckpt["optimizer"])

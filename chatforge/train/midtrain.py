@@ -157,41 +157,28 @@ def mid_mixture(args, model):
 def start_model(stage: str, args: argparse.Namespace, rt) -> dict:
     """Model (weights loaded), its config, the tokenizer, LRs and, when resuming, this stage's checkpoint."""
     from chatforge.model import checkpoint
-    from chatforge.model.gpt import GPT, GPTConfig
-    from chatforge.tokenizer import load_tokenizer
+    from chatforge.model.gpt import GPTConfig
 
     tag, source_step, source_folder = checkpoint.resolve(args.source, args.tag, args.step)
     args.tag = tag
     source_meta = checkpoint.read_meta(source_folder)
     existing = checkpoint.latest_step(stage, tag)
     resume = None
-    if args.resume and existing is not None:
-        resume = checkpoint.load_checkpoint(stage, tag, existing, device=rt.device, rank=rt.rank)
-        print0(f"resuming from {resume['path']} (step {resume['meta']['step']})")
-    elif args.resume:
-        print0(f"--resume: no {stage} checkpoint with tag {tag} yet; starting from {source_folder}")
-    elif existing is not None:
-        raise UsageError(f"checkpoints/{stage}/{tag} already holds step {existing}; pass --resume to continue it, "
-                         f"or delete that folder to start over")
-    config_dict = dict(source_meta["model_config"])
-    if args.max_seq_len:
-        config_dict["sequence_len"] = args.max_seq_len
-    config = GPTConfig(**config_dict)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=rt.device)
-    model.init_weights()  # the buffers; the weights come from the checkpoint
-    if resume is not None:
-        checkpoint.check_config(resume["meta"], config.to_dict(), resume["path"])
-        checkpoint.load_model_state(model, resume["model"], resume["path"])
+    if args.resume and existing is not None:  # weights and optimizer shard in one read
+        loaded = checkpoint.load(stage, tag, existing, device=rt.device, optimizer=True, rank=rt.rank,
+                                 max_seq_len=args.max_seq_len)
+        resume = {"meta": loaded.meta, "optimizer": loaded.optimizer, "path": loaded.path}
+        print0(f"resuming from {loaded.path} (step {loaded.step})")
+        expected = {**source_meta["model_config"], **({"sequence_len": args.max_seq_len} if args.max_seq_len else {})}
+        checkpoint.check_config(loaded.meta, GPTConfig(**expected).to_dict(), loaded.path)
     else:
-        state = checkpoint.load_checkpoint(args.source, tag, source_step, device=rt.device, load_optimizer=False)
-        checkpoint.load_model_state(model, state["model"], source_folder)
-        del state
-    tokenizer = load_tokenizer()
-    if source_meta.get("vocab_size") not in (None, tokenizer.vocab_size):
-        raise CheckpointError(f"{source_folder} was trained with a {source_meta['vocab_size']}-token tokenizer but "
-                              f"{paths.tokenizer_dir()} holds a {tokenizer.vocab_size}-token one; restore the matching one")
+        if args.resume:
+            print0(f"--resume: no {stage} checkpoint with tag {tag} yet; starting from {source_folder}")
+        elif existing is not None:
+            raise UsageError(f"checkpoints/{stage}/{tag} already holds step {existing}; pass --resume to continue "
+                             f"it, or delete that folder to start over")
+        loaded = checkpoint.load(args.source, tag, source_step, device=rt.device, max_seq_len=args.max_seq_len)
+    model, tokenizer, config = loaded.model.train(), loaded.tokenizer, loaded.model.config
     settings = source_meta.get("settings") or {}
     base_lrs = {k: settings[k] for k in LR_KEYS if settings.get(k) is not None}
     print0(f"start: {args.source}/{tag} step {source_step} | {model.num_params():,} parameters | context "

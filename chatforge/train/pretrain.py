@@ -309,10 +309,11 @@ def _train(args: argparse.Namespace, rt) -> dict:
 def final_core(args: argparse.Namespace, rt, tokenizer) -> dict:
     """CORE of the final checkpoint, rebuilt without compile/FP8 (it scores prompts of every length)."""
     from chatforge.eval import core
-    from chatforge.model.checkpoint import build_model
+    from chatforge.model import checkpoint
 
     bundle = core.resolve_bundle(args.eval_bundle)
-    model, meta = build_model(STAGE, args.tag, device=rt.device)
+    loaded = checkpoint.load(STAGE, args.tag, device=rt.device)
+    model, meta = loaded.model, loaded.meta
     with rt.autocast():
         result = core.evaluate_core(model, tokenizer, bundle, rt.device, args.core_max_per_task,
                                     model.config.sequence_len, rank=rt.rank, world_size=rt.world_size)

@@ -66,7 +66,6 @@ from chatforge.model import checkpoint
 from chatforge.model.optim import build_optimizer
 from chatforge.progress import MetricsLogger, Progress, format_duration, provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
-from chatforge.tokenizer import load_tokenizer
 from chatforge.train import loop, rewards
 
 STAGE = "rl"
@@ -259,17 +258,14 @@ def _train(args: argparse.Namespace, rt) -> dict:
     if existing is not None and not args.resume:
         raise UsageError(f"checkpoints/{STAGE}/{tag} already holds step {existing}; pass --resume to continue it, "
                          "or --tag NAME to start a separate run")
-    if resuming:
-        model, meta = checkpoint.build_model(STAGE, tag, existing, device=rt.device)
+    if resuming:  # the weights and this rank's optimizer shard in one read
+        loaded = checkpoint.load(STAGE, tag, existing, device=rt.device, optimizer=True, rank=rt.rank)
     else:
         if args.resume:
             print0(f"--resume: no checkpoint under checkpoints/{STAGE}/{tag} yet; starting from {args.source}")
-        model, meta = checkpoint.build_model(args.source, tag, args.step, device=rt.device)
+        loaded = checkpoint.load(args.source, tag, args.step, device=rt.device)
+    model, meta, tokenizer = loaded.model, loaded.meta, loaded.tokenizer
     config = model.config
-    tokenizer = load_tokenizer()
-    if meta.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
-        raise CheckpointError(f"{meta['path']} was trained with a {meta['vocab_size']}-token tokenizer but the one "
-                              f"in the base directory has {tokenizer.vocab_size}; restore the matching tokenizer")
     if args.max_new_tokens >= config.sequence_len:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the question in the model's "
                          f"context of {config.sequence_len} tokens; lower it")
@@ -287,21 +283,20 @@ def _train(args: argparse.Namespace, rt) -> dict:
     optimizer = build_optimizer(model, **lrs)
     start_step, last_checkpoint, eval_history, reward_history = 0, None, [], []
     if resuming:
-        ckpt = checkpoint.load_checkpoint(STAGE, tag, existing, device=rt.device, rank=rt.rank)
-        saved = ckpt["meta"]
+        saved = meta
         for name, value in (("num_iterations", num_iterations), ("examples_per_step", E), ("num_samples", k),
                             ("seed", args.seed)):
             if saved.get(name, value) != value:
                 flag = "--" + name.replace("_", "-")
-                raise CheckpointError(f"{ckpt['path']} belongs to a run with {flag} {saved[name]} but this one has "
+                raise CheckpointError(f"{loaded.path} belongs to a run with {flag} {saved[name]} but this one has "
                                       f"{value}; resume with {flag} {saved[name]}")
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(loaded.optimizer)
         checkpoint.restore_rng_state(saved["rng"][rt.rank], rt.device)
-        start_step, last_checkpoint = saved["step"], str(ckpt["path"])
+        start_step, last_checkpoint = saved["step"], str(loaded.path)
         eval_history = saved.get("eval_history", [])
         reward_history = saved.get("reward_history", [])
         source_info = saved.get("source", {})
-        del ckpt
+        loaded.optimizer = None  # the optimizer holds its own copy now
         print0(f"resuming from {last_checkpoint} (step {start_step}, question {start_step * E} of the stream)")
     else:
         source_info = {"stage": args.source, "tag": meta.get("tag"), "step": meta.get("step"), "path": meta.get("path")}

@@ -139,11 +139,12 @@ def final_chat_eval(args, rt, tokenizer, tag: str) -> dict:
     from chatforge import paths
     from chatforge.eval import chat
     from chatforge.infer.engine import Engine
-    from chatforge.model.checkpoint import build_model
+    from chatforge.model import checkpoint
     from chatforge.progress import provenance
     from chatforge.tasks import eval_task
 
-    model, meta = build_model(STAGE, tag, device=rt.device)
+    loaded = checkpoint.load(STAGE, tag, device=rt.device)
+    model, meta = loaded.model, loaded.meta
     engine = Engine(model, tokenizer, rt.device, rt.dtype)
     results = {}
     for name in args.eval_tasks.split(","):
