@@ -68,6 +68,31 @@ def report_dir(create: bool = True) -> Path:
     return _subdir("report", create=create)
 
 
+def stage_checkpoints_dir(stage: str, create: bool = False) -> Path:
+    """checkpoints/<stage>/: one folder per tag."""
+    return _subdir("checkpoints", stage, create=create)
+
+
+def stage_eval_dir(stage: str, create: bool = False) -> Path:
+    """eval/<stage>/: one folder of results per tag."""
+    return _subdir("eval", stage, create=create)
+
+
+def speedrun_dir(preset: str | None = None, create: bool = False) -> Path:
+    """speedrun/[<preset>/]: a preset's stage markers (and the offline task files it staged)."""
+    return _subdir("speedrun", *([preset] if preset else []), create=create)
+
+
+def task_cache_dir(create: bool = False) -> Path:
+    """tasks/: chat task data downloaded from the hub."""
+    return _subdir("tasks", create=create)
+
+
+def eval_bundle_dir(create: bool = False) -> Path:
+    """eval_bundle/: the unzipped CORE bundle (beside it, eval_bundle.zip while it downloads)."""
+    return _subdir("eval_bundle", create=create)
+
+
 def safe_name(name: str) -> str:
     """A user-supplied tag or run name made safe to use as one path component."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")

@@ -47,20 +47,20 @@ def _load(path: Path) -> dict | None:
 
 
 def latest_preset() -> str | None:
-    root = paths.base_dir() / "speedrun"
+    root = paths.speedrun_dir()
     runs = [d for d in root.iterdir() if d.is_dir() and any(d.glob("*.done"))] if root.is_dir() else []
     return max(runs, key=lambda d: max(f.stat().st_mtime for f in d.glob("*.done"))).name if runs else None
 
 
 def latest_tag() -> str | None:
-    root = paths.base_dir() / "eval" / "base"
+    root = paths.stage_eval_dir("base")
     tags = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
     return max(tags, key=lambda d: d.stat().st_mtime).name if tags else None
 
 
 def find_run(stage: str, tag: str) -> Path | None:
     """The newest runs/<id>/ whose meta.json says it trained `stage` with `tag`."""
-    root = paths.base_dir() / "runs"
+    root = paths.runs_dir(create=False)
     best = None
     for meta_path in root.glob("*/meta.json") if root.is_dir() else []:
         meta = _load(meta_path) or {}

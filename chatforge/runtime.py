@@ -11,7 +11,6 @@ import argparse
 import datetime
 import os
 import random
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -181,7 +180,3 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                        help="where to compute (default: cuda, then mps, then cpu)")
     group.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                        help="compute dtype (default: bf16 on CUDA sm80+, fp32 elsewhere)")
-
-
-def stderr_is_tty() -> bool:
-    return sys.stderr.isatty()

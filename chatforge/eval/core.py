@@ -107,7 +107,7 @@ def resolve_bundle(path: str | Path | None = None, url: str | None = None) -> Pa
             raise DataError(f"eval bundle {path} has no core.yaml; point --eval-bundle (or {BUNDLE_ENV}) "
                             "at the folder holding core.yaml, eval_meta_data.csv and eval_data/")
         return root
-    cache = paths.base_dir() / "eval_bundle"
+    cache = paths.eval_bundle_dir()
     root = _bundle_root(cache)
     if root is not None:
         return root
@@ -116,8 +116,8 @@ def resolve_bundle(path: str | Path | None = None, url: str | None = None) -> Pa
     url = url or os.environ.get(BUNDLE_URL_ENV) or BUNDLE_URL
     advice = (f"set {BUNDLE_URL_ENV} to a mirror of eval_bundle.zip, or pass --eval-bundle "
               f"(or set {BUNDLE_ENV}) with a local folder")
-    zip_path = paths.base_dir() / "eval_bundle.zip"
-    tmp = paths.base_dir() / ".eval_bundle.extracting"
+    zip_path = cache.with_name("eval_bundle.zip")
+    tmp = cache.with_name(".eval_bundle.extracting")
     print0(f"downloading the CORE eval bundle from {url}")
     try:
         download_file(url, zip_path, hint="the server does not have it")

@@ -46,10 +46,6 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _stage_dir(stage: str) -> Path:
-    return paths.base_dir() / "checkpoints" / stage
-
-
 def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -213,7 +209,7 @@ def prune_checkpoints(stage: str, tag: str, keep_last: int) -> list[int]:
 
 def list_steps(stage: str, tag: str) -> list[int]:
     """The complete steps of stage/tag, ascending (hidden temp folders are never listed)."""
-    tag_dir = _stage_dir(stage) / tag
+    tag_dir = paths.stage_checkpoints_dir(stage) / tag
     if not tag_dir.is_dir():
         return []
     steps = []
@@ -226,7 +222,7 @@ def list_steps(stage: str, tag: str) -> list[int]:
 
 def list_tags(stage: str) -> list[str]:
     """Tags of a stage that hold at least one complete checkpoint, sorted by name."""
-    stage_dir = _stage_dir(stage)
+    stage_dir = paths.stage_checkpoints_dir(stage)
     if not stage_dir.is_dir():
         return []
     return sorted(c.name for c in stage_dir.iterdir() if c.is_dir() and list_steps(stage, c.name))
@@ -245,15 +241,15 @@ def resolve(stage: str, tag: str | None = None, step: int | None = None) -> tupl
     if not tags:
         command = {"base": "pretrain", "mid": "midtrain"}.get(stage, stage)
         hint = f"run `chatforge {command}` first"
-        raise CheckpointError(f"no {stage} checkpoints under {_stage_dir(stage)}; {hint}")
+        raise CheckpointError(f"no {stage} checkpoints under {paths.stage_checkpoints_dir(stage)}; {hint}")
     if tag is None:
         # the most recently written tag: what a user who just trained one expects to get
         def written(t: str) -> float:
-            return (_stage_dir(stage) / t / step_dir_name(latest_step(stage, t)) / "meta.json").stat().st_mtime
+            return (paths.stage_checkpoints_dir(stage) / t / step_dir_name(latest_step(stage, t)) / "meta.json").stat().st_mtime
         tag = max(tags, key=written)
     elif tag not in tags:
         raise CheckpointError(
-            f"no {stage} checkpoint with tag {tag!r} under {_stage_dir(stage)}; available tags: {', '.join(tags)}"
+            f"no {stage} checkpoint with tag {tag!r} under {paths.stage_checkpoints_dir(stage)}; available tags: {', '.join(tags)}"
         )
     steps = list_steps(stage, tag)
     if step is None:
@@ -262,7 +258,7 @@ def resolve(stage: str, tag: str | None = None, step: int | None = None) -> tupl
         raise CheckpointError(
             f"{stage}/{tag} has no complete step {step}; available steps: {', '.join(map(str, steps))}"
         )
-    return tag, step, _stage_dir(stage) / tag / step_dir_name(step)
+    return tag, step, paths.stage_checkpoints_dir(stage) / tag / step_dir_name(step)
 
 
 def read_meta(folder: Path) -> dict:

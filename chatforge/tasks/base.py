@@ -224,7 +224,7 @@ def locate_split(local: str, repo: str, subset: str, split: str, data_dir: str |
         files = _split_files(root, local, repo, subset, split, stems)
         if files:
             return files
-    cache = paths.base_dir() / "tasks"
+    cache = paths.task_cache_dir()
     files = _split_files(cache, local, repo, subset, split)
     if files:
         return files

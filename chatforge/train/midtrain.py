@@ -124,7 +124,7 @@ def mmlu_train(data_dir):
     from chatforge.tasks.mmlu import MMLU
 
     roots = [Path(d).expanduser() for d in (data_dir, os.environ.get(DATA_DIR_ENV)) if d]
-    roots.append(paths.base_dir() / "tasks")  # the download cache
+    roots.append(paths.task_cache_dir())  # the download cache
     local = any(_split_files(root, "mmlu", "cais/mmlu", "auxiliary_train", "train", ("auxiliary_train",))
                 for root in roots)
     if local or len(roots) == 1:  # present, or no local folder at all: the hub has it
