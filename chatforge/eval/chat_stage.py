@@ -20,7 +20,7 @@ from chatforge.eval import chat
 from chatforge.eval.base_stage import add_checkpoint_arguments, load_for_eval, write_result
 from chatforge.progress import provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
-from chatforge.tasks import EVAL_TASKS, eval_task
+from chatforge.tasks import EVAL_TASKS, eval_task, parse_eval_tasks
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,17 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_arguments(parser)
 
 
-def parse_tasks(value: str) -> list[str]:
-    names = [n.strip() for n in value.split(",") if n.strip()]
-    unknown = [n for n in names if n not in EVAL_TASKS]
-    if unknown or not names:
-        raise UsageError(f"-a/--tasks: unknown task(s) {', '.join(unknown) or '(none given)'}; "
-                         f"known tasks: {', '.join(EVAL_TASKS)}")
-    return names
-
-
 def main(args) -> int:
-    names = parse_tasks(args.tasks)
+    names = parse_eval_tasks(args.tasks)
     for flag, value in (("--max-problems", args.max_problems), ("--num-samples", args.num_samples),
                         ("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:

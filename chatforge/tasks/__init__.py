@@ -35,3 +35,13 @@ def eval_task(name: str, data_dir=None):
 EVAL_TASK_DATA = {"ARC-Easy": "eval/arc", "ARC-Challenge": "eval/arc", "MMLU": "eval/mmlu", "GSM8K": "eval/gsm8k",
                   "HumanEval": "eval/humaneval", "SpellingBee": None}
 EVAL_TASKS = tuple(EVAL_TASK_DATA)
+
+
+def parse_eval_tasks(value: str) -> list[str]:
+    """Comma-separated suite task names (-a/--tasks, --eval-tasks), each checked against the suite."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EVAL_TASKS]
+    if unknown or not names:
+        raise UsageError(f"-a/--tasks: unknown task(s) {', '.join(unknown) or '(none given)'}; "
+                         f"known tasks: {', '.join(EVAL_TASKS)}")
+    return names

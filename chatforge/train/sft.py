@@ -26,21 +26,33 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import time
 
+from chatforge import paths
+from chatforge.data.conversations import SFTBatches
 from chatforge.errors import UsageError
-from chatforge.runtime import init_runtime, print0
+from chatforge.eval import chat
+from chatforge.infer.engine import Engine
+from chatforge.model import checkpoint
+from chatforge.model.speedups import prepare_model
+from chatforge.progress import provenance
+from chatforge.runtime import print0
 from chatforge.tasks import EVAL_TASKS as SUITE
-from chatforge.train import loop
-from chatforge.train.midtrain import (add_stage_arguments, check_stage_arguments, extra_tasks, identity_task,
-                                      make_optimizer, start_model, train_steps, write_summary)
+from chatforge.tasks import eval_task, parse_eval_tasks
+from chatforge.tasks.arc import ARC
+from chatforge.tasks.base import TaskMixture
+from chatforge.tasks.gsm8k import GSM8K
+from chatforge.tasks.smoltalk import SmolTalk
+from chatforge.tasks.spelling import SpellingBee
+from chatforge.train import loop, stage
 
 STAGE = "sft"
 EVAL_TASKS = ",".join(t for t in SUITE if t != "HumanEval")  # the suite less its slowest task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_stage_arguments(parser, source="mid", init_lr_frac=0.02, warmdown_ratio=1.0, eval_every=100)
+    stage.add_stage_arguments(parser, STAGE, source="mid", init_lr_frac=0.02, warmdown_ratio=1.0, eval_every=100)
     parser.add_argument("--examples-per-step", type=int, default=32,
                         help="conversations per optimizer step over all ranks (default 32)")
     parser.add_argument("--compile", choices=("on", "off"), default="off",
@@ -55,44 +67,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sft_mixture(args, model):
     """(train mixture, validation conversations)."""
-    from chatforge.tasks.arc import ARC
-    from chatforge.tasks.base import TaskMixture
-    from chatforge.tasks.gsm8k import GSM8K
-    from chatforge.tasks.smoltalk import SmolTalk
-    from chatforge.tasks.spelling import SpellingBee
-
-    extras = extra_tasks(args)
+    extras = stage.extra_tasks(args)
     if args.mixture == "extra":
         return TaskMixture(extras, seed=args.seed), TaskMixture(extras, seed=args.seed)
     tasks = [ARC("ARC-Easy", "train", args.data_dir), ARC("ARC-Challenge", "train", args.data_dir),
              GSM8K("train", args.data_dir), SmolTalk("train", args.data_dir, stop=10_000),
              SpellingBee(size=41_000, use_tool=True, start=40_000, stop=40_300),
              SpellingBee(size=41_000, use_tool=False, start=40_300, stop=40_600),
-             identity_task(model, 500, args.seed + 1)] + extras
+             stage.identity_task(model, 500, args.seed + 1)] + extras
     weights = [1.0] * 7 + [2.0] * len(extras)
     return TaskMixture(tasks, weights, seed=args.seed), SmolTalk("test", args.data_dir)
 
 
 def main(args: argparse.Namespace) -> dict:
-    check_stage_arguments(args)
+    stage.check_stage_arguments(args)
     if args.examples_per_step < 1 or args.eval_max_problems < 0 or args.eval_max_new_tokens < 1:
         raise UsageError("--examples-per-step and --eval-max-new-tokens must be positive, --eval-max-problems >= 0")
     if args.eval_max_problems:
-        from chatforge.eval.chat_stage import parse_tasks
-
-        args.eval_tasks = ",".join(parse_tasks(args.eval_tasks))
-    rt = init_runtime(args.device, args.dtype, seed=args.seed)
-    with loop.out_of_memory_advice(f"out of GPU memory with --device-batch-size {args.device_batch_size}; "
-                                   "lower it (gradient accumulation keeps --examples-per-step)"):
-        return _sft(args, rt)
+        args.eval_tasks = ",".join(parse_eval_tasks(args.eval_tasks))
+    return stage.run_main(args, _sft, f"out of GPU memory with --device-batch-size {args.device_batch_size}; "
+                                      "lower it (gradient accumulation keeps --examples-per-step)")
 
 
 def _sft(args: argparse.Namespace, rt) -> dict:
-    from chatforge.data.conversations import SFTBatches
-    from chatforge.model.speedups import prepare_model
-
     started = time.time()
-    start = start_model(STAGE, args, rt)
+    start = stage.start_model(STAGE, args, rt)
     model, config, tokenizer = start["model"], start["config"], start["tokenizer"]
     seq_len = config.sequence_len
     device_batch = args.device_batch_size or 4
@@ -107,11 +106,11 @@ def _sft(args: argparse.Namespace, rt) -> dict:
     print0(f"sft: {len(train_set):,} conversations | {accum} micro-step(s) of {device_batch} rows per rank | "
            f"{args.examples_per_step} conversations per step | {args.num_iterations:,} steps")
 
-    optimizer = make_optimizer(model, start["base_lrs"], args.init_lr_frac)
+    optimizer = stage.make_optimizer(model, start["base_lrs"], args.init_lr_frac)
     resume = start["resume"]
     pad_to = seq_len if args.compile == "on" else None
     batches = SFTBatches(train_set, tokenizer, device_batch, seq_len, rt.rank, rt.world_size, rt.device,
-                         state=resume["meta"]["loader_state"][rt.rank] if resume else None, pad_to=pad_to)
+                         state=resume.meta["loader_state"][rt.rank] if resume else None, pad_to=pad_to)
     train_model = prepare_model(model, rt, compile=args.compile == "on")
 
     def val_loss() -> float:
@@ -120,29 +119,19 @@ def _sft(args: argparse.Namespace, rt) -> dict:
         return loop.evaluate_loss(train_model, itertools.islice(val, steps), rt)
 
     schedule = loop.Schedule(args.num_iterations, warmdown_ratio=args.warmdown_ratio, final_lr_frac=0.0)
-    summary = train_steps(STAGE, args, rt, start, optimizer, train_model, num_iterations=args.num_iterations,
-                          batches=batches, accumulate=loop.accumulate_masked_gradients, accum_steps=accum,
-                          tokens_per_step=None, val_loss=val_loss, loader_state=batches.state_dict,
-                          schedule=schedule)
+    plan = stage.StepPlan(args.num_iterations, batches, loop.accumulate_masked_gradients, accum, None, val_loss,
+                          batches.state_dict, schedule)
+    summary = stage.train_steps(STAGE, args, rt, start, optimizer, train_model, plan)
     summary.update(examples_per_step=args.examples_per_step, conversations=len(train_set), mixture=args.mixture,
                    extra=args.extra, epochs_done=round(batches.epoch, 3))
     summary["chat_eval"] = final_chat_eval(args, rt, tokenizer, start["tag"]) if args.eval_max_problems else None
     summary.update(wall_time_s=round(time.time() - started, 1), args=vars(args))
-    write_summary(STAGE, start["tag"], "sft.json", summary, rt)
+    stage.write_loss_summary(STAGE, start["tag"], "sft.json", summary, rt)
     return summary
 
 
 def final_chat_eval(args, rt, tokenizer, tag: str) -> dict:
     """The chat tasks on the final checkpoint (rebuilt plain: no compile), into eval/sft/<tag>/chat.json."""
-    import json
-
-    from chatforge import paths
-    from chatforge.eval import chat
-    from chatforge.infer.engine import Engine
-    from chatforge.model import checkpoint
-    from chatforge.progress import provenance
-    from chatforge.tasks import eval_task
-
     loaded = checkpoint.load(STAGE, tag, device=rt.device)
     model, meta = loaded.model, loaded.meta
     engine = Engine(model, tokenizer, rt.device, rt.dtype)

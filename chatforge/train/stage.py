@@ -1,0 +1,303 @@
+"""The scaffold every training stage shares: run arguments, start or resume, save, summary, the loop.
+
+Small functions, not a trainer class: pretrain, midtrain, sft and rl each read top to bottom
+(arguments -> data -> model -> loop) and call these for the parts that must not drift between them:
+
+- `add_run_arguments`: --save-every --keep-last --resume --seed --wandb --run-id;
+- `resume_or_refuse`: a run already on disk is continued with --resume and never overwritten without;
+- `start_model`: a stage that starts from another stage's checkpoint (midtrain, sft) loads it, or its
+  own checkpoint when resuming, through `checkpoint.load`;
+- `restore`: a resumed run must be the same run (same steps, same seed...), then gets its optimizer
+  state and this rank's RNG back;
+- `save`, `write_summary`: a checkpoint and the stage's summary JSON, each said in one line;
+- `run_steps`: the cadence: evaluations at their intervals and at the end, checkpoints at theirs and
+  at the end, and a step in between; a resumed run neither re-evaluates nor re-saves its first step;
+- `run_main`: the runtime and the out-of-memory advice around a stage's body.
+
+The arithmetic inside a step (schedules, accumulation, divergence, MFU) is `train/loop.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from chatforge import paths
+from chatforge.errors import CheckpointError, UsageError
+from chatforge.model import checkpoint
+from chatforge.model.gpt import GPTConfig
+from chatforge.model.optim import build_optimizer
+from chatforge.progress import MetricsLogger, Progress, format_duration, format_figure, not_measured, provenance
+from chatforge.runtime import add_runtime_arguments, init_runtime, print0
+from chatforge.tasks.custom import CustomJSON
+from chatforge.tasks.identity import Identity, facts_from_model
+from chatforge.train import loop
+
+LR_KEYS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
+
+
+def add_run_arguments(group, stage: str, *, save_every: int | None, save_help: str, seed_help: str,
+                      resume_help: str = "continue from the latest checkpoint of this stage and tag") -> None:
+    group.add_argument("--save-every", type=int, default=save_every, help=save_help)
+    group.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
+    group.add_argument("--resume", action="store_true", help=resume_help)
+    group.add_argument("--seed", type=int, default=42, help=seed_help)
+    group.add_argument("--wandb", default=None, metavar="RUN", help="also log to wandb under this run name")
+    group.add_argument("--run-id", default=None, help=f"name of runs/<run-id>/ (default {stage}-<time>)")
+
+
+def run_main(args: argparse.Namespace, body: Callable, advice: str):
+    """body(args, runtime) inside the runtime and the one-line out-of-memory advice."""
+    rt = init_runtime(args.device, args.dtype, seed=args.seed)
+    with loop.out_of_memory_advice(advice):
+        return body(args, rt)
+
+
+def resume_or_refuse(stage: str, tag: str, resume: bool, fresh_from: str) -> int | None:
+    """The step of stage/tag to resume from, or None to start fresh from `fresh_from`; a run already on
+    disk without --resume is refused, so nothing is overwritten by accident."""
+    existing = checkpoint.latest_step(stage, tag)
+    if existing is not None and not resume:
+        raise UsageError(f"checkpoints/{stage}/{tag} already holds step {existing}; pass --resume to continue it, "
+                         "or --tag NAME (or deleting that folder) to start over")
+    if resume and existing is None:
+        print0(f"--resume: no {stage} checkpoint with tag {tag} yet; starting from {fresh_from}")
+    return existing
+
+
+def restore(loaded: checkpoint.Loaded, optimizer, rt, same: dict) -> tuple[int, str]:
+    """Resume a run: `same` maps the flags that define the run to this invocation's values (e.g.
+    {"num_iterations": 500}); each must equal the checkpoint's. Loads the optimizer shard and this
+    rank's RNG state; returns (step, checkpoint path)."""
+    meta = loaded.meta
+    for name, value in same.items():
+        if meta.get(name, value) != value:
+            flag = "--" + name.replace("_", "-")
+            raise CheckpointError(f"{loaded.path} belongs to a run with {flag} {meta[name]} but this one has "
+                                  f"{value}; resume with {flag} {meta[name]}")
+    optimizer.load_state_dict(loaded.optimizer)
+    loaded.optimizer = None  # the optimizer holds its own copy now
+    checkpoint.restore_rng_state(meta["rng"][rt.rank], rt.device)
+    print0(f"resuming from {loaded.path} (step {meta['step']})")
+    return meta["step"], str(loaded.path)
+
+
+def start_model(stage: str, args: argparse.Namespace, rt) -> dict:
+    """For a stage that starts from another stage's checkpoint (--source/--tag/--step): the model with
+    its weights (this stage's own checkpoint when resuming), config, tokenizer, tag, the resumed
+    checkpoint (or None), and the source's settings and base learning rates."""
+    tag, source_step, source_folder = checkpoint.resolve(args.source, args.tag, args.step)
+    args.tag = tag
+    source_meta = checkpoint.read_meta(source_folder)
+    existing = resume_or_refuse(stage, tag, args.resume, str(source_folder))
+    resume = None
+    if existing is not None:  # weights and optimizer shard in one read
+        resume = checkpoint.load(stage, tag, existing, device=rt.device, optimizer=True, rank=rt.rank,
+                                 max_seq_len=args.max_seq_len)
+        expected = {**source_meta["model_config"], **({"sequence_len": args.max_seq_len} if args.max_seq_len else {})}
+        checkpoint.check_config(resume.meta, GPTConfig(**expected).to_dict(), resume.path)
+        model, tokenizer = resume.model, resume.tokenizer
+    else:
+        source = checkpoint.load(args.source, tag, source_step, device=rt.device, max_seq_len=args.max_seq_len)
+        model, tokenizer = source.model, source.tokenizer
+    model.train()
+    settings = source_meta.get("settings") or {}
+    base_lrs = {k: settings[k] for k in LR_KEYS if settings.get(k) is not None}
+    print0(f"start: {args.source}/{tag} step {source_step} | {model.num_params():,} parameters | context "
+           f"{model.config.sequence_len} | base LRs {base_lrs or 'build_optimizer defaults'} x {args.init_lr_frac}")
+    return {"model": model, "config": model.config, "tokenizer": tokenizer, "tag": tag, "resume": resume,
+            "source": f"{args.source}/{tag}/step {source_step}", "source_settings": settings, "base_lrs": base_lrs}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages that fine-tune a checkpoint on conversations (midtrain, sft)
+
+def add_stage_arguments(parser: argparse.ArgumentParser, stage: str, source: str, init_lr_frac: float,
+                        warmdown_ratio: float, eval_every: int) -> None:
+    """The flags of a stage that fine-tunes a checkpoint on conversations (midtrain, sft)."""
+    parser.add_argument("--source", default=source, choices=("base", "mid", "sft", "rl"),
+                        help=f"stage to start from (default {source})")
+    parser.add_argument("--tag", default=None, help="checkpoint tag to start from and to write (default: the "
+                                                    "source's most recently written tag)")
+    parser.add_argument("--step", type=int, default=None, help="source checkpoint step (default: the latest)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--num-iterations", type=int, default=None, help="optimizer steps (default: --epochs 1)")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the mixture (default 1)")
+    parser.add_argument("--device-batch-size", type=int, default=None, help="rows per micro-batch per device")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="row length (default: the model's context)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--extra", action="append", default=[], metavar="PATH",
+                      help="a JSONL file of conversations to add (repeatable); see chatforge/tasks/custom.py")
+    data.add_argument("--mixture", choices=("full", "extra"), default="full",
+                      help="full: the stage's task mixture plus --extra; extra: the --extra files alone")
+    data.add_argument("--data-dir", default=None,
+                      help="local folder with the task files (default $CHATFORGE_DATA_DIR, else download)")
+    sched = parser.add_argument_group("schedule")
+    sched.add_argument("--init-lr-frac", type=float, default=init_lr_frac,
+                       help=f"learning rates as a fraction of the base run's (default {init_lr_frac})")
+    sched.add_argument("--warmdown-ratio", type=float, default=warmdown_ratio,
+                       help=f"fraction of steps of the final linear LR decay to 0 (default {warmdown_ratio})")
+    run = parser.add_argument_group("evaluation, checkpoints, logging")
+    run.add_argument("--eval-every", type=int, default=eval_every,
+                     help=f"steps between validation losses (default {eval_every}; 0: only at the end)")
+    run.add_argument("--eval-steps", type=int, default=20, help="micro-batches per validation loss")
+    add_run_arguments(run, stage, save_every=-1, save_help="steps between checkpoints (default: only the last)",
+                      seed_help="seed of the mixture order and of the run")
+    add_runtime_arguments(parser)
+
+
+def check_stage_arguments(args: argparse.Namespace) -> None:
+    for flag in ("num_iterations", "device_batch_size", "max_seq_len", "eval_steps", "keep_last"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    if args.epochs is not None and args.epochs <= 0:
+        raise UsageError(f"--epochs must be positive, got {args.epochs}")
+    if not 0 < args.init_lr_frac <= 10:
+        raise UsageError(f"--init-lr-frac must be in (0, 10], got {args.init_lr_frac}")
+    if not 0 <= args.warmdown_ratio <= 1:
+        raise UsageError(f"--warmdown-ratio must be between 0 and 1, got {args.warmdown_ratio}")
+    if args.mixture == "extra" and not args.extra:
+        raise UsageError("--mixture extra trains on the --extra files alone: give at least one --extra PATH")
+
+
+def extra_tasks(args) -> list:
+    return [CustomJSON(path) for path in args.extra]
+
+
+def identity_task(model, size: int, seed: int):
+    return Identity(size, facts_from_model(model.config.to_dict(), model.num_params()), seed=seed)
+
+
+def make_optimizer(model, base_lrs: dict, init_lr_frac: float):
+    kwargs = {k: v * (init_lr_frac if k.endswith("_lr") else 1.0) for k, v in base_lrs.items()}
+    if not any(k.endswith("_lr") for k in base_lrs):  # a checkpoint without settings: the defaults, scaled
+        defaults = inspect.signature(build_optimizer).parameters
+        kwargs.update({k: defaults[k].default * init_lr_frac for k in LR_KEYS if k.endswith("_lr")})
+    return build_optimizer(model, **kwargs)
+
+
+@dataclass
+class StepPlan:
+    """What a conversation stage's steps are made of (midtrain, sft)."""
+    num_iterations: int
+    batches: object                      # iterator of micro-batches
+    accumulate: Callable                 # loop.accumulate_gradients or accumulate_masked_gradients
+    accum_steps: int
+    tokens_per_step: int | None          # None: rows vary in length, no tokens/s or MFU
+    val_loss: Callable[[], float]
+    loader_state: Callable[[], dict]
+    schedule: loop.Schedule
+
+
+def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, plan: StepPlan) -> dict:
+    """Run a conversation stage's steps with validation, checkpoints, metrics and progress; the facts."""
+    model, tokenizer, n = start["model"], start["tokenizer"], plan.num_iterations
+    step, last_checkpoint, meta = 0, None, {}
+    if start["resume"] is not None:
+        meta = start["resume"].meta
+        step, last_checkpoint = restore(start["resume"], optimizer, rt, {"num_iterations": n})
+    start_step = step
+    logger = MetricsLogger(stage, args=vars(args), run_id=args.run_id or meta.get("run_id"), wandb_run=args.wandb)
+    throughput = loop.Throughput(plan.tokens_per_step or 0, model.estimate_flops(), loop.peak_flops(rt.device),
+                                 rt.world_size)
+    val_history = [tuple(p) for p in meta.get("val_loss_history", [])]
+    facts = {"last_loss": meta.get("metrics", {}).get("train_loss"), "checkpoint": last_checkpoint}
+    progress = Progress(n, stage, unit="step", initial=start_step, warmup=throughput.skip_steps)
+
+    def speed() -> dict:
+        return throughput.summary() if plan.tokens_per_step else {"step_ms": throughput.summary()["step_ms"]}
+
+    def validate(at: int) -> None:
+        train_model.eval()
+        loss = plan.val_loss()
+        train_model.train()
+        val_history.append((at, loss))
+        logger.log(at, val_loss=loss)
+        print0(f"step {at}: val loss {loss:.4f}")
+        if at > start_step:
+            progress.report()
+
+    def save_at(at: int) -> None:
+        facts["checkpoint"] = save(
+            stage, start["tag"], at, model, optimizer, tokenizer, args, loader_state=plan.loader_state(),
+            metrics={"train_loss": facts["last_loss"], **({"val_loss": val_history[-1][1]} if val_history else {})},
+            extra={"num_iterations": n, "run_id": logger.run_id, "val_loss_history": val_history,
+                   "source": start["source"], "settings": start["source_settings"]})
+
+    def take_step(at: int) -> None:
+        sched = loop.apply_schedules(optimizer, at, plan.schedule)
+        facts["last_loss"], seconds = loop.optimizer_step(train_model, model, optimizer, plan.batches,
+                                                          plan.accum_steps, rt, at, facts["checkpoint"],
+                                                          accumulate=plan.accumulate)
+        throughput.record(seconds)
+        logger.log(at + 1, train_loss=facts["last_loss"], lr_multiplier=sched["lr_multiplier"], **speed(),
+                   eta_s=round(throughput.eta_seconds(n - at - 1)), **loop.memory_stats(rt.device))
+        progress.update(1, **loop.progress_fields(facts["last_loss"], throughput if plan.tokens_per_step else None))
+
+    run_steps(start_step, n, take_step, evals=[(args.eval_every, validate)], save_every=args.save_every,
+              save_at=save_at)
+    progress.close()
+    logger.close()
+    return {"stage": stage, "tag": start["tag"], "source": start["source"], "parameters": model.num_params(),
+            "num_iterations": n, "world_size": rt.world_size, "final_train_loss": facts["last_loss"],
+            "final_val_loss": val_history[-1][1] if val_history else None, "val_loss_history": val_history,
+            **speed(), **loop.memory_stats(rt.device), "resumed_from_step": start_step or None,
+            "checkpoint": facts["checkpoint"], "run_id": logger.run_id}
+
+
+LOSS_REASONS = {"final_train_loss": "no step ran in this run", "final_val_loss": "no validation ran in this run"}
+
+
+def write_loss_summary(stage: str, tag: str, name: str, summary: dict, rt) -> Path:
+    """A conversation stage's summary, closing on its final losses."""
+    closing = (f"final train loss {format_figure(summary.get('final_train_loss'), LOSS_REASONS['final_train_loss'])}, "
+               f"val loss {format_figure(summary.get('final_val_loss'), LOSS_REASONS['final_val_loss'])}")
+    return write_summary(stage, tag, name, summary, rt, LOSS_REASONS, closing)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, summaries, the cadence
+
+def save(stage: str, tag: str, step: int, model, optimizer, tokenizer, args: argparse.Namespace, **kwargs) -> str:
+    """A checkpoint of every rank's state (model, optimizer shard, loader position, meta); its folder."""
+    folder = checkpoint.save_checkpoint(stage, tag, step, model, optimizer, model_config=model.config.to_dict(),
+                                        vocab_size=tokenizer.vocab_size, args=vars(args), keep_last=args.keep_last,
+                                        **kwargs)
+    print0(f"step {step}: saved {folder}")
+    return str(folder)
+
+
+def write_summary(stage: str, tag: str, name: str, summary: dict, rt, reasons: dict, closing: str) -> Path:
+    """eval/<stage>/<tag>/<name>: the run's summary with its provenance; figures it could not measure
+    say why (`reasons`) instead of being None. Prints `done in ...: <closing>; summary in <path>`."""
+    path = paths.eval_dir(stage, tag, create=False) / name
+    summary["not_measured"] = not_measured({k: summary.get(k) for k in reasons}, reasons)
+    if rt.is_main:
+        paths.atomic_write_text(path, json.dumps({**summary, **provenance()}, indent=2, default=str))
+        print0(f"done in {format_duration(summary['wall_time_s'])}: {closing}; summary in {path}")
+    return path
+
+
+def run_steps(start_step: int, num_iterations: int, take_step: Callable[[int], None], *,
+              evals: list[tuple[int, Callable[[int], None]]] = (), save_every: int = -1,
+              save_at: Callable[[int], None] | None = None) -> None:
+    """Steps start_step .. num_iterations - 1, with each (every, evaluate) of `evals` run at step 0, every
+    `every` steps and at the end, and `save_at` every `save_every` steps and at the end. A resumed run
+    starts after the checkpoint it came from: that step is neither evaluated nor saved again."""
+    step = start_step
+    while True:
+        last = step == num_iterations
+        for every, evaluate in evals:
+            if (step > start_step or start_step == 0) and (last or loop.is_due(step, every, num_iterations)):
+                evaluate(step)
+        if save_at is not None and step > start_step and (last or loop.is_due(step, save_every, num_iterations)):
+            save_at(step)
+        if last:
+            return
+        take_step(step)
+        step += 1
