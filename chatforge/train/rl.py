@@ -58,15 +58,15 @@ import torch
 
 from chatforge import paths
 from chatforge.conversation import render_for_completion
-from chatforge.errors import CheckpointError, UsageError
+from chatforge.errors import UsageError
 from chatforge.eval import passk
 from chatforge.infer.engine import Engine
 from chatforge.infer.reply import response_text
 from chatforge.model import checkpoint
 from chatforge.model.optim import build_optimizer
 from chatforge.progress import MetricsLogger, Progress, format_duration, provenance
-from chatforge.runtime import add_runtime_arguments, init_runtime, print0
-from chatforge.train import loop, rewards
+from chatforge.runtime import add_runtime_arguments, print0
+from chatforge.train import loop, rewards, stage
 
 STAGE = "rl"
 
@@ -97,12 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evaluations (0: only at the end)")
     run.add_argument("--eval-examples", type=int, default=400, help="test questions per pass@k evaluation")
     run.add_argument("--pass-k", default=None, help="comma-separated k values (default 1,...,--num-samples)")
-    run.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (the last step always saves)")
-    run.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
-    run.add_argument("--resume", action="store_true", help="continue from the latest rl checkpoint of --tag")
-    run.add_argument("--seed", type=int, default=42, help="seed for the question order and the samples")
-    run.add_argument("--wandb", default=None, metavar="RUN", help="also log to wandb under this run name")
-    run.add_argument("--run-id", default=None, help="name of runs/<run-id>/ (default rl-<time>)")
+    stage.add_run_arguments(run, "rl", save_every=60, save_help="steps between checkpoints (the last step always saves)",
+                            seed_help="seed for the question order and the samples",
+                            resume_help="continue from the latest rl checkpoint of --tag")
     add_runtime_arguments(parser)
 
 
@@ -240,11 +237,9 @@ def _refresh_rollout_model(twin, model) -> None:
 # The stage
 
 def main(args: argparse.Namespace) -> dict:
-    rt = init_runtime(args.device, args.dtype, seed=args.seed)
-    with loop.out_of_memory_advice(
-            f"out of GPU memory with --rollout-batch-size {args.rollout_batch_size} and --device-batch-size "
-            f"{args.device_batch_size}; lower them (the update is the same, only split finer)"):
-        return _train(args, rt)
+    return stage.run_main(args, _train, f"out of GPU memory with --rollout-batch-size {args.rollout_batch_size} "
+                                        f"and --device-batch-size {args.device_batch_size}; lower them (the update "
+                                        "is the same, only split finer)")
 
 
 def _train(args: argparse.Namespace, rt) -> dict:
@@ -253,16 +248,11 @@ def _train(args: argparse.Namespace, rt) -> dict:
     ks = check_arguments(args, rt.world_size)
     reward_task = rewards.get(args.task)
     tag = paths.safe_name(args.tag) if args.tag else checkpoint.resolve(args.source)[0]
-    existing = checkpoint.latest_step(STAGE, tag)
-    resuming = args.resume and existing is not None
-    if existing is not None and not args.resume:
-        raise UsageError(f"checkpoints/{STAGE}/{tag} already holds step {existing}; pass --resume to continue it, "
-                         "or --tag NAME to start a separate run")
+    existing = stage.resume_or_refuse(STAGE, tag, args.resume, args.source)
+    resuming = existing is not None
     if resuming:  # the weights and this rank's optimizer shard in one read
         loaded = checkpoint.load(STAGE, tag, existing, device=rt.device, optimizer=True, rank=rt.rank)
     else:
-        if args.resume:
-            print0(f"--resume: no checkpoint under checkpoints/{STAGE}/{tag} yet; starting from {args.source}")
         loaded = checkpoint.load(args.source, tag, args.step, device=rt.device)
     model, meta, tokenizer = loaded.model, loaded.meta, loaded.tokenizer
     config = model.config
@@ -283,21 +273,11 @@ def _train(args: argparse.Namespace, rt) -> dict:
     optimizer = build_optimizer(model, **lrs)
     start_step, last_checkpoint, eval_history, reward_history = 0, None, [], []
     if resuming:
-        saved = meta
-        for name, value in (("num_iterations", num_iterations), ("examples_per_step", E), ("num_samples", k),
-                            ("seed", args.seed)):
-            if saved.get(name, value) != value:
-                flag = "--" + name.replace("_", "-")
-                raise CheckpointError(f"{loaded.path} belongs to a run with {flag} {saved[name]} but this one has "
-                                      f"{value}; resume with {flag} {saved[name]}")
-        optimizer.load_state_dict(loaded.optimizer)
-        checkpoint.restore_rng_state(saved["rng"][rt.rank], rt.device)
-        start_step, last_checkpoint = saved["step"], str(loaded.path)
-        eval_history = saved.get("eval_history", [])
-        reward_history = saved.get("reward_history", [])
-        source_info = saved.get("source", {})
-        loaded.optimizer = None  # the optimizer holds its own copy now
-        print0(f"resuming from {last_checkpoint} (step {start_step}, question {start_step * E} of the stream)")
+        start_step, last_checkpoint = stage.restore(loaded, optimizer, rt, {
+            "num_iterations": num_iterations, "examples_per_step": E, "num_samples": k, "seed": args.seed})
+        eval_history = meta.get("eval_history", [])
+        reward_history = meta.get("reward_history", [])
+        source_info = meta.get("source", {})
     else:
         source_info = {"stage": args.source, "tag": meta.get("tag"), "step": meta.get("step"), "path": meta.get("path")}
     summary_path = paths.eval_dir(STAGE, tag, create=False) / "rl.json"
@@ -337,34 +317,30 @@ def _train(args: argparse.Namespace, rt) -> dict:
     schedule = loop.Schedule(num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0,
                              momentum_warmup_steps=0)  # linear decay to zero; a trained model needs no warmup
 
-    def save(step: int, metrics: dict) -> str:
-        folder = checkpoint.save_checkpoint(
-            STAGE, tag, step, model, optimizer, model_config=config.to_dict(), vocab_size=tokenizer.vocab_size,
-            loader_state={"questions_seen": step * E}, metrics=metrics, args=vars(args), keep_last=args.keep_last,
-            extra={"num_iterations": num_iterations, "examples_per_step": E, "num_samples": k, "seed": args.seed,
-                   "source": source_info, "run_id": logger.run_id, "eval_history": eval_history,
-                   "reward_history": reward_history})
-        print0(f"step {step}: saved {folder}")
-        return str(folder)
-
-    step, record = start_step, dict(meta.get("metrics", {})) if resuming else {}
+    record = dict(meta.get("metrics", {})) if resuming else {}
     samples_per_s: list[float] = []
     # the first step captures CUDA graphs (see samples_per_s below): not part of the ETA
     progress = Progress(num_iterations, "rl", unit="step", initial=start_step, warmup=1)
-    while True:
-        last = step == num_iterations
-        fresh_step = step > start_step or start_step == 0
-        if fresh_step and (last or loop.is_due(step, args.eval_every, num_iterations)):
-            table = evaluate(step)
-            eval_history.append({"step": step, **table})
-            logger.log(step, **table)
-            if step > start_step:
-                progress.report()
-        if step > start_step and (last or loop.is_due(step, args.save_every, num_iterations)):
-            last_checkpoint = save(step, {k_: v for k_, v in record.items() if k_ != "rank0_questions"})
-        if last:
-            break
 
+    def evaluate_and_log(step: int) -> None:
+        table = evaluate(step)
+        eval_history.append({"step": step, **table})
+        logger.log(step, **table)
+        if step > start_step:
+            progress.report()
+
+    def save_at(step: int) -> None:
+        nonlocal last_checkpoint
+        last_checkpoint = stage.save(
+            STAGE, tag, step, model, optimizer, tokenizer, args, loader_state={"questions_seen": step * E},
+            metrics={k_: v for k_, v in record.items() if k_ != "rank0_questions"},
+            extra={"num_iterations": num_iterations, "examples_per_step": E, "num_samples": k, "seed": args.seed,
+                   "source": source_info, "run_id": logger.run_id, "eval_history": eval_history,
+                   "reward_history": reward_history})
+
+    def take_step(step: int) -> None:
+        """Questions, rollouts and rewards, then the policy-gradient update."""
+        nonlocal record
         rt.synchronize()
         t0 = time.perf_counter()
         # 1-3. questions, rollouts, rewards
@@ -436,6 +412,9 @@ def _train(args: argparse.Namespace, rt) -> dict:
                f"{record['mean_reply_tokens']:.0f} tokens/reply | {tool_calls} tool calls, "
                f"{100 * tool_wait:.0f}% of rollout waiting on them")
         progress.update(1, reward=f"{record['reward']:.3f}", samples_s=f"{record['samples_per_s']:.1f}")
+
+    stage.run_steps(start_step, num_iterations, take_step, evals=[(args.eval_every, evaluate_and_log)],
+                    save_every=args.save_every, save_at=save_at)
     progress.close()
     logger.close()
 
