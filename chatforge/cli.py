@@ -46,6 +46,7 @@ COMMANDS: dict = {
         "infer": ("chatforge.bench.infer", "time to first token and decode tokens/s by batch size"),
         "serve": ("chatforge.bench.serve", "requests/s and time to first token under concurrent load"),
         "tools": ("chatforge.bench.tools", "sandbox latency and decode tokens/s with tool calls in the batch"),
+        "export": ("chatforge.bench.export", "an exported model in transformers next to ours: logits, batch-1 speed"),
     }),
 }
 
