@@ -272,7 +272,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", choices=STAGES, default="sft", help="which stage's checkpoint (default: sft)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the most recently written)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--out", required=True, type=Path, help="the folder to write; must not exist or be empty")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="the folder to write; must not exist or be empty")
 
 
 def export_main(args: argparse.Namespace) -> Path:
@@ -371,7 +371,7 @@ def _keep_tokenizer(tokenizer: Tokenizer) -> None:
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="source_dir", required=True, type=Path,
+    parser.add_argument("--from", dest="source_dir", required=True, type=Path, metavar="DIR",
                         help="a transformers NanoChat folder (written by `chatforge export`, or published so)")
     parser.add_argument("--tag", required=True, help="the checkpoint tag to create")
     parser.add_argument("--stage", choices=STAGES, default=None,

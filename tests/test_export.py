@@ -171,6 +171,7 @@ def test_export_then_import_is_bit_identical(tmp_path, chatforge_home, monkeypat
         assert v.dtype == after["model"][k].dtype and torch.equal(v, after["model"][k]), k
     for key in ("model_config", "step", "vocab_size", "stage"):
         assert before["meta"][key] == after["meta"][key], key
+    assert Engine.from_checkpoint("sft", "back", device="cpu").config == GPTConfig(**before["meta"]["model_config"])
 
     # into a fresh base directory: the tokenizer comes along and is the same tokenizer
     fresh = tmp_path / "fresh_home"
