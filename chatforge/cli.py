@@ -35,6 +35,8 @@ COMMANDS: dict = {
     }),
     "chat": ("chatforge.chat_cli", "chat with a checkpoint in the terminal"),
     "serve": ("chatforge.serve.app", "OpenAI-compatible API and web UI on the engine"),
+    "export": ("chatforge.export:export", "write a checkpoint as a Hugging Face transformers (NanoChat) folder"),
+    "import": ("chatforge.export:import", "a transformers NanoChat folder -> a chatforge checkpoint"),
     "report": ("chatforge.report", "assemble report.md (and plots) from every stage's JSON"),
     "speedrun": ("chatforge.speedrun", "every stage in order for a preset (demo, d20, gpt2); resumable"),
     "bench": ("measure speed; each prints a table", {
@@ -44,6 +46,7 @@ COMMANDS: dict = {
         "infer": ("chatforge.bench.infer", "time to first token and decode tokens/s by batch size"),
         "serve": ("chatforge.bench.serve", "requests/s and time to first token under concurrent load"),
         "tools": ("chatforge.bench.tools", "sandbox latency and decode tokens/s with tool calls in the batch"),
+        "export": ("chatforge.bench.export", "an exported model in transformers next to ours: logits, batch-1 speed"),
     }),
 }
 
