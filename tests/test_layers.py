@@ -18,6 +18,7 @@ LAYERS = {
     "tasks": 4, "infer": 4,
     "train": 5, "eval": 5,
     "serve": 6, "chat_cli": 6, "report": 6, "speedrun": 6, "bench": 6, "cli": 6, "export": 6,
+    "export_tokenizer": 6, "hf_modeling": 6,
     "env_report": 6, "tokenizer_stage": 6, "__main__": 6,
     "__init__": 1,  # the package's docstring and version
 }
