@@ -68,7 +68,7 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
         if backends and q.device.type == "cuda":
             from torch.nn.attention import sdpa_kernel
 
-            with sdpa_kernel(backends, set_priority=True):
+            with sdpa_kernel(list(backends), set_priority=True):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if q.device.type == "cuda":
