@@ -39,3 +39,10 @@ def test_write_summary_names_a_loss_that_was_not_measured(capsys):
     out = capsys.readouterr().out
     assert "None" not in out and "final train loss 2.2500, val loss not measured (no validation ran" in out
     assert '"final_val_loss": "no validation ran in this run"' in path.read_text()
+
+
+def test_an_evaluation_can_skip_the_end_when_its_interval_is_zero():
+    events = []
+    stage.run_steps(0, 3, lambda s: None, evals=[(0, lambda s: events.append(("bpb", s)), False),
+                                                 (0, lambda s: events.append(("val", s)))])
+    assert events == [("val", 3)]

@@ -284,16 +284,17 @@ def write_summary(stage: str, tag: str, name: str, summary: dict, rt, reasons: d
 
 
 def run_steps(start_step: int, num_iterations: int, take_step: Callable[[int], None], *,
-              evals: list[tuple[int, Callable[[int], None]]] = (), save_every: int = -1,
-              save_at: Callable[[int], None] | None = None) -> None:
-    """Steps start_step .. num_iterations - 1, with each (every, evaluate) of `evals` run at step 0, every
-    `every` steps and at the end, and `save_at` every `save_every` steps and at the end. A resumed run
-    starts after the checkpoint it came from: that step is neither evaluated nor saved again."""
+              evals: list[tuple] = (), save_every: int = -1, save_at: Callable[[int], None] | None = None) -> None:
+    """Steps start_step .. num_iterations - 1, with each (every, evaluate[, at_end]) of `evals` run at
+    step 0, every `every` steps and, unless at_end is False, at the end even when `every` is 0; and
+    `save_at` every `save_every` steps and at the end. A resumed run starts after the checkpoint it
+    came from: that step is neither evaluated nor saved again."""
     step = start_step
     while True:
         last = step == num_iterations
-        for every, evaluate in evals:
-            if (step > start_step or start_step == 0) and (last or loop.is_due(step, every, num_iterations)):
+        for every, evaluate, *at_end in evals:
+            due = loop.is_due(step, every, num_iterations) or (last and (at_end or [True])[0])
+            if (step > start_step or start_step == 0) and due:
                 evaluate(step)
         if save_at is not None and step > start_step and (last or loop.is_due(step, save_every, num_iterations)):
             save_at(step)
