@@ -306,7 +306,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict:
     check_stage_arguments(args)
     rt = init_runtime(args.device, args.dtype, seed=args.seed)
-    with loop.out_of_memory_advice(f"out of GPU memory with --device-batch-size {args.device_batch_size}; "
+    with loop.out_of_memory_advice(f"with --device-batch-size {args.device_batch_size}; "
                                    "lower it (gradient accumulation keeps the total batch)"):
         return _midtrain(args, rt)
 

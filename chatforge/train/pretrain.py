@@ -120,8 +120,9 @@ def main(args: argparse.Namespace) -> dict:
     args = resolve_arguments(args)
     rt = init_runtime(args.device, args.dtype, seed=args.seed)
     with loop.out_of_memory_advice(
-            f"out of GPU memory with --device-batch-size {args.device_batch_size} at --max-seq-len "
-            f"{args.sequence_len}; lower --device-batch-size (gradient accumulation keeps the total batch)"):
+            f"with --depth {args.depth}, --device-batch-size {args.device_batch_size} at --max-seq-len "
+            f"{args.sequence_len}; lower --device-batch-size (accumulation keeps a given --total-batch-size), "
+            "--max-seq-len or --depth"):
         return _train(args, rt)
 
 

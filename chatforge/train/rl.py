@@ -235,7 +235,7 @@ def _refresh_rollout_model(twin, model) -> None:
 def main(args: argparse.Namespace) -> dict:
     rt = init_runtime(args.device, args.dtype, seed=args.seed)
     with loop.out_of_memory_advice(
-            f"out of GPU memory with --rollout-batch-size {args.rollout_batch_size} and --device-batch-size "
+            f"with --rollout-batch-size {args.rollout_batch_size} and --device-batch-size "
             f"{args.device_batch_size}; lower them (the update is the same, only split finer)"):
         return _train(args, rt)
 

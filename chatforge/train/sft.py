@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> dict:
 
         args.eval_tasks = ",".join(parse_tasks(args.eval_tasks))
     rt = init_runtime(args.device, args.dtype, seed=args.seed)
-    with loop.out_of_memory_advice(f"out of GPU memory with --device-batch-size {args.device_batch_size}; "
+    with loop.out_of_memory_advice(f"with --device-batch-size {args.device_batch_size}; "
                                    "lower it (gradient accumulation keeps --examples-per-step)"):
         return _sft(args, rt)
 
