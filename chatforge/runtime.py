@@ -174,6 +174,41 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation on `device` can still get, or None where we cannot tell (MPS).
+
+    CUDA: the driver's free memory on that GPU. CPU: the kernel's MemAvailable (page cache it can
+    drop counts as free), capped by a cgroup v2 limit when one is set, since a container's limit,
+    not the host's RAM, is what gets a process killed.
+    """
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except OSError:
+        try:
+            free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            headroom = max(int(limit) - used, 0)
+            free = headroom if free is None else min(free, headroom)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="auto", choices=DEVICE_CHOICES,

@@ -95,3 +95,25 @@ def test_shared_docs_corpus_reads_with_its_validation_shard(shared_data):
     c = open_corpus(shared_data / "pretrain" / "docs")
     assert c.split_rule == "last-file"
     assert len(list(c.iter_documents("val"))) == 128
+
+
+def test_approx_bytes_reads_sizes_not_documents_and_lands_near_the_text(tmp_path):
+    texts = [f"document {k}: " + "words and more words " * (k % 7 + 1) for k in range(400)]
+    real = sum(len(t.encode()) for t in texts)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_parquet(folder / "a.parquet", texts[:100], row_group_size=30)
+    with gzip.open(folder / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts[100:200])
+    (folder / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[200:300]))
+    (folder / "d.txt").write_text("\n\n".join(texts[300:]))
+    c = open_corpus(folder)
+    train, val = c.approx_bytes("train"), c.approx_bytes("val")
+    assert 0.9 * real < train + val < 1.25 * real  # jsonl's quoting and parquet's offsets add a little
+    assert train == pytest.approx(19 * val, rel=0.01)  # every 20th document is validation
+
+    shards = paths.data_dir("fineweb-edu")
+    for s in range(3):
+        write_parquet(shards / f"shard_{s:05d}.parquet", texts[100 * s:100 * (s + 1)])
+    downloaded = open_corpus()
+    assert downloaded.approx_bytes("train") == pytest.approx(2 * downloaded.approx_bytes("val"), rel=0.1)

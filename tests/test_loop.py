@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from chatforge.errors import TrainingDiverged
+from chatforge.errors import TrainingDiverged, UsageError
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.runtime import init_runtime
 from chatforge.train import loop
@@ -119,3 +119,16 @@ def test_throughput_and_mfu_bookkeeping():
     assert t.summary() == {"tok_per_s": 2000.0, "step_ms": 500.0, "mfu": 0.6}
     assert loop.Throughput(1, 1.0, None).mfu is None
     assert loop.peak_flops("cpu") is None and loop.memory_stats("cpu") == {}
+
+
+def test_running_out_of_cpu_memory_becomes_the_same_one_line_advice_as_cuda():
+    with pytest.raises(UsageError) as caught:
+        with loop.out_of_memory_advice("with --device-batch-size 8; lower it"):
+            torch.empty(2 ** 62, dtype=torch.uint8)  # a real failed allocation: the CPU allocator's own error
+    assert str(caught.value) == "out of CPU memory with --device-batch-size 8; lower it"
+    with pytest.raises(UsageError, match="^out of GPU memory with x$"):
+        with loop.out_of_memory_advice("with x"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error stays a bug with its traceback
+        with loop.out_of_memory_advice("with x"):
+            raise RuntimeError("shape mismatch")

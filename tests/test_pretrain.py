@@ -226,3 +226,56 @@ def test_the_summary_says_why_val_bpb_was_not_measured(corpus, capsys):
     assert summary["final_val_bpb"] is None and summary["not_measured"] == {
         "final_val_bpb": "--eval-every 0", "min_val_bpb": "--eval-every 0",
         "core": "--core-max-per-task 0; `chatforge eval base` runs CORE"}
+
+
+def test_an_absurd_depth_is_refused_from_its_memory_floor_before_anything_is_allocated(corpus, monkeypatch):
+    from chatforge import runtime
+    from chatforge.model.gpt import GPT
+
+    def must_not_allocate(self, *args, **kwargs):
+        raise AssertionError("the model was allocated")
+
+    monkeypatch.setattr(GPT, "to_empty", must_not_allocate)
+    monkeypatch.setattr(runtime, "available_memory", lambda device: 16 * 2 ** 30)
+    with pytest.raises(UsageError, match=r"^--depth 200 needs at least [\d.,]+ TiB to train \(.*\) but cpu has "
+                                         r"16\.0 GiB free; lower --depth$"):
+        run(*tiny_flags(corpus, "--depth", "200"))
+    # a shape whose weights fit but whose micro-batch does not: the advice is the batch, not the depth
+    with pytest.raises(UsageError, match=r"lower --device-batch-size or --max-seq-len"):
+        run(*tiny_flags(corpus, "--depth", "2", "--device-batch-size", "4096", "--max-seq-len", "1024",
+                        "--total-batch-size", str(4096 * 1024)))
+
+
+def test_cpu_out_of_memory_while_training_is_one_line_of_advice(corpus, monkeypatch):
+    def step_that_runs_out(*args, **kwargs):
+        return torch.empty(2 ** 62, dtype=torch.uint8)
+
+    monkeypatch.setattr(pretrain.loop, "optimizer_step", step_that_runs_out)
+    with pytest.raises(UsageError, match=r"^out of CPU memory with --depth 2, --device-batch-size 2 at "
+                                         r"--max-seq-len 32; lower --device-batch-size"):
+        run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0"))
+
+
+def test_on_cpu_the_dial_takes_one_micro_batch_per_step_and_counts_passes_over_the_data(corpus, capsys):
+    from chatforge.data.corpus import open_corpus
+
+    tokenizer = Tokenizer.load(paths.tokenizer_dir())
+    tokens = sum(len(tokenizer.encode(t)) + 1 for t in open_corpus(corpus).iter_documents("train"))
+    summary = run("--data", str(corpus), "--depth", "2", "--device", "cpu", "--max-seq-len", "32",
+                  "--device-batch-size", "2", "--num-iterations", "3", "--eval-every", "0", "--sample-every", "0")
+    assert summary["total_batch_size"] == 2 * 32 and summary["settings"]["grad_accum_steps"] == 1
+    assert summary["settings"]["data_tokens"] == tokens  # a small corpus is counted, not estimated
+    assert summary["settings"]["passes"] == pytest.approx(3 * 64 / tokens)
+    table = capsys.readouterr().out
+    assert f"data_tokens              {tokens:,}" in table and "warning" not in table
+
+
+def test_a_corpus_larger_than_the_sample_is_estimated_from_its_size_on_disk(corpus):
+    from chatforge.data.corpus import open_corpus
+
+    tokenizer = Tokenizer.load(paths.tokenizer_dir())
+    c = open_corpus(corpus)
+    exact = sum(len(tokenizer.encode(t)) + 1 for t in c.iter_documents("train"))
+    assert pretrain.estimate_train_tokens(c, tokenizer) == exact  # the whole split fits in the sample
+    estimate = pretrain.estimate_train_tokens(c, tokenizer, sample_bytes=4000)  # about a dozen documents
+    assert estimate != exact and abs(estimate - exact) < 0.15 * exact

@@ -211,11 +211,23 @@ def test_malformed_json_huge_body_and_unknown_routes(served):
     assert get(url, "/health")[0] == 200
 
 
+def test_readmes_snippet_the_stable_name_chatforge_answers_like_the_checkpoints_own(served):
+    url, engine, _ = served
+    out = client(url).chat.completions.create(model="chatforge", messages=[{"role": "user", "content": "Hi!"}],
+                                              temperature=0, max_tokens=8)
+    assert out.choices[0].message.content == solo_reply(engine, "Hi!", 8)[0]
+    assert out.model == MODEL_ID  # as OpenAI answers an alias with the snapshot it resolved to
+    code, answer = post(url, {"messages": [{"role": "user", "content": "hi"}], "model": "chatforge-other"})
+    assert code == 404 and f"'{MODEL_ID}' or 'chatforge'" in answer["error"]["message"]
+
+
 def test_models_and_health(served):
     url, _, _ = served
     models = client(url).models.list()
-    assert [m.id for m in models.data] == [MODEL_ID]
+    assert [m.id for m in models.data] == [MODEL_ID, "chatforge"]  # the checkpoint's own id first (the UI shows it)
     assert client(url).models.retrieve(MODEL_ID).id == MODEL_ID
+    alias = client(url).models.retrieve("chatforge")
+    assert alias.id == "chatforge" and alias.root == MODEL_ID
     code, health = get(url, "/health")
     assert code == 200 and health["status"] == "ok" and health["replicas"] == 1
 
@@ -257,6 +269,27 @@ def test_api_key_guards_everything_but_health_and_the_page():
         pool.close()
 
 
+def test_a_busy_port_is_one_line_and_exit_2_before_the_model_loads(monkeypatch, capsys):
+    import socket
+
+    from chatforge import cli
+    from chatforge.serve import app as serve_app
+
+    def must_not_load(args):
+        raise AssertionError("the model was loaded although the port is taken")
+
+    monkeypatch.setattr(serve_app, "load_engines", must_not_load)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["serve", "--host", "127.0.0.1", "--port", str(port)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--port {port}" in err and "already in use" in err
+
+
 @pytest.mark.slow
 def test_cli_serves_a_checkpoint_and_logs_one_line_per_request_without_content(tmp_path):
     save_tiny_checkpoint("sft", "d2", sequence_len=CONTEXT)
@@ -271,8 +304,8 @@ def test_cli_serves_a_checkpoint_and_logs_one_line_per_request_without_content(t
                 break
         url = line.split("listening on ")[1].split()[0]
         out = client(url, key="k").chat.completions.create(
-            model="chatforge-sft-d2", messages=[{"role": "user", "content": "my secret words"}], max_tokens=4)
-        assert out.choices[0].message.content is not None
+            model="chatforge", messages=[{"role": "user", "content": "my secret words"}], max_tokens=4)
+        assert out.choices[0].message.content is not None and out.model == "chatforge-sft-d2"
         assert get(url, "/v1/models")[0] == 401  # the key came from CHATFORGE_API_KEY
     finally:
         proc.terminate()

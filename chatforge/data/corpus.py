@@ -164,6 +164,29 @@ class Corpus:
             if total >= max_chars:
                 return
 
+    def approx_bytes(self, split: str = "train") -> int:
+        """About how many bytes of text `split` holds, from file sizes and parquet footers (no reading).
+
+        Uncompressed sizes: a gzip file's trailer, a parquet row group's total_byte_size (all its
+        columns, so a little high). Good enough to size a batch, not to count an epoch exactly.
+        """
+        total = 0
+        for path in self._split_files(split):
+            kind = _kind(path)
+            if kind == ".parquet":
+                meta = _parquet_file(path).metadata
+                total += sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+            elif path.name.lower().endswith(".gz"):
+                with open(path, "rb") as f:  # ISIZE: the uncompressed length mod 2^32, in the last 4 bytes
+                    f.seek(-4, 2)
+                    total += int.from_bytes(f.read(4), "little")
+            else:
+                total += path.stat().st_size
+        if self.split_rule == "every-k":
+            share = VAL_EVERY - 1 if split == "train" else 1
+            total = total * share // VAL_EVERY
+        return total
+
     def _read_unit(self, unit: _Unit) -> Iterator[str]:
         if unit.kind == ".parquet":
             yield from _read_row_group(unit.path, unit.row_group)

@@ -14,12 +14,21 @@ The rules (after nanochat, which tuned them on the same architecture):
   et al. 2025), anchored at 2^19 tokens for depth 12's budget; we take the largest power-of-two
   multiple of the tokens one micro-step processes (device batch x seq len x ranks) not above that
   ideal (smaller batches spend tokens more efficiently; at least one micro-step), so gradient
-  accumulation always divides evenly. At seq 2048 this gives 0.5M tokens for d12-d20, 1M for d26;
+  accumulation always divides evenly. At seq 2048 this gives 0.5M tokens for d12-d20, 1M for d26.
+  Two facts about the run lower that ideal for toys (neither touches a GPU run on a real corpus):
+  off CUDA the total batch is one micro-step (no accumulation: a depth-6 model on 2 CPU cores
+  otherwise derives 32 micro-steps, minutes per step), and a small corpus caps it at 1/100 of its
+  train tokens, so one pass over the data is at least ~100 optimizer steps;
 - learning rates: Muon 0.02, AdamW 0.2 (embedding), 0.004 (head), 0.5 (scalars) at width 768 and
   batch 2^19. AdamW rates scale as 1/sqrt(n_embd / 768) (muP-like: wider layers take smaller
   per-coordinate steps); all rates scale as sqrt(batch / 2^19) (the square-root rule for adaptive
   optimizers), clamped to [1/4, 2] so CPU toys with 100-token batches keep rates that still learn;
-- num_iterations = budget / total batch, rounded up.
+- num_iterations = budget / total batch, rounded up, but at most MANY_PASSES passes over a corpus of
+  known size: the budget assumes fresh tokens, and a small model shown the same text many times
+  starts to memorise it. The table says how many passes a run makes and warns past MANY_PASSES.
+
+Memory: `memory_floor()` is what training this shape must hold at once on one rank; pretrain
+refuses a shape whose floor exceeds the device's free memory before allocating anything.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ REFERENCE_BATCH = 2 ** 19   # tokens per step the base learning rates were tuned
 REFERENCE_DEPTH = 12        # whose token budget gets REFERENCE_BATCH
 BATCH_EXPONENT = 0.383      # ideal batch ~ budget^0.383
 BATCH_LR_CLAMP = (0.25, 2.0)
+MIN_STEPS_PER_PASS = 100    # a small corpus caps the total batch at 1/100 of its train tokens
+MANY_PASSES = 4             # derived horizons stop here; given ones past it get a warning
 
 # the command-line flag that overrides each derived value (used in messages and by add_arguments)
 FLAGS = {
@@ -71,6 +82,8 @@ class Scaling:
     total_batch_size: int
     grad_accum_steps: int
     num_iterations: int
+    data_tokens: int | None
+    passes: float | None
     matrix_lr: float
     embedding_lr: float
     unembedding_lr: float
@@ -94,9 +107,42 @@ class Scaling:
             if f.name == "sources":
                 continue
             value = getattr(self, f.name)
-            shown = f"{value:,}" if isinstance(value, int) else (f"{value:.4g}" if isinstance(value, float) else value)
+            if value is None:
+                shown = "unknown"
+            else:
+                shown = f"{value:,}" if isinstance(value, int) else (f"{value:.4g}" if isinstance(value, float) else value)
             lines.append(f"  {f.name:<24} {shown:<16} {self.sources.get(f.name, '')}")
-        return "derived from --depth:\n" + "\n".join(lines)
+        warning = self.passes_warning()
+        return "derived from --depth:\n" + "\n".join(lines) + (f"\n{warning}" if warning else "")
+
+    def passes_warning(self) -> str | None:
+        """One line when the run reads its data more than MANY_PASSES times, with the step count that would not."""
+        if self.passes is None or self.passes <= MANY_PASSES:
+            return None
+        steps = max(1, MANY_PASSES * self.data_tokens // self.total_batch_size)
+        return (f"warning: {self.num_iterations:,} steps x {self.total_batch_size:,} tokens read the "
+                f"~{self.data_tokens:,}-token train split {self.passes:.1f} times; past {MANY_PASSES} passes a "
+                f"model starts to memorise its text (watch val bpb; --num-iterations {steps:,} makes "
+                f"{MANY_PASSES}, or give it more data)")
+
+    def memory_floor(self, activation_bytes: int = 4) -> dict[str, int]:
+        """Bytes one rank must hold at once to train this shape, counted low on purpose.
+
+        state: fp32 weights and gradients (8 B per parameter) and the optimizer's state, which
+        the optimizer shards across ranks: Muon's momentum (4 B) for the blocks' matrices, AdamW's
+        two moments (8 B) for the embedding and head. activations: for one micro-batch, the
+        inputs every block's matmuls keep for backward (~8 x n_embd values per layer per token,
+        at `activation_bytes` each: 2 under bf16 autocast, 4 in fp32) and the fp32 logits. Fused
+        kernels and recomputation cannot go below this, so a run refused by it could not fit; one
+        that passes may still run out (then the out-of-memory advice names the flag to lower).
+        """
+        head_and_embedding = 2 * self.vocab_size * self.n_embd
+        matrices = self.num_params - head_and_embedding
+        optimizer = (4 * matrices + 8 * head_and_embedding) // self.world_size
+        tokens = self.device_batch_size * self.sequence_len
+        activations = (tokens * self.depth * 8 * self.n_embd * activation_bytes
+                       + tokens * self.vocab_size * 4)
+        return {"state": 8 * self.num_params + optimizer, "activations": activations}
 
 
 def _count(config: GPTConfig) -> tuple[int, int, float]:
@@ -113,8 +159,12 @@ def _budget(depth: int, head_dim: int, sequence_len: int, vocab_size: int, ratio
     return int(ratio * _count(cfg)[1])
 
 
-def derive(depth: int, **overrides) -> Scaling:
-    """All values for a model of `depth` layers; keyword overrides (None = not given) win over the rules."""
+def derive(depth: int, *, device: str | None = None, data_tokens: int | None = None, **overrides) -> Scaling:
+    """All values for a model of `depth` layers; keyword overrides (None = not given) win over the rules.
+
+    `device` is the device type the run trains on ("cuda", "cpu", "mps"; None derives as for CUDA)
+    and `data_tokens` the size of the corpus's train split (None: unknown, derived as if unlimited).
+    """
     unknown = set(overrides) - set(FLAGS)
     if unknown:
         raise TypeError(f"derive() got unknown overrides {sorted(unknown)}")
@@ -174,18 +224,31 @@ def derive(depth: int, **overrides) -> Scaling:
     micro_tokens = device_batch_size * sequence_len * world_size
     reference = _budget(REFERENCE_DEPTH, 128, sequence_len, vocab_size, ratio)
     ideal = REFERENCE_BATCH * (target_tokens / reference) ** BATCH_EXPONENT
-    doublings = max(0, math.floor(math.log2(ideal / micro_tokens)))
+    cap, rule = ideal, f"up to {ideal:,.0f} (budget^{BATCH_EXPONENT})"
+    if data_tokens is not None and data_tokens < 1:
+        raise ValueError(f"data_tokens must be positive, got {data_tokens}")
+    if device not in (None, "cuda"):
+        cap, rule = micro_tokens, f"one micro-step: on {device} more would take minutes a step"
+    if data_tokens is not None and data_tokens / MIN_STEPS_PER_PASS < cap:
+        cap, rule = data_tokens / MIN_STEPS_PER_PASS, f"up to 1/{MIN_STEPS_PER_PASS} of the train split"
+    doublings = max(0, math.floor(math.log2(cap / micro_tokens)))
     total_batch_size = pick("total_batch_size",
-                            f"largest power-of-2 multiple of {micro_tokens:,} tokens/micro-step up to "
-                            f"{ideal:,.0f} (budget^{BATCH_EXPONENT})", micro_tokens * 2 ** doublings)
+                            f"largest power-of-2 multiple of {micro_tokens:,} tokens/micro-step (at least one) {rule}",
+                            micro_tokens * 2 ** doublings)
     if total_batch_size % micro_tokens:
         raise UsageError(
             f"--total-batch-size {total_batch_size} is not a multiple of --device-batch-size x --max-seq-len "
             f"x ranks = {device_batch_size} x {sequence_len} x {world_size} = {micro_tokens}; change one of them")
     grad_accum_steps = total_batch_size // micro_tokens
     src["grad_accum_steps"] = "total batch / tokens per micro-step"
-    num_iterations = pick("num_iterations", "target tokens / total batch, rounded up",
-                          max(1, math.ceil(target_tokens / total_batch_size)))
+    horizon, rule = target_tokens, "target tokens / total batch, rounded up"
+    if data_tokens is not None and MANY_PASSES * data_tokens < target_tokens:
+        horizon, rule = MANY_PASSES * data_tokens, f"{MANY_PASSES} passes over the train split, rounded down"
+    rounded = math.ceil(horizon / total_batch_size) if horizon == target_tokens else horizon // total_batch_size
+    num_iterations = pick("num_iterations", rule, max(1, rounded))
+    passes = None if data_tokens is None else num_iterations * total_batch_size / data_tokens
+    src["data_tokens"] = "the train split, counted or estimated" if data_tokens else "not counted"
+    src["passes"] = "num_iterations x total batch / data tokens"
 
     width_scale = (n_embd / REFERENCE_WIDTH) ** -0.5
     batch_scale = min(max((total_batch_size / REFERENCE_BATCH) ** 0.5, BATCH_LR_CLAMP[0]), BATCH_LR_CLAMP[1])
@@ -207,7 +270,8 @@ def derive(depth: int, **overrides) -> Scaling:
                    num_params=num_params, num_scaling_params=num_scaling, flops_per_token=flops,
                    target_param_data_ratio=ratio, target_tokens=target_tokens,
                    device_batch_size=device_batch_size, world_size=world_size, total_batch_size=total_batch_size,
-                   grad_accum_steps=grad_accum_steps, num_iterations=num_iterations, matrix_lr=matrix_lr,
+                   grad_accum_steps=grad_accum_steps, num_iterations=num_iterations, data_tokens=data_tokens,
+                   passes=passes, matrix_lr=matrix_lr,
                    embedding_lr=embedding_lr, unembedding_lr=unembedding_lr, scalar_lr=scalar_lr,
                    weight_decay=weight_decay, sources=src)
 

@@ -15,7 +15,9 @@ in one batch, the others wait their turn; a client that disconnects frees its pl
   system content is a string or a list of `{"type": "text", "text": ...}` parts; assistant content
   may also carry chatforge's own parts (`{"type": "python"|"python_output", "text": ...}`), which is
   how the web UI sends back a reply that used the tool. The last message must be from the user.
-- `model` (optional; when given it must be the id `GET /v1/models` lists), `temperature` [0, 2]
+- `model` (optional; when given it must be one of the ids `GET /v1/models` lists: the checkpoint's
+  own, e.g. `chatforge-sft-d20`, or the stable alias `chatforge`, which names whatever this server
+  serves, so client code need not change when the checkpoint does), `temperature` [0, 2]
   (default 1; 0 is greedy), `top_p` (0, 1], `top_k` (extension, >= 1), `max_tokens` or
   `max_completion_tokens` [1, context] (default: --default-max-tokens), `n` [1, --max-n], `seed`,
   `stop` (a string or up to 4; the reply is cut before it), `stream`, `stream_options.include_usage`,
@@ -28,7 +30,9 @@ in one batch, the others wait their turn; a client that disconnects frees its pl
   (`delta.content`, plus `delta.chatforge_pieces`: `[{kind, text, open}]` for the UI), a final chunk
   per choice with its `finish_reason`, a usage chunk when asked, then `data: [DONE]`.
 
-`GET /v1/models` (and `/v1/models/{id}`): the one model served. `GET /health`: status, replicas,
+`GET /v1/models` (and `/v1/models/{id}`): the one model served, listed under both its ids (the
+alias's card names the checkpoint in `root`); replies always carry the checkpoint's id in `model`,
+as OpenAI answers an alias with the snapshot it resolved to. `GET /health`: status, replicas,
 queue length (never needs the key). `GET /`: the web UI (static files, no build step, offline).
 
 Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`:
@@ -71,6 +75,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 STAGES = ("sft", "mid", "base", "rl")
 ROLE_ALIASES = {"developer": "system"}
 OPEN_PATHS = ("/health", "/", "/static/")  # no key needed (see the docstring)
+STABLE_MODEL_ID = "chatforge"  # answers for any checkpoint: README's client snippet relies on it
 
 
 @dataclass
@@ -176,17 +181,24 @@ def _message_text(i: int, role: str, content) -> str | list[dict]:
     return "\n".join(texts)
 
 
-def parse_request(data, limits: Limits, model_id: str, tokenizer) -> tuple[object, list[int], Job]:
-    """Validate a decoded JSON body: (the request, its prompt ids, a Job ready to submit)."""
+def unknown_model(name: str, model_ids: tuple[str, ...]) -> ApiError:
+    served = " or ".join(repr(m) for m in model_ids)
+    return ApiError(404, f"model {name!r} does not exist here; this server answers to {served}",
+                    param="model", code="model_not_found")
+
+
+def parse_request(data, limits: Limits, model_ids: tuple[str, ...], tokenizer) -> tuple[object, list[int], Job]:
+    """Validate a decoded JSON body: (the request, its prompt ids, a Job ready to submit).
+
+    `model_ids` are the names a request may give in `model` (the checkpoint's id first)."""
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object with a 'messages' list", code="invalid_json")
     try:
         req = ChatRequest.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
-    if req.model is not None and req.model != model_id:
-        raise ApiError(404, f"model {req.model!r} does not exist here; this server serves {model_id!r}",
-                       param="model", code="model_not_found")
+    if req.model is not None and req.model not in model_ids:
+        raise unknown_model(req.model, model_ids)
     if not req.messages:
         raise ApiError(400, "messages is empty; send at least one user message", param="messages")
     if len(req.messages) > limits.max_messages:
@@ -289,8 +301,11 @@ def _raise_job_error(exc: Exception):
 
 def create_app(pool: WorkerPool, model_id: str, limits: Limits, api_key: str | None = None,
                cors_origins: list[str] | None = None, log_content: bool = False):
-    """The FastAPI app serving `pool`'s engines (uvicorn runs it; tests run it in a thread)."""
+    """The FastAPI app serving `pool`'s engines (uvicorn runs it; tests run it in a thread).
+
+    `model_id` is the checkpoint's name; requests may also say STABLE_MODEL_ID."""
     tokenizer = pool.engine.tokenizer
+    model_ids = (model_id,) if model_id == STABLE_MODEL_ID else (model_id, STABLE_MODEL_ID)
     created = int(time.time())
     app = FastAPI(title="chatforge", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -314,9 +329,9 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits, api_key: str | N
             err = ApiError(exc.status_code, str(exc.detail))
         return _json_response(err.status, err.body(), headers=getattr(exc, "headers", None))
 
-    def model_card() -> dict:
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "chatforge",
-                "context_length": limits.context}
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "chatforge",
+                "root": model_id, "context_length": limits.context}
 
     @app.get("/health")
     async def health():
@@ -325,14 +340,13 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits, api_key: str | N
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in model_ids]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
-        if name != model_id:
-            raise ApiError(404, f"model {name!r} does not exist here; this server serves {model_id!r}",
-                           param="model", code="model_not_found")
-        return model_card()
+        if name not in model_ids:
+            raise unknown_model(name, model_ids)
+        return model_card(name)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -342,7 +356,7 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits, api_key: str | N
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON ({exc}); send a JSON object",
                            code="invalid_json") from None
-        req, prompt, job = parse_request(data, limits, model_id, tokenizer)
+        req, prompt, job = parse_request(data, limits, model_ids, tokenizer)
         state = request.scope.setdefault("state", {})
         state["tokens_in"], state["job"] = len(prompt), job
         if log_content:
@@ -590,27 +604,61 @@ def build_server(args):
     return app, pool
 
 
+def bind_port(host: str, port: int):
+    """A socket bound to host:port, or one line saying why not.
+
+    Bound before the model loads, so a busy port costs a second rather than the load (and uvicorn's
+    multi-line `[Errno 98]`); uvicorn then serves on this very socket, so nothing can take the port
+    in between. Options as uvicorn's own bind (SO_REUSEADDR: a restart need not wait out TIME_WAIT).
+    """
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"--port {port}: {host}:{port} is already in use (another server?); stop it, or "
+                             "pick another --port (0 takes any free one)") from None
+        if exc.errno == errno.EACCES:
+            raise UsageError(f"--port {port}: binding {host}:{port} is not permitted (ports below 1024 need "
+                             "root); pick a --port above 1023") from None
+        raise UsageError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
+                         "use an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    return sock
+
+
 def main(args) -> int:
     import uvicorn
 
-    app, pool = build_server(args)
-    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=5)
+    check_args(args)
+    sock = bind_port(args.host, args.port)
+    try:
+        app, pool = build_server(args)
+    except BaseException:
+        sock.close()
+        raise
+    config = uvicorn.Config(app, access_log=False, log_level="warning", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     original_startup = server.startup
 
     async def startup(sockets=None):
         await original_startup(sockets)
         for s in server.servers:
-            for sock in s.sockets:
-                host, port = sock.getsockname()[:2]
+            for listening in s.sockets:
+                host, port = listening.getsockname()[:2]
                 print0(f"serve: listening on http://{host}:{port}  (web UI at /, API at /v1)")
 
     server.startup = startup
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         pool.close()
+        sock.close()
     return 0
 
 

@@ -122,13 +122,27 @@ def optimizer_step(train_model, model, optimizer, batches, accum_steps: int, run
     return mean_loss, timer.seconds
 
 
+# What the CPU allocator and MPS say when an allocation fails: they raise a plain RuntimeError
+# (CUDA has torch.OutOfMemoryError), so only the message tells it from a bug.
+_OOM_MESSAGES = {"DefaultCPUAllocator: can't allocate memory": "CPU", "MPS backend out of memory": "GPU"}
+
+
 @contextmanager
-def out_of_memory_advice(message: str):
-    """Turn a CUDA out-of-memory error into one line saying which flag to lower."""
+def out_of_memory_advice(advice: str):
+    """Turn running out of memory into one line: "out of <GPU|CPU> memory <advice>".
+
+    `advice` names the run's sizes and the flag to lower. The kernel's OOM killer ends a process
+    without any exception, so this catches only what the allocators themselves report.
+    """
     try:
         yield
-    except torch.cuda.OutOfMemoryError:
-        raise UsageError(message) from None
+    except torch.OutOfMemoryError:
+        raise UsageError(f"out of GPU memory {advice}") from None
+    except RuntimeError as exc:
+        where = next((kind for text, kind in _OOM_MESSAGES.items() if text in str(exc)), None)
+        if where is None:
+            raise
+        raise UsageError(f"out of {where} memory {advice}") from None
 
 
 def _global_sum(value: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     stage.check_stage_arguments(args)
-    return stage.run_main(args, _midtrain, f"out of GPU memory with --device-batch-size {args.device_batch_size}; "
+    return stage.run_main(args, _midtrain, f"with --device-batch-size {args.device_batch_size}; "
                                            "lower it (gradient accumulation keeps the total batch)")
 
 

@@ -4,10 +4,15 @@
     torchrun --nproc_per_node=8 -m chatforge pretrain --depth 20   # one node, 8 GPUs
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 -m chatforge pretrain --depth 26
     chatforge pretrain --preset smoke --data notes.txt             # a depth-2 toy on CPU, ~1 minute
+    chatforge pretrain --data input.txt --depth 4 --max-seq-len 256 --device-batch-size 16  # README's recipe
 
 What happens, in order:
 1. The depth dial (`model/scaling.py`) derives width, heads, learning rates, the total batch and the
    number of steps (from a tokens:params ratio); every value is printed, and every flag overrides.
+   It is told the device and the train split's size (counted for a small corpus, estimated from
+   its size on disk for a big one): on a CPU a step is one micro-batch, a small corpus caps the
+   batch and the steps (at 4 passes), and the table says how many passes the run makes. A shape
+   whose memory floor exceeds the device's free memory is refused here, before any allocation.
 2. The tokenizer (`chatforge tokenizer train`), the corpus (`--data` or the downloaded shards) and a
    rank-sharded, BOS-aligned packed loader are opened; the model is built and initialised and the
    Muon+AdamW optimizer created (it shards itself across ranks, so there is no DDP wrapper).
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import time
 from dataclasses import fields
 
@@ -121,8 +127,9 @@ def main(args: argparse.Namespace) -> dict:
     args = resolve_arguments(args)
     rt = init_runtime(args.device, args.dtype, seed=args.seed)
     with loop.out_of_memory_advice(
-            f"out of GPU memory with --device-batch-size {args.device_batch_size} at --max-seq-len "
-            f"{args.sequence_len}; lower --device-batch-size (gradient accumulation keeps the total batch)"):
+            f"with --depth {args.depth}, --device-batch-size {args.device_batch_size} at --max-seq-len "
+            f"{args.sequence_len}; lower --device-batch-size (accumulation keeps a given --total-batch-size), "
+            "--max-seq-len or --depth"):
         return _train(args, rt)
 
 
@@ -141,16 +148,21 @@ def _train(args: argparse.Namespace, rt) -> dict:
     tokenizer = load_tokenizer()
     token_bytes = tokenizer.token_bytes()
     corpus = open_corpus(args.data, args.corpus)
-    settings = derive(args.depth, vocab_size=tokenizer.vocab_size, world_size=rt.world_size,
-                      **overrides_from_args(args))
+    # the run's facts that size a toy: the device, and the corpus (counted exactly for --epochs)
+    facts = dict(vocab_size=tokenizer.vocab_size, world_size=rt.world_size, device=rt.device.type)
     if args.epochs is not None:
-        tokens = count_train_tokens(corpus, tokenizer, rt)
+        facts["data_tokens"] = count_train_tokens(corpus, tokenizer, rt)
+    else:
+        facts["data_tokens"] = estimate_train_tokens(corpus, tokenizer)
+    settings = derive(args.depth, **facts, **overrides_from_args(args))
+    if args.epochs is not None:
+        tokens = facts["data_tokens"]
         args.num_iterations = max(1, int(args.epochs * tokens) // settings.total_batch_size)
         print0(f"--epochs {args.epochs:g}: the train split holds {tokens:,} tokens -> {args.num_iterations:,} "
                f"steps of {settings.total_batch_size:,}")
-        settings = derive(args.depth, vocab_size=tokenizer.vocab_size, world_size=rt.world_size,
-                          **overrides_from_args(args))
+        settings = derive(args.depth, **facts, **overrides_from_args(args))
     print0(settings.describe())
+    check_fits(settings, rt, fp8=args.fp8)
     config = settings.model_config()
     seq_len, device_batch, accum = config.sequence_len, settings.device_batch_size, settings.grad_accum_steps
     num_iterations = settings.num_iterations
@@ -320,6 +332,65 @@ def final_core(args: argparse.Namespace, rt, tokenizer) -> dict:
     print0(f"step {meta['step']}: CORE {result['core']:.4f} over {result['num_tasks']} task(s), "
            f"at most {args.core_max_per_task} items each")
     return result
+
+
+def check_fits(settings, rt, fp8: bool = False) -> None:
+    """Refuse, before anything is allocated, a shape whose memory floor exceeds what the device has free.
+
+    Without this an absurd --depth prints its table, then spends a minute allocating before the
+    allocator (or the kernel's OOM killer, which leaves no message at all) stops it.
+    """
+    from chatforge import runtime
+
+    available = runtime.available_memory(rt.device)
+    if available is None:
+        return
+    if rt.device.type == "cpu":  # the ranks torchrun starts on one CPU host share its RAM
+        available //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    autocast = rt.device.type == "cuda" and rt.dtype != torch.float32
+    floor = settings.memory_floor(activation_bytes=(1 if fp8 else rt.dtype.itemsize) if autocast else 4)
+    needed = floor["state"] + floor["activations"]
+    if needed <= available:
+        return
+    change = ("lower --depth" if floor["state"] > available else
+              "lower --device-batch-size or --max-seq-len (activations grow with both), or --depth")
+    raise UsageError(
+        f"--depth {settings.depth} needs at least {format_bytes(needed)} to train (weights, gradients and "
+        f"optimizer state {format_bytes(floor['state'])}, activations of a {settings.device_batch_size}x"
+        f"{settings.sequence_len} micro-batch {format_bytes(floor['activations'])}) but {rt.device} has "
+        f"{format_bytes(available)} free; {change}")
+
+
+def format_bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:,.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:,.1f} {unit}"
+    return f"{n / 1024:,.1f} TiB"
+
+
+def estimate_train_tokens(corpus, tokenizer, sample_bytes: int = 2**20) -> int | None:
+    """About how many tokens one pass over the train split gives, without tokenizing a big corpus.
+
+    A split smaller than `sample_bytes` is counted exactly (the text-file toys the estimate is for);
+    a larger one is its size on disk (Corpus.approx_bytes) times the tokens per byte of its first
+    `sample_bytes`. Every rank computes the same number from the same documents.
+    """
+    texts, size = [], 0
+    for text in corpus.iter_documents("train"):
+        texts.append(text)
+        size += len(text.encode("utf-8"))
+        if size >= sample_bytes:
+            break
+    else:
+        return _tokens_with_bos(tokenizer, texts) or None  # None: an empty split, which the loader reports
+    return max(1, round(_tokens_with_bos(tokenizer, texts) * corpus.approx_bytes("train") / size))
+
+
+def _tokens_with_bos(tokenizer, texts: list[str]) -> int:
+    return sum(len(ids) for ids in tokenizer.encode_batch(texts, prepend=tokenizer.bos_id)) if texts else 0
 
 
 def count_train_tokens(corpus, tokenizer, rt, chunk: int = 256) -> int:

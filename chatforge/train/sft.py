@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> dict:
         raise UsageError("--examples-per-step and --eval-max-new-tokens must be positive, --eval-max-problems >= 0")
     if args.eval_max_problems:
         args.eval_tasks = ",".join(parse_eval_tasks(args.eval_tasks))
-    return stage.run_main(args, _sft, f"out of GPU memory with --device-batch-size {args.device_batch_size}; "
+    return stage.run_main(args, _sft, f"with --device-batch-size {args.device_batch_size}; "
                                       "lower it (gradient accumulation keeps --examples-per-step)")
 
 
