@@ -13,7 +13,7 @@ from chatforge.eval import core
 from chatforge.tasks import base
 from chatforge.tasks.gsm8k import GSM8K
 from test_core import BigramModel, byte_tokenizer, write_bundle
-from test_download import Server, parquet_bytes
+from test_download import Server
 
 
 class MirrorServer(Server):

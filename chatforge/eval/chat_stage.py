@@ -17,7 +17,11 @@ import argparse
 
 from chatforge.errors import UsageError
 from chatforge.eval import chat
-from chatforge.eval.base_stage import add_checkpoint_arguments, load_for_eval, write_result
+from chatforge.eval.base_stage import (
+    add_checkpoint_arguments,
+    load_for_eval,
+    write_result,
+)
 from chatforge.progress import provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
 from chatforge.tasks import EVAL_TASKS, eval_task, parse_eval_tasks

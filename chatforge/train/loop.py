@@ -25,7 +25,6 @@ import torch.distributed as dist
 
 from chatforge.errors import DataError, TrainingDiverged, UsageError
 
-
 # ---------------------------------------------------------------------------------------------
 # Schedules
 

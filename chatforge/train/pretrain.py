@@ -40,12 +40,22 @@ from dataclasses import fields
 
 import torch
 
-from chatforge import paths
-from chatforge.errors import CheckpointError, UsageError
-from chatforge.progress import MetricsLogger, Progress, format_duration, format_figure, not_measured, provenance
-from chatforge.runtime import add_runtime_arguments, init_runtime, print0
+from chatforge import paths, runtime
+from chatforge.data.corpus import open_corpus
+from chatforge.data.loader import PackedLoader
+from chatforge.errors import UsageError
+from chatforge.eval import core
+from chatforge.eval.bpb import evaluate_bpb
 from chatforge.eval.samples import greedy_samples
-from chatforge.train import loop
+from chatforge.model import checkpoint
+from chatforge.model.gpt import GPT
+from chatforge.model.optim import build_optimizer
+from chatforge.model.scaling import add_scaling_arguments, derive, overrides_from_args
+from chatforge.model.speedups import prepare_model
+from chatforge.progress import MetricsLogger, Progress, format_figure
+from chatforge.runtime import add_runtime_arguments, print0
+from chatforge.tokenizer import load_tokenizer
+from chatforge.train import loop, stage
 
 STAGE = "base"
 
@@ -56,8 +66,6 @@ PRESETS = {
 }
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from chatforge.model.scaling import add_scaling_arguments
-
     parser.add_argument("--depth", type=int, default=None, help="number of layers; sets everything else (default 20)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="smoke: a depth-2 model on short rows that learns on CPU in about a minute")
@@ -77,19 +85,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-every", type=int, default=None, help="steps between validation bpb evals (default 250)")
     run.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per eval, at most one pass over the val split (default 10M)")
     run.add_argument("--sample-every", type=int, default=None, help="steps between sample generations (default 2000)")
-    run.add_argument("--save-every", type=int, default=None,
-                     help="steps between checkpoints (default: only at the end); the last step always saves")
     run.add_argument("--core-max-per-task", type=int, default=0,
                      help="after the last step, CORE with at most N items per task (default 0: skip it; "
                           "`chatforge eval base` runs the full CORE)")
     run.add_argument("--eval-bundle", default=None,
                      help="CORE bundle folder for --core-max-per-task (default: $CHATFORGE_EVAL_BUNDLE, else download)")
-    run.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
-    run.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint of --tag")
     run.add_argument("--tag", default=None, help="checkpoint tag (default d<depth>)")
-    run.add_argument("--seed", type=int, default=42, help="seed for initialisation")
-    run.add_argument("--wandb", default=None, metavar="RUN", help="also log to wandb under this run name")
-    run.add_argument("--run-id", default=None, help="name of runs/<run-id>/ (default pretrain-<time>)")
+    stage.add_run_arguments(run, "pretrain", save_every=None,
+                            save_help="steps between checkpoints (default: only at the end); the last step always saves",
+                            seed_help="seed for initialisation",
+                            resume_help="continue from the latest complete checkpoint of --tag")
     speed = parser.add_argument_group("speed")
     speed.add_argument("--compile", choices=("auto", "on", "off"), default=None,
                        help="torch.compile the model (auto/on: on CUDA; CPU always runs eager)")
@@ -125,25 +130,12 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> dict:
     args = resolve_arguments(args)
-    rt = init_runtime(args.device, args.dtype, seed=args.seed)
-    with loop.out_of_memory_advice(
-            f"with --depth {args.depth}, --device-batch-size {args.device_batch_size} at --max-seq-len "
-            f"{args.sequence_len}; lower --device-batch-size (accumulation keeps a given --total-batch-size), "
-            "--max-seq-len or --depth"):
-        return _train(args, rt)
+    return stage.run_main(args, _train, f"with --depth {args.depth}, --device-batch-size {args.device_batch_size} "
+                                        f"at --max-seq-len {args.sequence_len}; lower --device-batch-size "
+                                        "(accumulation keeps a given --total-batch-size), --max-seq-len or --depth")
 
 
 def _train(args: argparse.Namespace, rt) -> dict:
-    from chatforge.data.corpus import open_corpus
-    from chatforge.data.loader import PackedLoader
-    from chatforge.eval.bpb import evaluate_bpb
-    from chatforge.model import checkpoint
-    from chatforge.model.gpt import GPT
-    from chatforge.model.optim import build_optimizer
-    from chatforge.model.speedups import prepare_model
-    from chatforge.model.scaling import derive, overrides_from_args
-    from chatforge.tokenizer import load_tokenizer
-
     started = time.time()
     tokenizer = load_tokenizer()
     token_bytes = tokenizer.token_bytes()
@@ -171,36 +163,21 @@ def _train(args: argparse.Namespace, rt) -> dict:
            f"{num_iterations * settings.total_batch_size:,} training tokens")
 
     # --- model and optimizer (fresh, or from the checkpoint we resume)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=rt.device)
-    model.init_weights()
-    optimizer = build_optimizer(model, **settings.optimizer_kwargs())
     start_step, loader_state, last_checkpoint, resumed_meta = 0, None, None, {}
-    existing = checkpoint.latest_step(STAGE, args.tag)
-    if args.resume and existing is not None:
-        ckpt = checkpoint.load_checkpoint(STAGE, args.tag, existing, device=rt.device, rank=rt.rank)
-        checkpoint.check_config(ckpt["meta"], config.to_dict(), ckpt["path"])
-        checkpoint.load_model_state(model, ckpt["model"], ckpt["path"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        checkpoint.restore_rng_state(ckpt["meta"]["rng"][rt.rank], rt.device)
-        loader_state = ckpt["meta"]["loader_state"][rt.rank]
-        start_step, last_checkpoint, resumed_meta = ckpt["meta"]["step"], str(ckpt["path"]), ckpt["meta"]
-        if ckpt["meta"].get("num_iterations", num_iterations) != num_iterations:
-            raise CheckpointError(
-                f"{ckpt['path']} belongs to a run of {ckpt['meta']['num_iterations']} steps but this one has "
-                f"{num_iterations}; resume with --num-iterations {ckpt['meta']['num_iterations']}"
-            )
-        del ckpt
-        print0(f"resuming from {last_checkpoint} (step {start_step})")
-    elif args.resume:
-        print0(f"--resume: no checkpoint under {paths.checkpoint_dir(STAGE, args.tag, create=False)} yet; "
-               "starting from step 0")
-    elif existing is not None:
-        raise UsageError(
-            f"checkpoints/{STAGE}/{args.tag} already holds step {existing}; pass --resume to continue it, "
-            "or --tag NAME to start a separate run"
-        )
+    existing = stage.resume_or_refuse(STAGE, args.tag, args.resume, "step 0")
+    if existing is not None:  # weights and optimizer shard in one read
+        loaded = checkpoint.load(STAGE, args.tag, existing, device=rt.device, optimizer=True, rank=rt.rank)
+        checkpoint.check_config(loaded.meta, config.to_dict(), loaded.path)
+        model = loaded.model.train()
+        optimizer = build_optimizer(model, **settings.optimizer_kwargs())
+        start_step, last_checkpoint = stage.restore(loaded, optimizer, rt, {"num_iterations": num_iterations})
+        loader_state, resumed_meta = loaded.meta["loader_state"][rt.rank], loaded.meta
+    else:
+        with torch.device("meta"):
+            model = GPT(config)
+        model.to_empty(device=rt.device)
+        model.init_weights()
+        optimizer = build_optimizer(model, **settings.optimizer_kwargs())
     summary_path = paths.eval_dir(STAGE, args.tag, create=False) / "pretrain.json"
     if start_step >= num_iterations:
         print0(f"{args.tag} already finished its {num_iterations} steps; nothing to do (summary: {summary_path})")
@@ -234,60 +211,57 @@ def _train(args: argparse.Namespace, rt) -> dict:
     print0(f"parameters: {model.num_params():,} | FLOPs/token: {flops_per_token:.3e} | metrics: {logger.path}")
     settings_dict = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "sources"}
 
-    def save(step: int, metrics: dict) -> str:
-        folder = checkpoint.save_checkpoint(
-            STAGE, args.tag, step, model, optimizer, model_config=config.to_dict(),
-            vocab_size=tokenizer.vocab_size, loader_state=train_loader.state_dict(), metrics=metrics,
-            args=vars(args), keep_last=args.keep_last,
-            extra={"num_iterations": num_iterations, "depth": args.depth, "settings": settings_dict,
-                   "run_id": logger.run_id, "val_bpb_history": bpb_history})
-        print0(f"step {step}: saved {folder}")
-        return str(folder)
-
-    step, last_loss = start_step, resumed_meta.get("metrics", {}).get("train_loss")
+    last_loss = resumed_meta.get("metrics", {}).get("train_loss")
     bpb_history = [tuple(point) for point in resumed_meta.get("val_bpb_history", [])]
     # the ETA leaves out the steps Throughput leaves out: compilation and warmup
     progress = Progress(num_iterations, "pretrain", unit="step", initial=start_step, warmup=throughput.skip_steps)
-    try:
-        while True:
-            last = step == num_iterations
-            # a resumed run skips the eval and samples its checkpoint's step already had
-            fresh_step = step > start_step or start_step == 0
-            if fresh_step and loop.is_due(step, args.eval_every, num_iterations):
-                bpb = val_bpb()
-                bpb_history.append((step, bpb))
-                logger.log(step, val_bpb=bpb)
-                print0(f"step {step}: val bpb {bpb:.4f}")
-                if step > start_step:
-                    progress.report()
-            if fresh_step and loop.is_due(step, args.sample_every, num_iterations) and rt.is_main:
-                samples = greedy_samples(model, tokenizer, rt)
-                print0(f"step {step}: greedy samples")
-                for sample in samples:
-                    print0(f"  {sample['prompt']!r} -> {sample['completion']!r}")
-                logger.log(step, samples=[sample["prompt"] + sample["completion"] for sample in samples])
-            if step > start_step and (last or loop.is_due(step, args.save_every, num_iterations)):
-                last_checkpoint = save(step, {"train_loss": last_loss, **({"val_bpb": bpb_history[-1][1]}
-                                                                            if bpb_history else {})})
-            if last:
-                break
 
-            sched = loop.apply_schedules(optimizer, step, schedule)
-            last_loss, seconds = loop.optimizer_step(train_model, model, optimizer, batches, accum, rt, step,
-                                                     last_checkpoint)
-            step += 1
-            throughput.record(seconds)
-            record = {"train_loss": last_loss, "lr_multiplier": sched["lr_multiplier"], **throughput.summary(),
-                      "eta_s": round(throughput.eta_seconds(num_iterations - step)), **loop.memory_stats(rt.device)}
-            logger.log(step, **record)
-            progress.update(1, **loop.progress_fields(last_loss, throughput))
+    def evaluate_bpb_at(step: int) -> None:
+        bpb = val_bpb()
+        bpb_history.append((step, bpb))
+        logger.log(step, val_bpb=bpb)
+        print0(f"step {step}: val bpb {bpb:.4f}")
+        if step > start_step:
+            progress.report()
+
+    def show_samples(step: int) -> None:
+        if not rt.is_main:
+            return
+        samples = greedy_samples(model, tokenizer, rt)
+        print0(f"step {step}: greedy samples")
+        for sample in samples:
+            print0(f"  {sample['prompt']!r} -> {sample['completion']!r}")
+        logger.log(step, samples=[sample["prompt"] + sample["completion"] for sample in samples])
+
+    def save_at(step: int) -> None:
+        nonlocal last_checkpoint
+        last_checkpoint = stage.save(
+            STAGE, args.tag, step, model, optimizer, tokenizer, args, loader_state=train_loader.state_dict(),
+            metrics={"train_loss": last_loss, **({"val_bpb": bpb_history[-1][1]} if bpb_history else {})},
+            extra={"num_iterations": num_iterations, "depth": args.depth, "settings": settings_dict,
+                   "run_id": logger.run_id, "val_bpb_history": bpb_history})
+
+    def take_step(step: int) -> None:
+        nonlocal last_loss
+        sched = loop.apply_schedules(optimizer, step, schedule)
+        last_loss, seconds = loop.optimizer_step(train_model, model, optimizer, batches, accum, rt, step,
+                                                 last_checkpoint)
+        throughput.record(seconds)
+        logger.log(step + 1, train_loss=last_loss, lr_multiplier=sched["lr_multiplier"], **throughput.summary(),
+                   eta_s=round(throughput.eta_seconds(num_iterations - step - 1)), **loop.memory_stats(rt.device))
+        progress.update(1, **loop.progress_fields(last_loss, throughput))
+
+    try:
+        # --eval-every / --sample-every 0 mean never, not "at the end"
+        stage.run_steps(start_step, num_iterations, take_step, save_every=args.save_every, save_at=save_at,
+                        evals=[(args.eval_every, evaluate_bpb_at, False), (args.sample_every, show_samples, False)])
     finally:
         # its threads must be gone before interpreter exit (see data/loader.py), and now, not at exit
         train_loader.close()
     progress.close()
     core_result = final_core(args, rt, tokenizer) if args.core_max_per_task else None
     if core_result is not None:
-        logger.log(step, core=core_result["core"])
+        logger.log(num_iterations, core=core_result["core"])
     logger.close()
 
     summary = {
@@ -302,27 +276,20 @@ def _train(args: argparse.Namespace, rt) -> dict:
         "flops_per_token": flops_per_token, **throughput.summary(),
         **loop.memory_stats(rt.device), "wall_time_s": round(time.time() - started, 1),
         "resumed_from_step": start_step or None, "checkpoint": last_checkpoint,
-        "settings": settings_dict, "args": vars(args), **provenance(),
+        "settings": settings_dict, "args": vars(args),
     }
     reasons = {"final_val_bpb": "--eval-every 0" if args.eval_every <= 0 else "no eval step ran in this run",
                "min_val_bpb": "--eval-every 0" if args.eval_every <= 0 else "no eval step ran in this run",
                "core": "--core-max-per-task 0; `chatforge eval base` runs CORE"}
-    summary["not_measured"] = not_measured({k: summary[k] for k in reasons}, reasons)
-    if rt.is_main:
-        paths.atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str))
-        core_text = f", CORE {summary['core']:.4f}" if summary["core"] is not None else ""
-        print0(f"done in {format_duration(summary['wall_time_s'])}: final train loss "
-               f"{format_figure(last_loss, 'no step ran')}, val bpb "
-               f"{format_figure(summary['final_val_bpb'], reasons['final_val_bpb'])}{core_text}; "
-               f"summary in {summary_path}")
+    core_text = f", CORE {summary['core']:.4f}" if summary["core"] is not None else ""
+    stage.write_summary(STAGE, args.tag, "pretrain.json", summary, rt, reasons,
+                        f"final train loss {format_figure(last_loss, 'no step ran')}, val bpb "
+                        f"{format_figure(summary['final_val_bpb'], reasons['final_val_bpb'])}{core_text}")
     return summary
 
 
 def final_core(args: argparse.Namespace, rt, tokenizer) -> dict:
     """CORE of the final checkpoint, rebuilt without compile/FP8 (it scores prompts of every length)."""
-    from chatforge.eval import core
-    from chatforge.model import checkpoint
-
     bundle = core.resolve_bundle(args.eval_bundle)
     loaded = checkpoint.load(STAGE, args.tag, device=rt.device)
     model, meta = loaded.model, loaded.meta
@@ -340,7 +307,6 @@ def check_fits(settings, rt, fp8: bool = False) -> None:
     Without this an absurd --depth prints its table, then spends a minute allocating before the
     allocator (or the kernel's OOM killer, which leaves no message at all) stops it.
     """
-    from chatforge import runtime
 
     available = runtime.available_memory(rt.device)
     if available is None:

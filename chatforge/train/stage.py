@@ -31,7 +31,14 @@ from chatforge.errors import CheckpointError, UsageError
 from chatforge.model import checkpoint
 from chatforge.model.gpt import GPTConfig
 from chatforge.model.optim import build_optimizer
-from chatforge.progress import MetricsLogger, Progress, format_duration, format_figure, not_measured, provenance
+from chatforge.progress import (
+    MetricsLogger,
+    Progress,
+    format_duration,
+    format_figure,
+    not_measured,
+    provenance,
+)
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
 from chatforge.tasks.custom import CustomJSON
 from chatforge.tasks.identity import Identity, facts_from_model
