@@ -276,25 +276,16 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def export_main(args: argparse.Namespace) -> Path:
-    from chatforge.model.checkpoint import load_checkpoint
-    from chatforge.tokenizer import load_tokenizer
+    from chatforge.model import checkpoint
 
     _fresh_out(args.out)  # before the (slow) checkpoint read
-    ckpt = load_checkpoint(args.source, args.tag, args.step, device="cpu", load_optimizer=False)
-    meta = ckpt["meta"]
-    try:
-        config = GPTConfig(**meta["model_config"])
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{ckpt['path'] / 'meta.json'} has an unusable model_config ({exc})") from None
-    tokenizer = load_tokenizer()
-    if meta.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
-        raise CheckpointError(f"checkpoint {ckpt['path']} was trained with a {meta['vocab_size']}-token tokenizer but the "
-                              f"one in the base directory has {tokenizer.vocab_size}; restore the matching tokenizer")
+    loaded = checkpoint.load(args.source, args.tag, args.step, device="cpu")  # checks the tokenizer too
+    meta, config, tokenizer = loaded.meta, loaded.model.config, loaded.tokenizer
     chatforge_meta = {"format": "chatforge-export", "version": 1, "stage": meta.get("stage", args.source),
                       "tag": meta.get("tag"), "step": meta.get("step", 0), "model_config": config.to_dict(),
                       "vocab_size": tokenizer.vocab_size}
-    remote = write_export(args.out, ckpt["model"], config, tokenizer, chatforge_meta)
-    print0(f"exported {ckpt['path']} to {args.out}")
+    remote = write_export(args.out, loaded.model.state_dict(), config, tokenizer, chatforge_meta)
+    print0(f"exported {loaded.path} to {args.out}")
     if remote:
         print0(f"note: window pattern {config.window_pattern!r} has sliding-window layers, which transformers' NanoChat "
                f"class cannot express; the folder ships {REMOTE_MODULE}.py (auto_map): load it with trust_remote_code=True")
