@@ -92,3 +92,17 @@ def test_eval_base_without_a_corpus_runs_core_and_says_bpb_was_skipped(tmp_path,
     assert exc.value.code == 2
     captured = capsys.readouterr()
     assert "nothing-here" in captured.err and "CORE" not in captured.out
+
+
+def test_eval_base_val_bpb_equals_what_pretraining_reported(tmp_path, capsys):
+    from test_pretrain import run, tiny_flags, write_corpus
+
+    data = write_corpus(tmp_path)
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    Tokenizer.train(iter(texts), 384).save(paths.tokenizer_dir())
+    summary = run(*tiny_flags(data, "--num-iterations", "3", "--eval-every", "3", "--tag", "bpb"))
+    main(["eval", "base", "--device", "cpu", "--source", "base", "--tag", "bpb", "--skip", "core,samples",
+          "--data", str(data), "--eval-tokens", "256"])  # the batch comes from the checkpoint
+    bpb = json.loads((paths.eval_dir("base", "bpb") / "bpb.json").read_text())
+    assert bpb["val_bpb"] == summary["final_val_bpb"] and bpb["device_batch_size"] == 2
+    assert "val bits per byte: 4/4 (100%)" in capsys.readouterr().err  # progress while it measures

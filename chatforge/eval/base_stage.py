@@ -23,7 +23,7 @@ from chatforge.errors import DataError, UsageError
 from chatforge.eval import core
 from chatforge.eval.samples import greedy_samples
 from chatforge.model import checkpoint
-from chatforge.progress import provenance
+from chatforge.progress import Progress, provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
 
 
@@ -42,15 +42,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default="fineweb-edu", help="downloaded corpus to use when --data is not given")
     parser.add_argument("--eval-tokens", type=int, default=20 * 524288,
                         help="tokens per split for bits per byte (default 20 x 524,288, as nanochat)")
-    parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward for bits per byte")
+    parser.add_argument("--device-batch-size", type=int, default=None,
+                        help="rows per forward for bits per byte (default: the checkpoint's training batch, so "
+                             "val bpb equals what pretraining reported; else 32)")
     parser.add_argument("--skip", default="",
                         help="comma-separated parts to leave out: core, bpb, samples")
     add_runtime_arguments(parser)
 
 
 def load_for_eval(args, runtime):
-    """(model, tokenizer, tag, step) of the checkpoint the flags name."""
+    """(model, tokenizer, tag, step) of the checkpoint the flags name; a --device-batch-size left out
+    becomes the one the checkpoint trained with."""
     loaded = checkpoint.load(args.source, args.tag, args.step, device=runtime.device)
+    if getattr(args, "device_batch_size", 0) is None:
+        args.device_batch_size = (loaded.meta.get("settings") or {}).get("device_batch_size") or 32
     return loaded.model, loaded.tokenizer, loaded.tag, loaded.step
 
 
@@ -79,12 +84,21 @@ def bits_per_byte(model, tokenizer, runtime, args, corpus) -> dict:
     seq_len = model.config.sequence_len
     per_step = args.device_batch_size * seq_len * runtime.world_size
     steps = max(1, args.eval_tokens // per_step)
-    result = {"eval_tokens": steps * per_step, "seq_len": seq_len}
+    result = {"eval_tokens": steps * per_step, "seq_len": seq_len, "device_batch_size": args.device_batch_size}
     for split in ("train", "val"):
+        # the val split is read once at most, padded like pretraining's evals: the same tokens, the same
+        # rows, so the same bits per byte as `chatforge pretrain` printed for this checkpoint and data
         with PackedLoader(corpus, tokenizer, args.device_batch_size, seq_len, split=split, rank=runtime.rank,
-                          world_size=runtime.world_size, device=runtime.device, loop=True) as loader:
-            batches = (batch for _, batch in zip(range(steps), loader))
-            result[f"{split}_bpb"] = evaluate_bpb(model, batches, tokenizer.token_bytes(), runtime)
+                          world_size=runtime.world_size, device=runtime.device, loop=split == "train",
+                          pad_last=split == "val") as loader:
+            bar = Progress(steps, f"{split} bits per byte", unit="batch")
+
+            def counted(batches):
+                for _, batch in zip(range(steps), batches):
+                    yield batch
+                    bar.update(1)
+            result[f"{split}_bpb"] = evaluate_bpb(model, counted(loader), tokenizer.token_bytes(), runtime)
+            bar.close()
         print0(f"{split} bits per byte: {result[f'{split}_bpb']:.4f}")
     return result
 
