@@ -29,3 +29,9 @@ class CheckpointError(ChatforgeError):
 
 class TrainingDiverged(ChatforgeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class Interrupted(ChatforgeError):
+    """Ctrl-C during training: the run stopped after its current step; the message says what was kept."""
+
+    exit_code = 130

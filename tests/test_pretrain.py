@@ -279,3 +279,29 @@ def test_a_corpus_larger_than_the_sample_is_estimated_from_its_size_on_disk(corp
     assert pretrain.estimate_train_tokens(c, tokenizer) == exact  # the whole split fits in the sample
     estimate = pretrain.estimate_train_tokens(c, tokenizer, sample_bytes=4000)  # about a dozen documents
     assert estimate != exact and abs(estimate - exact) < 0.15 * exact
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_resume_finishes_the_run(corpus, chatforge_home):
+    import signal
+    import time
+
+    env = {**os.environ, "CHATFORGE_HOME": str(chatforge_home), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "chatforge", "pretrain", *tiny_flags(corpus, "--num-iterations", "400",
+                                                                        "--eval-every", "0", "--run-id", "ctrlc")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = chatforge_home / "runs" / "ctrlc" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count('"train_loss"') >= 2):  # training is under way
+        assert proc.poll() is None and time.monotonic() < deadline, "pretrain ended or stalled before step 2"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("chatforge: error: interrupted by Ctrl-C after step ") and "--resume" in line
+    step = int(line.split("after step ")[1].split()[0])
+    assert 2 <= step < 400 and (paths.checkpoint_dir("base", "d2") / f"step_{step:06d}").is_dir()
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stdout and f"(step {step})" in done.stdout

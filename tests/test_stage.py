@@ -46,3 +46,22 @@ def test_an_evaluation_can_skip_the_end_when_its_interval_is_zero():
     stage.run_steps(0, 3, lambda s: None, evals=[(0, lambda s: events.append(("bpb", s)), False),
                                                  (0, lambda s: events.append(("val", s)))])
     assert events == [("val", 3)]
+
+
+def test_ctrl_c_finishes_the_step_saves_and_says_how_to_continue():
+    import os
+    import signal
+
+    from chatforge.errors import Interrupted
+
+    events = []
+
+    def take_step(s):
+        if s == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of step 1
+        events.append(("step", s))
+
+    with pytest.raises(Interrupted, match=r"after step 2 of 6: saved step 2; run the same command with --resume"):
+        stage.run_steps(0, 6, take_step, save_every=-1, save_at=lambda s: events.append(("save", s)))
+    assert events == [("step", 0), ("step", 1), ("save", 2)]  # step 1 ran to its end; nothing after the save
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back

@@ -22,12 +22,18 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+import torch.distributed as dist
+
 from chatforge import paths
-from chatforge.errors import CheckpointError, UsageError
+from chatforge.errors import CheckpointError, Interrupted, UsageError
 from chatforge.model import checkpoint
 from chatforge.model.gpt import GPTConfig
 from chatforge.model.optim import build_optimizer
@@ -295,17 +301,60 @@ def run_steps(start_step: int, num_iterations: int, take_step: Callable[[int], N
     """Steps start_step .. num_iterations - 1, with each (every, evaluate[, at_end]) of `evals` run at
     step 0, every `every` steps and, unless at_end is False, at the end even when `every` is 0; and
     `save_at` every `save_every` steps and at the end. A resumed run starts after the checkpoint it
-    came from: that step is neither evaluated nor saved again."""
+    came from: that step is neither evaluated nor saved again.
+
+    Ctrl-C lets the step in flight finish (a step cut in the middle would leave the optimizer half
+    updated), then saves and stops with one line that says so and how to continue; a second Ctrl-C
+    stops at once. Under torchrun every rank agrees on the step it stops after."""
     step = start_step
-    while True:
-        last = step == num_iterations
-        for every, evaluate, *at_end in evals:
-            due = loop.is_due(step, every, num_iterations) or (last and (at_end or [True])[0])
-            if (step > start_step or start_step == 0) and due:
-                evaluate(step)
-        if save_at is not None and step > start_step and (last or loop.is_due(step, save_every, num_iterations)):
-            save_at(step)
-        if last:
-            return
-        take_step(step)
-        step += 1
+    with _interrupt_after_step() as interrupted:
+        while True:
+            last = step == num_iterations
+            for every, evaluate, *at_end in evals:
+                due = loop.is_due(step, every, num_iterations) or (last and (at_end or [True])[0])
+                if (step > start_step or start_step == 0) and due:
+                    evaluate(step)
+            if save_at is not None and step > start_step and (last or loop.is_due(step, save_every, num_iterations)):
+                save_at(step)
+            if last:
+                return
+            take_step(step)
+            step += 1
+            if interrupted(step) and step < num_iterations:  # at the last step the run just finishes
+                if save_at is not None:
+                    save_at(step)
+                kept = f"saved step {step}" if save_at is not None else "nothing saved (this stage keeps no checkpoints)"
+                raise Interrupted(f"interrupted by Ctrl-C after step {step} of {num_iterations}: {kept}; "
+                                  "run the same command with --resume to continue")
+
+
+@contextmanager
+def _interrupt_after_step():
+    """A SIGINT handler that only raises a flag (the main thread's; elsewhere Ctrl-C acts as usual)."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda step: False
+        return
+
+    def on_sigint(signum, frame):
+        flag["set"] = True
+        signal.signal(signal.SIGINT, previous)  # the next Ctrl-C is the ordinary KeyboardInterrupt
+        print0("Ctrl-C: finishing this step, then saving (press Ctrl-C again to stop at once)")
+
+    def interrupted(step: int) -> bool:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([1.0 if flag["set"] else 0.0], device=_collective_device())
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # one scalar per step: ranks stop after the same step
+            return bool(t.item())
+        return flag["set"]
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _collective_device() -> torch.device:
+    backend = dist.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
