@@ -4,7 +4,7 @@
 # The model is silly; the point is that every stage really runs. The stage list is the `demo`
 # preset in chatforge/speedrun.py.
 #
-#   bash runs/demo.sh                       # ../shared/data if present, else downloads,
+#   bash runs/demo.sh                       # $CHATFORGE_DATA_DIR or ../shared/data if present, else downloads,
 #                                           # else the offline fallback (stdlib docstrings, generated chats)
 #   bash runs/demo.sh --offline             # extra flags go to `chatforge speedrun`
 #
@@ -21,8 +21,12 @@ fi
 python -c "import torch" 2>/dev/null || python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -e .
 
-data_flag=()
-[ -d ../shared/data/pretrain/docs ] && data_flag=(--data-dir ../shared/data)
+data_flag=()  # your local data folder, else one beside the checkout, else downloads / the offline fallback
+if [ -n "${CHATFORGE_DATA_DIR:-}" ]; then
+  data_flag=(--data-dir "$CHATFORGE_DATA_DIR")
+elif [ -d ../shared/data/pretrain/docs ]; then
+  data_flag=(--data-dir ../shared/data)
+fi
 
 chatforge env
 chatforge speedrun --preset demo "${data_flag[@]}" "$@"
