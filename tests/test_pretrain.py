@@ -289,7 +289,9 @@ def test_ctrl_c_saves_and_resume_finishes_the_run(corpus, chatforge_home):
     env = {**os.environ, "CHATFORGE_HOME": str(chatforge_home), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "chatforge", "pretrain", *tiny_flags(corpus, "--num-iterations", "400",
                                                                         "--eval-every", "0", "--run-id", "ctrlc")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a CI runner may start us with SIGINT ignored, which a child would inherit
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = chatforge_home / "runs" / "ctrlc" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and metrics.read_text().count('"train_loss"') >= 2):  # training is under way

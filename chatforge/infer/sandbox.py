@@ -116,7 +116,8 @@ class Sandbox:
                                             f"the sandbox takes at most {MAX_CODE_BYTES}"))
             return future
         max_output = max(1, min(int(max_output), 32_768))
-        cpu = cpu_seconds if cpu_seconds is not None else max(1, math.ceil(timeout))
+        # the CPU limit is a backstop a second past the wall-clock one: a busy loop meets the wall first
+        cpu = cpu_seconds if cpu_seconds is not None else math.ceil(timeout) + 1
         with self.lock:
             if self.unavailable is None and self.proc is not None and self.proc.poll() is not None:
                 self._restart("the sandbox helper died")

@@ -389,7 +389,7 @@ def supervise(header: dict, request: bytes, pid: int, pipes) -> dict:
     if nonce != header["nonce"] or kind not in ("N", "V", "E"):
         return failure(death_reason(status), stdout)
     return {"ok": kind != "E", "stdout": stdout, "value": text if kind == "V" else None,
-            "error": text if kind == "E" else None, "timed_out": False, "truncated": False}
+            "error": text if kind == "E" else None, "timed_out": text == CPU_EXHAUSTED, "truncated": False}
 
 
 def collect(pid: int, out_fd: int, res_fd: int, timeout: float, max_output: int):
@@ -497,8 +497,11 @@ def take_limits(header):
     signal.signal(signal.SIGXCPU, _cpu_exhausted)
 
 
+CPU_EXHAUSTED = "TimeoutError: CPU time limit exceeded"
+
+
 def _cpu_exhausted(signum, frame):
-    raise TimeoutError("CPU time limit exceeded")
+    raise TimeoutError(CPU_EXHAUSTED.split(": ", 1)[1])
 
 
 def execute(source: str, nonce: str, max_value: int, work: str) -> None:

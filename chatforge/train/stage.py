@@ -332,7 +332,8 @@ def run_steps(start_step: int, num_iterations: int, take_step: Callable[[int], N
 def _interrupt_after_step():
     """A SIGINT handler that only raises a flag (the main thread's; elsewhere Ctrl-C acts as usual)."""
     flag = {"set": False}
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started under nohup: Ctrl-C is not ours to take
         yield lambda step: False
         return
 
