@@ -202,3 +202,15 @@ def test_unconfined_mode_still_runs_code_in_a_fresh_process(monkeypatch):
         assert json.loads(json.dumps(r.stdout)) == "1\n"
     finally:
         box.close()
+
+
+def test_a_call_cancelled_while_queued_is_dropped_and_the_sandbox_goes_on():
+    box = Sandbox(max_parallel=1)
+    try:
+        first = box.submit("import time\ntime.sleep(0.3)\n1")
+        queued = box.submit("2")  # waits behind the first (one call at a time)
+        assert queued.cancel()    # a released row's call that was never sent
+        assert first.result().value == "1" and queued.cancelled()
+        assert box.run("3").value == "3"  # the reader thread survived the cancelled Future
+    finally:
+        box.close()

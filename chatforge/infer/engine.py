@@ -174,7 +174,8 @@ class Engine:
             # Launch the next step before this one's ids reach the host, so the GPU never waits on Python.
             # Its input is this step's sampled ids, except for rows whose token this step is forced (known
             # already: the queue was filled by an earlier step's tool call); their sampled id is dropped.
-            live = self._wait_for_tools({b: row for b, row in enumerate(rows) if not row.done}, block=True)
+            live = {b: row for b, row in enumerate(rows) if not row.done}
+            self._wait_for_tools(live)  # blocks only while every live row waits
             forced = self._feed_forced(live, static_in)
             self._hold_waiting(live, cache, static_in)
             if scratch:
@@ -192,20 +193,21 @@ class Engine:
             if all(row.done for row in rows):
                 return
 
-    def _wait_for_tools(self, live: dict[int, _Row], block: bool) -> dict[int, _Row]:
-        """Queue the output of every finished tool call; with `block`, when every live row waits, wait
-        for the first call to finish rather than step the GPU for nothing. Returns `live`."""
+    def _wait_for_tools(self, live: dict[int, _Row], timeout: float | None = None) -> bool:
+        """Queue the output of every finished tool call. When every live row waits on one, first wait
+        for a call to finish (up to `timeout`; None: as long as it takes) rather than step the GPU for
+        nothing. Whether any live row can take a step now."""
         pending = [row.tool for row in live.values() if row.tool is not None]
-        if block and pending and len(pending) == len(live):
+        if pending and len(pending) == len(live):
             started = time.perf_counter()
-            wait(pending, return_when=FIRST_COMPLETED)
+            wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
             self.tool_stats["blocked_s"] += time.perf_counter() - started
         for row in live.values():
             if row.tool is not None and row.tool.done():
                 text = row.tool.result().as_text()[:TOOL_OUTPUT_CHARS]
                 row.forced.extend([self.output_start, *self.tokenizer.encode(text), self.output_end])
                 row.tool = None
-        return live
+        return any(row.tool is None for row in live.values())
 
     def _hold_waiting(self, live: dict[int, _Row], cache, static_in: torch.Tensor) -> None:
         """Rows whose tool still runs sit this step out: `<|python_end|>` again at the same position
@@ -386,8 +388,7 @@ class Engine:
         def sample(logits, keys, positions):
             return sample_next(logits, temperature, top_k, top_p, keys=keys, positions=positions)
 
-        fuse = self.compile or (self.device.type == "cuda" and temperature > 0
-                                and os.environ.get("CHATFORGE_COMPILE_SAMPLER", "1") != "0")
+        fuse = self.compile or (self.device.type == "cuda" and temperature > 0)
         return torch.compile(sample, dynamic=False) if fuse else sample
 
     def _forward_fn(self, cache, static_in):

@@ -101,14 +101,14 @@ class Sandbox:
         self.mount_dir: str | None = None
         self.features: dict = {}
         self.unavailable: str | None = "the Python tool is off (CHATFORGE_SANDBOX=off)" if self.mode == "off" else None
-        self.reader: threading.Thread | None = None
         self.closed = False
 
     # ---- the public calls ------------------------------------------------------------------------
 
     def submit(self, code: str, timeout: float = 5.0, memory_mb: int = 256, max_output: int = DEFAULT_MAX_OUTPUT,
                cpu_seconds: int | None = None, file_mb: int = 16) -> Future:
-        """Queue a call; the Future's result is a SandboxResult (never an exception)."""
+        """Queue a call; the Future's result is a SandboxResult (never an exception). Cancelling the
+        Future before the call is sent drops it."""
         future: Future = Future()
         data = code.encode("utf-8", "surrogatepass")
         if len(data) > MAX_CODE_BYTES:
@@ -119,18 +119,14 @@ class Sandbox:
         # the CPU limit is a backstop a second past the wall-clock one: a busy loop meets the wall first
         cpu = cpu_seconds if cpu_seconds is not None else math.ceil(timeout) + 1
         with self.lock:
-            if self.unavailable is None and self.proc is not None and self.proc.poll() is not None:
-                self._restart("the sandbox helper died")
-            if self.unavailable is None and self.proc is None:
-                self._start()
+            self._ensure_started()
             if self.unavailable is not None:
                 future.set_result(SandboxResult(False, "", None, f"ToolUnavailable: {self.unavailable}"))
                 return future
             call_id = next(self.ids)
             header = {"id": call_id, "timeout": float(timeout), "cpu_seconds": int(cpu),
                       "memory_bytes": int(memory_mb) << 20, "file_bytes": int(file_mb) << 20,
-                      "disk_bytes": 2 * (int(file_mb) << 20), "max_output": max_output, "max_value": max_output,
-                      "nonce": secrets.token_hex(16)}
+                      "max_output": max_output, "nonce": secrets.token_hex(16)}
             head = json.dumps(header).encode()
             self.waiting.append((call_id, len(head).to_bytes(4, "little") + head + data, future, float(timeout)))
             self._send_waiting()
@@ -145,6 +141,13 @@ class Sandbox:
             self._stop("the sandbox was closed")
 
     # ---- the helper's life -----------------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        """A live helper, or `unavailable` saying why there is none. Holds the lock."""
+        if self.unavailable is None and self.proc is not None and self.proc.poll() is not None:
+            self._restart("the sandbox helper died")
+        if self.unavailable is None and self.proc is None:
+            self._start()
 
     def _start(self) -> None:
         """Start a helper and wait for its first message (ready, or why not). Holds the lock."""
@@ -181,9 +184,7 @@ class Sandbox:
                                 "to run it without that boundary (only on a machine you are willing to lose)")
             _say_once(self.unavailable)
             return
-        self.reader = threading.Thread(target=self._read, args=(ours, self.proc), daemon=True,
-                                       name="chatforge-sandbox")
-        self.reader.start()
+        threading.Thread(target=self._read, args=(ours, self.proc), daemon=True, name="chatforge-sandbox").start()
 
     def _stop(self, why: str) -> None:
         """Kill the helper and every call it runs; their Futures get an error result. Holds the lock."""
@@ -204,11 +205,14 @@ class Sandbox:
         self.in_flight.clear()
         self.waiting.clear()
         for future in failed:
-            future.set_result(SandboxResult(False, "", None, f"RuntimeError: {why}; the call was dropped"))
+            if not future.done():  # a queued call may have been cancelled
+                future.set_result(SandboxResult(False, "", None, f"RuntimeError: {why}; the call was dropped"))
 
     def _send_waiting(self) -> None:
         while self.waiting and len(self.in_flight) < self.max_parallel and self.sock is not None:
             call_id, message, future, timeout = self.waiting.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while it waited (a released row): never sent
             self.in_flight[call_id] = (future, time.monotonic() + timeout + self.answer_slack)
             try:
                 self.sock.send(message)
@@ -300,8 +304,7 @@ def sandbox_status() -> tuple[bool, str]:
     """(whether the tool runs here, a line that says how or why not), starting the helper if needed."""
     box = shared()
     with box.lock:
-        if box.unavailable is None and box.proc is None:
-            box._start()
+        box._ensure_started()
         if box.unavailable is not None:
             return False, box.unavailable
         f = box.features

@@ -214,7 +214,7 @@ ARCH = platform.machine()
 # ---- the helper ------------------------------------------------------------------------------------
 
 
-def enter_namespaces(mount_point: str) -> None:
+def enter_namespaces() -> None:
     """Network, IPC, UTS and mount namespaces for the helper and everything it forks."""
     flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
     uid, gid = os.getuid(), os.getgid()
@@ -228,7 +228,6 @@ def enter_namespaces(mount_point: str) -> None:
     # mounts made by the keepers must never reach the host's mount table
     check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
     libc.sethostname(b"sandbox", 7)
-    os.stat(mount_point)
 
 
 def features(mode: str) -> dict:
@@ -262,7 +261,7 @@ def helper_main() -> None:
     info = features(mode)
     if mode == "confined" and "reason" not in info:
         try:
-            enter_namespaces(mount_point)
+            enter_namespaces()
         except OSError as exc:
             info["reason"] = f"cannot create namespaces ({exc})"
     sock.send(json.dumps({"ready": "reason" not in info, **info}).encode())
@@ -461,7 +460,7 @@ def runner(mode, info, work, seccomp, req_r, out_w, res_w, life_r):
     except BaseException as exc:  # a half-confined process must never run the code
         os.write(2, f"sandbox setup failed: {exc}\n".encode())
         os._exit(1)
-    execute(bytes(request[4 + hlen:]).decode("utf-8", "surrogatepass"), header["nonce"], header["max_value"],
+    execute(bytes(request[4 + hlen:]).decode("utf-8", "surrogatepass"), header["nonce"], header["max_output"],
             work)
 
 

@@ -27,8 +27,6 @@ keyed by row and position), so a seeded request gets the same tokens here as alo
 from __future__ import annotations
 
 import random
-import time
-from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
@@ -110,14 +108,8 @@ class DecodeSession:
             return []
         e = self.engine
         live = {i: row for i, row in enumerate(self.rows) if row is not None}  # the slots copied below
-        pending = [row.tool for row in live.values() if row.tool is not None]
-        if len(pending) == len(live):  # every row waits for a tool: give it a moment, then let the caller admit
-            started = time.perf_counter()
-            wait(pending, timeout=TOOL_POLL, return_when=FIRST_COMPLETED)
-            e.tool_stats["blocked_s"] += time.perf_counter() - started
-            if not any(f.done() for f in pending):
-                return []
-        e._wait_for_tools(live, block=False)
+        if not e._wait_for_tools(live, timeout=TOOL_POLL):  # every row still waits: let the caller admit
+            return []
         self.host_ids.copy_(self.next_ids, non_blocking=self.cuda)
         if self.cuda:
             self.arrived.record()

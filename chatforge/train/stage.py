@@ -219,7 +219,7 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, plan:
     throughput = loop.Throughput(plan.tokens_per_step or 0, model.estimate_flops(), loop.peak_flops(rt.device),
                                  rt.world_size)
     val_history = [tuple(p) for p in meta.get("val_loss_history", [])]
-    facts = {"last_loss": meta.get("metrics", {}).get("train_loss"), "checkpoint": last_checkpoint}
+    last_loss = meta.get("metrics", {}).get("train_loss")
     progress = Progress(n, stage, unit="step", initial=start_step, warmup=throughput.skip_steps)
 
     def speed() -> dict:
@@ -236,31 +236,32 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, plan:
             progress.report()
 
     def save_at(at: int) -> None:
-        facts["checkpoint"] = save(
+        nonlocal last_checkpoint
+        last_checkpoint = save(
             stage, start["tag"], at, model, optimizer, tokenizer, args, loader_state=plan.loader_state(),
-            metrics={"train_loss": facts["last_loss"], **({"val_loss": val_history[-1][1]} if val_history else {})},
+            metrics={"train_loss": last_loss, **({"val_loss": val_history[-1][1]} if val_history else {})},
             extra={"num_iterations": n, "run_id": logger.run_id, "val_loss_history": val_history,
                    "source": start["source"], "settings": start["source_settings"]})
 
     def take_step(at: int) -> None:
+        nonlocal last_loss
         sched = loop.apply_schedules(optimizer, at, plan.schedule)
-        facts["last_loss"], seconds = loop.optimizer_step(train_model, model, optimizer, plan.batches,
-                                                          plan.accum_steps, rt, at, facts["checkpoint"],
-                                                          accumulate=plan.accumulate)
+        last_loss, seconds = loop.optimizer_step(train_model, model, optimizer, plan.batches, plan.accum_steps,
+                                                 rt, at, last_checkpoint, accumulate=plan.accumulate)
         throughput.record(seconds)
-        logger.log(at + 1, train_loss=facts["last_loss"], lr_multiplier=sched["lr_multiplier"], **speed(),
+        logger.log(at + 1, train_loss=last_loss, lr_multiplier=sched["lr_multiplier"], **speed(),
                    eta_s=round(throughput.eta_seconds(n - at - 1)), **loop.memory_stats(rt.device))
-        progress.update(1, **loop.progress_fields(facts["last_loss"], throughput if plan.tokens_per_step else None))
+        progress.update(1, **loop.progress_fields(last_loss, throughput if plan.tokens_per_step else None))
 
     run_steps(start_step, n, take_step, evals=[(args.eval_every, validate)], save_every=args.save_every,
               save_at=save_at)
     progress.close()
     logger.close()
     return {"stage": stage, "tag": start["tag"], "source": start["source"], "parameters": model.num_params(),
-            "num_iterations": n, "world_size": rt.world_size, "final_train_loss": facts["last_loss"],
+            "num_iterations": n, "world_size": rt.world_size, "final_train_loss": last_loss,
             "final_val_loss": val_history[-1][1] if val_history else None, "val_loss_history": val_history,
             **speed(), **loop.memory_stats(rt.device), "resumed_from_step": start_step or None,
-            "checkpoint": facts["checkpoint"], "run_id": logger.run_id}
+            "checkpoint": last_checkpoint, "run_id": logger.run_id}
 
 
 LOSS_REASONS = {"final_train_loss": "no step ran in this run", "final_val_loss": "no validation ran in this run"}
