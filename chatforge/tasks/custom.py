@@ -11,8 +11,10 @@ line number and the field at fault; the file is only rejected when no valid line
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
+import random
 from pathlib import Path
 
 from chatforge.conversation import validate_conversation
@@ -90,3 +92,23 @@ class CustomJSON(Task):
 
     def get_example(self, index: int) -> dict:
         return self.conversations[index]
+
+    def held_out(self, count: int, seed: int) -> tuple[CustomJSON, CustomJSON]:
+        """(training lines, the lines of `count` distinct conversations held out), drawn by `seed`. A
+        conversation written on several lines is held out with all its copies, so no held-out line is
+        also a training line."""
+        copies: dict[str, list[int]] = {}
+        for i, conversation in enumerate(self.conversations):
+            copies.setdefault(json.dumps(conversation, sort_keys=True), []).append(i)
+        groups = list(copies.values())
+        random.Random(seed).shuffle(groups)
+        held = {i for group in groups[:count] for i in group}
+        train, val = copy.copy(self), copy.copy(self)
+        train.conversations = [c for i, c in enumerate(self.conversations) if i not in held]
+        val.conversations = [c for i, c in enumerate(self.conversations) if i in held]
+        val.name = f"{self.name} (held out)"
+        return train, val
+
+    def distinct(self) -> int:
+        """How many different conversations the file holds."""
+        return len({json.dumps(c, sort_keys=True) for c in self.conversations})

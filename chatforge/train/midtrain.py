@@ -7,8 +7,8 @@
 The mixture (each task in tasks/): SmolTalk (general chat), MMLU's auxiliary train set (multiple
 choice; with a local --data-dir that lacks it, MMLU dev + validation instead), GSM8K train (its
 calculator notes as python tool calls), SpellingBee with and without the tool, identity conversations
-about this very model (twice), and any `--extra` JSONL files (twice). `--mixture extra` trains on the
---extra files alone.
+about this very model (twice; `--name NAME` is what they call it), and any `--extra` JSONL files
+(twice). `--mixture extra` trains on the --extra files alone, validated on lines held out of them.
 
 Conversations are rendered with `render_conversation` and packed like pretraining (best fit, bos-led,
 `data/conversations.ConversationCorpus` through the pretraining loader). Every token is a target, as
@@ -46,7 +46,7 @@ from chatforge.tasks.gsm8k import GSM8K
 from chatforge.tasks.mmlu import MMLU
 from chatforge.tasks.smoltalk import SmolTalk
 from chatforge.tasks.spelling import SpellingBee
-from chatforge.train import loop, stage
+from chatforge.train import extra_plan, loop, stage
 
 STAGE = "mid"
 
@@ -67,14 +67,15 @@ def mmlu_train(data_dir):
 
 
 def mid_mixture(args, model):
-    """(train mixture, validation conversations)."""
+    """(train mixture, validation conversations or None)."""
     extras = stage.extra_tasks(args)
-    if args.mixture == "extra":
-        return TaskMixture(extras, seed=args.seed), TaskMixture(extras, seed=args.seed)
+    if args.mixture == "extra":  # validated on held-out lines, never on training lines
+        train, val = extra_plan.hold_out(extras, args.seed)
+        return TaskMixture(train, seed=args.seed), TaskMixture(val, seed=args.seed) if val else None
     tasks = [SmolTalk("train", args.data_dir), mmlu_train(args.data_dir), GSM8K("train", args.data_dir),
              SpellingBee(size=40_000, use_tool=True, stop=20_000),
              SpellingBee(size=40_000, use_tool=False, start=20_000),
-             stage.identity_task(model, 1000, args.seed)] + extras
+             stage.identity_task(model, 1000, args.seed, args.name)] + extras
     weights = [1.0] * 5 + [2.0] + [2.0] * len(extras)
     return TaskMixture(tasks, weights, seed=args.seed), SmolTalk("test", args.data_dir)
 
@@ -92,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     stage.check_stage_arguments(args)
+    args.mixture = args.mixture or "full"
     return stage.run_main(args, _midtrain, f"with --device-batch-size {args.device_batch_size}; "
                                            "lower it (gradient accumulation keeps the total batch)")
 
@@ -112,8 +114,8 @@ def _midtrain(args: argparse.Namespace, rt) -> dict:
     accum = total // per_micro
 
     train_set, val_set = mid_mixture(args, model)
-    corpus = ConversationCorpus({"train": train_set, "val": val_set}, tokenizer, f"midtraining mixture ({len(train_set):,} "
-                                                                            "conversations)")
+    splits = {"train": train_set, **({"val": val_set} if val_set is not None else {})}
+    corpus = ConversationCorpus(splits, tokenizer, f"midtraining mixture ({len(train_set):,} conversations)")
     if args.num_iterations is None:
         tokens = estimate_tokens(train_set, tokenizer, seed=args.seed)
         args.num_iterations = max(1, round((args.epochs or 1.0) * tokens / total))
@@ -140,8 +142,8 @@ def _midtrain(args: argparse.Namespace, rt) -> dict:
             val_loader.close()
 
     schedule = loop.Schedule(args.num_iterations, warmdown_ratio=args.warmdown_ratio, final_lr_frac=0.0)
-    plan = stage.StepPlan(args.num_iterations, iter(train_loader), loop.accumulate_gradients, accum, total, val_loss,
-                          train_loader.state_dict, schedule)
+    plan = stage.StepPlan(args.num_iterations, iter(train_loader), loop.accumulate_gradients, accum, total,
+                          val_loss if val_set is not None else None, train_loader.state_dict, schedule)
     try:
         summary = stage.train_steps(STAGE, args, rt, start, optimizer, train_model, plan)
     finally:

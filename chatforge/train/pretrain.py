@@ -43,7 +43,7 @@ import torch
 from chatforge import paths, runtime
 from chatforge.data.corpus import open_corpus
 from chatforge.data.loader import PackedLoader
-from chatforge.errors import UsageError
+from chatforge.errors import DownloadError, UsageError
 from chatforge.eval import core
 from chatforge.eval.bpb import evaluate_bpb
 from chatforge.eval.samples import greedy_samples
@@ -259,10 +259,6 @@ def _train(args: argparse.Namespace, rt) -> dict:
         # its threads must be gone before interpreter exit (see data/loader.py), and now, not at exit
         train_loader.close()
     progress.close()
-    core_result = final_core(args, rt, tokenizer) if args.core_max_per_task else None
-    if core_result is not None:
-        logger.log(num_iterations, core=core_result["core"])
-    logger.close()
 
     summary = {
         "stage": STAGE, "tag": args.tag, "depth": args.depth, "parameters": model.num_params(),
@@ -271,8 +267,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
         "final_train_loss": last_loss,
         "final_val_bpb": bpb_history[-1][1] if bpb_history else None,
         "min_val_bpb": min(b for _, b in bpb_history) if bpb_history else None,
-        "val_bpb_history": bpb_history, "core": core_result and core_result["core"],
-        "core_tasks": core_result and {k: v["centered"] for k, v in core_result["tasks"].items()},
+        "val_bpb_history": bpb_history, "core": None, "core_tasks": None,
         "flops_per_token": flops_per_token, **throughput.summary(),
         **loop.memory_stats(rt.device), "wall_time_s": round(time.time() - started, 1),
         "resumed_from_step": start_step or None, "checkpoint": last_checkpoint,
@@ -281,10 +276,23 @@ def _train(args: argparse.Namespace, rt) -> dict:
     reasons = {"final_val_bpb": "--eval-every 0" if args.eval_every <= 0 else "no eval step ran in this run",
                "min_val_bpb": "--eval-every 0" if args.eval_every <= 0 else "no eval step ran in this run",
                "core": "--core-max-per-task 0; `chatforge eval base` runs CORE"}
-    core_text = f", CORE {summary['core']:.4f}" if summary["core"] is not None else ""
-    stage.write_summary(STAGE, args.tag, "pretrain.json", summary, rt, reasons,
-                        f"final train loss {format_figure(last_loss, 'no step ran')}, val bpb "
-                        f"{format_figure(summary['final_val_bpb'], reasons['final_val_bpb'])}{core_text}")
+    # the checkpoint is saved; the summary too, before the optional CORE eval that may take long or fail
+    path = stage.write_summary(STAGE, args.tag, "pretrain.json", summary, rt, reasons,
+                               f"final train loss {format_figure(last_loss, 'no step ran')}, val bpb "
+                               f"{format_figure(summary['final_val_bpb'], reasons['final_val_bpb'])}")
+    if args.core_max_per_task:
+        try:
+            core_result = final_core(args, rt, tokenizer)
+        except DownloadError as exc:  # offline without a local bundle: the run stands without CORE
+            reasons["core"] = f"the CORE bundle is not here and cannot be downloaded ({exc})"
+            print0(f"CORE skipped: {reasons['core']}")
+        else:
+            logger.log(num_iterations, core=core_result["core"])
+            summary.update(core=core_result["core"],
+                           core_tasks={k: v["centered"] for k, v in core_result["tasks"].items()})
+        stage.write_summary(STAGE, args.tag, "pretrain.json", summary, rt, reasons, "", quiet=True)
+        print0(f"CORE {format_figure(summary['core'], 'skipped')}: {path} updated")
+    logger.close()
     return summary
 
 

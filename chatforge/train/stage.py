@@ -47,7 +47,7 @@ from chatforge.progress import (
 )
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
 from chatforge.tasks.custom import CustomJSON
-from chatforge.tasks.identity import Identity, facts_from_model
+from chatforge.tasks.identity import Identity, IdentityFacts, facts_from_model
 from chatforge.train import loop
 
 LR_KEYS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
@@ -103,6 +103,9 @@ def start_model(stage: str, args: argparse.Namespace, rt) -> dict:
     """For a stage that starts from another stage's checkpoint (--source/--tag/--step): the model with
     its weights (this stage's own checkpoint when resuming), config, tokenizer, tag, the resumed
     checkpoint (or None), and the source's settings and base learning rates."""
+    if args.source == "mid" and not checkpoint.list_tags("mid"):  # the usual first-hour surprise: base only
+        raise CheckpointError(f"no mid checkpoints under {paths.stage_checkpoints_dir('mid')}; run `chatforge "
+                              "midtrain` first, or pass --source base to fine-tune the base model directly")
     tag, source_step, source_folder = checkpoint.resolve(args.source, args.tag, args.step)
     args.tag = tag
     source_meta = checkpoint.read_meta(source_folder)
@@ -118,6 +121,9 @@ def start_model(stage: str, args: argparse.Namespace, rt) -> dict:
         source = checkpoint.load(args.source, tag, source_step, device=rt.device, max_seq_len=args.max_seq_len)
         model, tokenizer = source.model, source.tokenizer
     model.train()
+    # the name a model was given carries on to the stages after it unless --name says otherwise
+    args.name = args.name or (resume.meta.get("name") if resume else None) or source_meta.get("name") \
+        or IdentityFacts.name
     settings = source_meta.get("settings") or {}
     base_lrs = {k: settings[k] for k in LR_KEYS if settings.get(k) is not None}
     print0(f"start: {args.source}/{tag} step {source_step} | {model.num_params():,} parameters | context "
@@ -130,7 +136,7 @@ def start_model(stage: str, args: argparse.Namespace, rt) -> dict:
 # Stages that fine-tune a checkpoint on conversations (midtrain, sft)
 
 def add_stage_arguments(parser: argparse.ArgumentParser, stage: str, source: str, init_lr_frac: float,
-                        warmdown_ratio: float, eval_every: int) -> None:
+                        warmdown_ratio: float, eval_every: int, init_lr_help: str = "") -> None:
     """The flags of a stage that fine-tunes a checkpoint on conversations (midtrain, sft)."""
     parser.add_argument("--source", default=source, choices=("base", "mid", "sft", "rl"),
                         help=f"stage to start from (default {source})")
@@ -145,13 +151,16 @@ def add_stage_arguments(parser: argparse.ArgumentParser, stage: str, source: str
     data = parser.add_argument_group("data")
     data.add_argument("--extra", action="append", default=[], metavar="PATH",
                       help="a JSONL file of conversations to add (repeatable); see chatforge/tasks/custom.py")
-    data.add_argument("--mixture", choices=("full", "extra"), default="full",
-                      help="full: the stage's task mixture plus --extra; extra: the --extra files alone")
+    data.add_argument("--mixture", choices=("full", "extra"), default=None,
+                      help="full (default): the stage's task mixture plus --extra; extra: the --extra files alone")
+    data.add_argument("--name", default=None,
+                      help="the model's name in the identity conversations (default: the source checkpoint's, "
+                           f"else {IdentityFacts.name})")
     data.add_argument("--data-dir", default=None,
                       help="local folder with the task files (default $CHATFORGE_DATA_DIR, else download)")
     sched = parser.add_argument_group("schedule")
     sched.add_argument("--init-lr-frac", type=float, default=init_lr_frac,
-                       help=f"learning rates as a fraction of the base run's (default {init_lr_frac})")
+                       help=init_lr_help or f"learning rates as a fraction of the base run's (default {init_lr_frac})")
     sched.add_argument("--warmdown-ratio", type=float, default=warmdown_ratio,
                        help=f"fraction of steps of the final linear LR decay to 0 (default {warmdown_ratio})")
     run = parser.add_argument_group("evaluation, checkpoints, logging")
@@ -170,7 +179,7 @@ def check_stage_arguments(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     if args.epochs is not None and args.epochs <= 0:
         raise UsageError(f"--epochs must be positive, got {args.epochs}")
-    if not 0 < args.init_lr_frac <= 10:
+    if args.init_lr_frac is not None and not 0 < args.init_lr_frac <= 10:
         raise UsageError(f"--init-lr-frac must be in (0, 10], got {args.init_lr_frac}")
     if not 0 <= args.warmdown_ratio <= 1:
         raise UsageError(f"--warmdown-ratio must be between 0 and 1, got {args.warmdown_ratio}")
@@ -182,8 +191,8 @@ def extra_tasks(args) -> list:
     return [CustomJSON(path) for path in args.extra]
 
 
-def identity_task(model, size: int, seed: int):
-    return Identity(size, facts_from_model(model.config.to_dict(), model.num_params()), seed=seed)
+def identity_task(model, size: int, seed: int, name: str):
+    return Identity(size, facts_from_model(model.config.to_dict(), model.num_params(), name=name), seed=seed)
 
 
 def make_optimizer(model, base_lrs: dict, init_lr_frac: float):
@@ -202,7 +211,7 @@ class StepPlan:
     accumulate: Callable                 # loop.accumulate_gradients or accumulate_masked_gradients
     accum_steps: int
     tokens_per_step: int | None          # None: rows vary in length, no tokens/s or MFU
-    val_loss: Callable[[], float]
+    val_loss: Callable[[], float] | None  # None: no validation set
     loader_state: Callable[[], dict]
     schedule: loop.Schedule
 
@@ -241,7 +250,7 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, plan:
             stage, start["tag"], at, model, optimizer, tokenizer, args, loader_state=plan.loader_state(),
             metrics={"train_loss": last_loss, **({"val_loss": val_history[-1][1]} if val_history else {})},
             extra={"num_iterations": n, "run_id": logger.run_id, "val_loss_history": val_history,
-                   "source": start["source"], "settings": start["source_settings"]})
+                   "source": start["source"], "settings": start["source_settings"], "name": args.name})
 
     def take_step(at: int) -> None:
         nonlocal last_loss
@@ -253,8 +262,8 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, plan:
                    eta_s=round(throughput.eta_seconds(n - at - 1)), **loop.memory_stats(rt.device))
         progress.update(1, **loop.progress_fields(last_loss, throughput if plan.tokens_per_step else None))
 
-    run_steps(start_step, n, take_step, evals=[(args.eval_every, validate)], save_every=args.save_every,
-              save_at=save_at)
+    run_steps(start_step, n, take_step, evals=[(args.eval_every, validate)] if plan.val_loss else [],
+              save_every=args.save_every, save_at=save_at)
     progress.close()
     logger.close()
     return {"stage": stage, "tag": start["tag"], "source": start["source"], "parameters": model.num_params(),
@@ -267,11 +276,11 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, plan:
 LOSS_REASONS = {"final_train_loss": "no step ran in this run", "final_val_loss": "no validation ran in this run"}
 
 
-def write_loss_summary(stage: str, tag: str, name: str, summary: dict, rt) -> Path:
+def write_loss_summary(stage: str, tag: str, name: str, summary: dict, rt, quiet: bool = False) -> Path:
     """A conversation stage's summary, closing on its final losses."""
     closing = (f"final train loss {format_figure(summary.get('final_train_loss'), LOSS_REASONS['final_train_loss'])}, "
                f"val loss {format_figure(summary.get('final_val_loss'), LOSS_REASONS['final_val_loss'])}")
-    return write_summary(stage, tag, name, summary, rt, LOSS_REASONS, closing)
+    return write_summary(stage, tag, name, summary, rt, LOSS_REASONS, closing, quiet)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,14 +295,17 @@ def save(stage: str, tag: str, step: int, model, optimizer, tokenizer, args: arg
     return str(folder)
 
 
-def write_summary(stage: str, tag: str, name: str, summary: dict, rt, reasons: dict, closing: str) -> Path:
+def write_summary(stage: str, tag: str, name: str, summary: dict, rt, reasons: dict, closing: str,
+                  quiet: bool = False) -> Path:
     """eval/<stage>/<tag>/<name>: the run's summary with its provenance; figures it could not measure
-    say why (`reasons`) instead of being None. Prints `done in ...: <closing>; summary in <path>`."""
+    say why (`reasons`) instead of being None. Prints `done in ...: <closing>; summary in <path>`
+    unless `quiet` (a summary written again with a final eval's results)."""
     path = paths.eval_dir(stage, tag, create=False) / name
     summary["not_measured"] = not_measured({k: summary.get(k) for k in reasons}, reasons)
     if rt.is_main:
         paths.atomic_write_text(path, json.dumps({**summary, **provenance()}, indent=2, default=str))
-        print0(f"done in {format_duration(summary['wall_time_s'])}: {closing}; summary in {path}")
+        if not quiet:
+            print0(f"done in {format_duration(summary['wall_time_s'])}: {closing}; summary in {path}")
     return path
 
 
