@@ -53,3 +53,16 @@ def test_system_message_allowed_and_validated():
     assert validate_training_conversation(conv) is conv
     with pytest.raises(DataError, match="message 0: field 'content' is empty"):
         validate_training_conversation({"messages": [{"role": "system", "content": ""}, *GOOD["messages"]]})
+
+
+def test_held_out_lines_are_never_training_lines_even_when_repeated(tmp_path):
+    convs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+             for i in range(10)]
+    task = CustomJSON(write(tmp_path / "c.jsonl", convs + convs[:3]))  # three conversations written twice
+    assert task.distinct() == 10
+    train, held = task.held_out(4, seed=1)
+    train_lines = {json.dumps(c, sort_keys=True) for c in train}
+    held_lines = [json.dumps(c, sort_keys=True) for c in held]
+    assert len(set(held_lines)) == 4 and not train_lines & set(held_lines)
+    assert len(train) + len(held) == 13 and len(train_lines) == 6
+    assert [list(t) for t in task.held_out(4, seed=1)] == [list(train), list(held)]  # the seed decides

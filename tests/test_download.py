@@ -184,3 +184,12 @@ def test_cli_stage_with_url_env_and_data_dir(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2
     assert "shard_00001.parquet" in capsys.readouterr().err
     assert not (paths.data_dir("climbmix") / "shard_00001.parquet").exists()
+
+
+def test_a_host_that_does_not_resolve_fails_at_once_not_after_the_retries(tmp_path):
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="host name does not resolve"):
+        download.download_file("http://hub.invalid/x.parquet", tmp_path / "x.parquet", backoff=10.0)
+    assert time.monotonic() - started < 5  # five attempts would have slept 10 + 20 + 40 + 80 s

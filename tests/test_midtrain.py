@@ -2,7 +2,9 @@
 
 import argparse
 import itertools
+import json
 import math
+import re
 import shutil
 from collections import Counter
 
@@ -24,10 +26,13 @@ def test_real_mixture_proportions_and_determinism(shared_data, tmp_path):
     extra = str(write_extra(tmp_path / "facts.jsonl"))
     parser = argparse.ArgumentParser()
     midtrain.add_arguments(parser)
-    args = parser.parse_args(["--data-dir", str(shared_data), "--extra", extra])
+    args = parser.parse_args(["--data-dir", str(shared_data), "--extra", extra, "--name", "Zed"])
     model = torch.nn.Linear(1, 1)
     model.config, model.num_params = argparse.Namespace(to_dict=lambda: {"n_layer": 2}), lambda: 1000
     mix, val = midtrain.mid_mixture(args, model)
+    identity = json.dumps(list(mix.tasks[5]))
+    # --name is what they call the model; chatforge remains only as the project that trained it
+    assert identity.count("Zed") > 500 and not re.search(r"(I'm|name is|talking to) chatforge", identity)
     counts = Counter(t for t, _ in mix.index)
     sizes = [len(task) for task in mix.tasks]
     # each task appears weight x its size: 1 pass of the sources, 2 of identity and of --extra

@@ -17,6 +17,7 @@ import torch
 
 from chatforge import paths
 from chatforge.errors import CheckpointError, TrainingDiverged, UsageError
+from chatforge.eval import core
 from chatforge.model import checkpoint
 from chatforge.progress import read_metrics
 from chatforge.tokenizer import Tokenizer
@@ -195,6 +196,16 @@ def test_core_at_the_end_on_the_real_bundle(corpus, shared_data):
                               "--eval-bundle", str(shared_data / "eval" / "core")))
     assert summary["core_tasks"] and len(summary["core_tasks"]) >= 20
     assert summary["core"] == pytest.approx(sum(summary["core_tasks"].values()) / len(summary["core_tasks"]))
+
+
+def test_core_whose_bundle_is_unreachable_is_skipped_after_the_summary_is_written(corpus, monkeypatch):
+    monkeypatch.delenv(core.BUNDLE_ENV, raising=False)
+    monkeypatch.setenv(core.BUNDLE_URL_ENV, "http://hub.invalid/eval_bundle.zip")  # offline, even where online
+    summary = run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--core-max-per-task", "2",
+                              "--tag", "t"))
+    written = json.loads((paths.eval_dir("base", "t") / "pretrain.json").read_text())
+    assert summary["core"] is None and written["checkpoint"] == summary["checkpoint"]
+    assert "cannot be downloaded" in written["not_measured"]["core"]
 
 
 def test_epochs_sets_the_steps_from_the_train_split(corpus):

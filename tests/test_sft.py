@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import re
+from collections import Counter
 
 import pytest
 import torch
@@ -9,11 +11,12 @@ import torch
 from chatforge import paths
 from chatforge.conversation import render_conversation, render_for_completion
 from chatforge.data.conversations import SFTBatches
-from chatforge.errors import UsageError
+from chatforge.errors import CheckpointError, UsageError
+from chatforge.model import checkpoint
 from chatforge.model.checkpoint import save_checkpoint
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.tokenizer import Tokenizer
-from chatforge.train import midtrain, sft
+from chatforge.train import midtrain, sft, stage
 
 FACTS = [
     ("What is your name?", "My name is Forge."),
@@ -114,3 +117,61 @@ def test_tiny_pipeline_base_mid_sft_answers_from_training_set(tmp_path):
         result = engine.generate_batch([prompt], max_tokens=30, temperature=0.0)[0]
         assert result.tokens[-1] == tok.special_id("<|assistant_end|>")
         assert tok.decode(result.tokens[:-1]) == answer
+
+
+OFFLINE = {"CHATFORGE_HUB_URL": "http://hub.invalid", "CHATFORGE_EVAL_BUNDLE_URL": "http://hub.invalid/b.zip"}
+
+
+def go_offline(monkeypatch):
+    """No task data and no network: a hub that does not resolve fails at once, even where there is one."""
+    monkeypatch.delenv("CHATFORGE_DATA_DIR", raising=False)
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_sft_without_mid_checkpoints_points_at_source_base():
+    tiny_base()
+    with pytest.raises(CheckpointError, match=r"run `chatforge midtrain` first, or pass --source base"):
+        run_stage(sft, ["--device", "cpu"])
+
+
+def test_name_reaches_the_identity_conversations_and_the_stages_after(tmp_path, monkeypatch):
+    go_offline(monkeypatch)
+    tiny_base()
+    extra = str(write_extra(tmp_path / "facts.jsonl"))
+    run_stage(midtrain, ["--extra", extra, "--mixture", "extra", "--name", "Zed", "--num-iterations", "1",
+                         "--device-batch-size", "4", "--device", "cpu", "--tag", "t"])
+    assert checkpoint.read_meta(checkpoint.resolve("mid", "t")[2])["name"] == "Zed"
+    # sft from that mid checkpoint, without --name: the model keeps its name
+    run_stage(sft, ["--extra", extra, "--num-iterations", "1", "--device-batch-size", "4", "--device", "cpu",
+                    "--eval-max-problems", "0", "--tag", "t"])
+    assert checkpoint.read_meta(checkpoint.resolve("sft", "t")[2])["name"] == "Zed"
+
+    parser = argparse.ArgumentParser()
+    sft.add_arguments(parser)
+    args = parser.parse_args(["--extra", extra, "--name", "Zed"])
+    args.mixture = "full"
+    model = checkpoint.load("base", "t").model
+    train, val = sft.sft_mixture(args, model, stage.extra_tasks(args), sized=True)
+    identity = json.dumps([list(task) for task in train.tasks if task.name == "Identity"])
+    assert identity.count("Zed") > 200 and not re.search(r"(I'm|name is|talking to) chatforge", identity)
+    # offline the data sets are left out; the four facts (too few to hold any out) are 3/4 of the run
+    counts = Counter(type(train.tasks[t]).__name__ for t, _ in train.index)
+    assert {"ARC", "GSM8K", "SmolTalk"}.isdisjoint(counts) and val is None
+    assert counts["CustomJSON"] == len(train) - sum(n for k, n in counts.items() if k != "CustomJSON")
+    assert 0.7 < counts["CustomJSON"] / len(train) < 0.8 and len(train) >= 60 * args.examples_per_step
+
+
+def test_sft_finishes_and_keeps_its_checkpoint_when_eval_data_is_unreachable(tmp_path, monkeypatch):
+    go_offline(monkeypatch)
+    tiny_base()
+    extra = str(write_extra(tmp_path / "facts.jsonl", [(f"{q} ({i})", a) for i in range(3) for q, a in FACTS]))
+    out = run_stage(sft, ["--source", "base", "--extra", extra, "--mixture", "extra", "--num-iterations", "2",
+                          "--device-batch-size", "4", "--device", "cpu", "--tag", "t",
+                          "--eval-tasks", "ARC-Easy,SpellingBee", "--eval-max-problems", "2",
+                          "--eval-max-new-tokens", "4"])
+    assert checkpoint.resolve("sft", "t")[1] == 2
+    summary = json.loads((paths.eval_dir("sft", "t") / "sft.json").read_text())
+    assert "cannot be downloaded" in summary["chat_eval"]["skipped"]["ARC-Easy"]
+    assert set(summary["chat_eval"]["tasks"]) == {"SpellingBee"} and "without ARC-Easy" in summary["chat_eval"]["note"]
+    assert summary["final_val_loss"] == out["final_val_loss"] is not None  # on the held-out line

@@ -104,3 +104,21 @@ def test_local_copy_without_the_preset_corpus_is_refused(chatforge_home, tmp_pat
     (tmp_path / "eval").mkdir()
     with pytest.raises(UsageError, match="pretrain/docs"):
         speedrun.main(parse(["--preset", "demo", "--data-dir", str(tmp_path)]))
+
+
+def test_name_goes_to_midtrain_and_sft_and_into_the_offline_conversations(chatforge_home):
+    plan = {s.name: s for s in speedrun.build_plan("tiny", speedrun.PRESETS["tiny"], LOCAL, rl=False,
+                                                   model_name="Zed")}
+    for stage in ("midtrain", "sft"):
+        assert plan[stage].argv[plan[stage].argv.index("--name") + 1] == "Zed"
+    assert "--name" not in plan["pretrain"].argv
+    unnamed = speedrun.build_plan("tiny", speedrun.PRESETS["tiny"], LOCAL, rl=False)
+    assert not any("--name" in s.argv for s in unnamed)  # the argv of runs without a name is unchanged
+
+    offline = speedrun.Sources("offline", [], None, None, ["--mixture", "extra", "--extra", "/x/conversations.jsonl"],
+                               ["SpellingBee"], [], [])
+    named = speedrun.with_model_name(offline, "Zed")
+    path = named.mixture_args[named.mixture_args.index("--extra") + 1]
+    text = open(path).read()
+    assert "I'm Zed" in text and "I'm chatforge" not in text
+    assert speedrun.with_model_name(offline, None) is offline and speedrun.with_model_name(LOCAL, "Zed") is LOCAL

@@ -191,8 +191,10 @@ def extra_tasks(args) -> list:
     return [CustomJSON(path) for path in args.extra]
 
 
-def identity_task(model, size: int, seed: int, name: str):
-    return Identity(size, facts_from_model(model.config.to_dict(), model.num_params(), name=name), seed=seed)
+def identity_task(model, size: int, seed: int, name: str | None):
+    """Conversations about the model itself, which call it `name` (default chatforge)."""
+    facts = facts_from_model(model.config.to_dict(), model.num_params(), name=name or IdentityFacts.name)
+    return Identity(size, facts, seed=seed)
 
 
 def make_optimizer(model, base_lrs: dict, init_lr_frac: float):
