@@ -15,7 +15,8 @@ small file (at most SMALL_FILE conversations, all --extra files together) sizes 
 A larger file is a data set, and the stage's usual recipe applies. Either way the validation loss is
 measured on lines held out of the --extra files (a tenth, at most MAX_HELD_OUT), never on training
 lines; a file with fewer than MIN_LINES_TO_HOLD_OUT distinct conversations holds none out and says
-so. A flag given explicitly (--num-iterations or --epochs, --init-lr-frac, --mixture) wins.
+so. Flags given explicitly win: --num-iterations or --epochs (the steps), --init-lr-frac, and
+--mixture full (SFT's usual recipe); --mixture extra keeps the sizing, with the file alone.
 """
 
 from __future__ import annotations

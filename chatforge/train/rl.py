@@ -336,7 +336,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
             metrics={k_: v for k_, v in record.items() if k_ != "rank0_questions"},
             extra={"num_iterations": num_iterations, "examples_per_step": E, "num_samples": k, "seed": args.seed,
                    "source": source_info, "run_id": logger.run_id, "eval_history": eval_history,
-                   "reward_history": reward_history})
+                   "reward_history": reward_history, "name": meta.get("name")})  # the name SFT taught
 
     def take_step(step: int) -> None:
         """Questions, rollouts and rewards, then the policy-gradient update."""

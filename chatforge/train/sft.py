@@ -128,8 +128,7 @@ def main(args: argparse.Namespace) -> dict:
 def _sft(args: argparse.Namespace, rt) -> dict:
     started = time.time()
     extras = stage.extra_tasks(args)  # read before the model: a small file sizes the run
-    sized = extra_plan.is_small(extras)
-    weights_sized = sized and args.mixture is None  # --mixture given: its own weights
+    sized = extra_plan.is_small(extras) and args.mixture != "full"  # --mixture full: SFT's usual recipe
     args.mixture = args.mixture or "full"
     if args.init_lr_frac is None:
         args.init_lr_frac = extra_plan.SMALL_FILE_LR_FRAC if sized else INIT_LR_FRAC
@@ -142,12 +141,12 @@ def _sft(args: argparse.Namespace, rt) -> dict:
         raise UsageError(f"--examples-per-step {args.examples_per_step} is not a multiple of --device-batch-size x "
                          f"ranks ({device_batch} x {rt.world_size})")
     accum = args.examples_per_step // per_micro
-    train_set, val_set = sft_mixture(args, model, extras, weights_sized or (sized and args.mixture == "extra"))
+    train_set, val_set = sft_mixture(args, model, extras, sized)
     if args.num_iterations is None:
         args.num_iterations = max(1, round((args.epochs or 1.0) * len(train_set) / args.examples_per_step))
     if sized:
         print0(f"--extra: {args.num_iterations:,} steps at learning rates x{args.init_lr_frac:g} of the base run's "
-               "(a short run needs full-size steps; --num-iterations, --epochs, --init-lr-frac and --mixture "
+               "(a short run needs full-size steps; --num-iterations, --init-lr-frac or --mixture full "
                "override these)")
     print0(f"sft: {len(train_set):,} conversations | {accum} micro-step(s) of {device_batch} rows per rank | "
            f"{args.examples_per_step} conversations per step | {args.num_iterations:,} steps")

@@ -152,7 +152,8 @@ def add_stage_arguments(parser: argparse.ArgumentParser, stage: str, source: str
     data.add_argument("--extra", action="append", default=[], metavar="PATH",
                       help="a JSONL file of conversations to add (repeatable); see chatforge/tasks/custom.py")
     data.add_argument("--mixture", choices=("full", "extra"), default=None,
-                      help="full (default): the stage's task mixture plus --extra; extra: the --extra files alone")
+                      help="full: the stage's task mixture plus --extra (by default sft sizes the run around a small "
+                           "--extra file instead); extra: the --extra files alone")
     data.add_argument("--name", default=None,
                       help="the model's name in the identity conversations (default: the source checkpoint's, "
                            f"else {IdentityFacts.name})")
