@@ -1,7 +1,7 @@
 """`chatforge speedrun`: every stage in order for a preset, resumable after a crash.
 
     chatforge speedrun                                  # the demo: a tiny model on a laptop CPU
-    chatforge speedrun --preset demo --data-dir ../shared/data
+    chatforge speedrun --preset demo --data-dir DIR      # your data folder (layout below)
     chatforge speedrun --preset d20 --rl                # nanochat's "$100" class run, one 8-GPU node
 
 The pipeline is nothing but the stages run one after another, each a `chatforge <stage> ...` child
@@ -21,7 +21,7 @@ With several local GPUs, training and evaluation stages run under
 `torchrun --standalone --nproc_per_node=N -m chatforge <stage> ...`; with one or none, as one process.
 
 Where the data comes from (the `data` stage decides once and records it in data.done):
-1. `--data-dir DIR` (or $CHATFORGE_DATA_DIR): local copies laid out like ../shared/data
+1. `--data-dir DIR` (or $CHATFORGE_DATA_DIR): your data folder, laid out like the sources
    (pretrain/<corpus>, eval/core, eval/{gsm8k,mmlu,arc,humaneval}, chat/);
 2. else a download of the preset's pretraining shards (the other stages download their own data);
 3. else, with no network (or `--offline`): the standard library's docstrings as the corpus,
@@ -51,6 +51,7 @@ from chatforge.tasks import EVAL_TASK_DATA, EVAL_TASKS
 CHAT_TASKS = EVAL_TASKS
 CHAT_TASK_DATA = {name: folder for name, folder in EVAL_TASK_DATA.items() if folder}
 STOP_ENV = "CHATFORGE_SPEEDRUN_STOP_AFTER"
+DATA_LAYOUT = "pretrain/<corpus>, eval/core, eval/<task>, chat/"
 STAGES = ("data", "tokenizer", "tokenizer-eval", "pretrain", "eval-base", "midtrain", "eval-mid", "sft",
           "eval-sft", "rl", "eval-rl", "report")
 
@@ -81,12 +82,12 @@ PRESETS: dict[str, Preset] = {
         pretrain=["--depth", "4", "--head-dim", "64", "--max-seq-len", "256", "--device-batch-size", "8",
                   "--total-batch-size", "2048", "--num-iterations", "250", "--eval-every", "50",
                   "--eval-tokens", "32768", "--sample-every", "125", "--save-every", "50"],
-        eval_base=["--max-per-task", "16", "--eval-tokens", "32768", "--device-batch-size", "8"],
+        eval_base=["--max-problems", "16", "--eval-tokens", "32768", "--device-batch-size", "8"],
         midtrain=["--num-iterations", "60", "--device-batch-size", "8", "--save-every", "20"],
         sft=["--num-iterations", "40", "--device-batch-size", "8", "--save-every", "20"],
         eval_chat=["--max-problems", "8", "--max-new-tokens", "48"],
         rl=["--num-iterations", "10", "--examples-per-step", "4", "--num-samples", "4",
-            "--max-new-tokens", "48", "--eval-examples", "8", "--save-every", "5"]),
+            "--max-new-tokens", "48", "--max-problems", "8", "--save-every", "5"]),
     # The demo shrunk for CI (two shared cores, a few minutes): same stages, toy sizes.
     "tiny": Preset(
         description="the demo at toy size, for tests and CI (a few minutes on 2 cores)",
@@ -95,13 +96,13 @@ PRESETS: dict[str, Preset] = {
         pretrain=["--depth", "2", "--head-dim", "32", "--max-seq-len", "128", "--device-batch-size", "4",
                   "--total-batch-size", "512", "--num-iterations", "20", "--eval-every", "10",
                   "--eval-tokens", "2048", "--sample-every", "20", "--save-every", "10"],
-        eval_base=["--max-per-task", "2", "--eval-tokens", "2048", "--device-batch-size", "4",
-                   "--core-tasks", "copa,piqa,arc_easy,boolq"],
+        eval_base=["--max-problems", "2", "--eval-tokens", "2048", "--device-batch-size", "4",
+                   "--tasks", "copa,piqa,arc_easy,boolq"],
         midtrain=["--num-iterations", "6", "--device-batch-size", "4", "--save-every", "3"],
         sft=["--num-iterations", "6", "--device-batch-size", "4", "--save-every", "3"],
         eval_chat=["--max-problems", "2", "--max-new-tokens", "12"],
         rl=["--num-iterations", "2", "--examples-per-step", "2", "--num-samples", "2",
-            "--max-new-tokens", "12", "--eval-examples", "2", "--eval-every", "0"]),
+            "--max-new-tokens", "12", "--max-problems", "2", "--eval-every", "0"]),
     # nanochat's "$100" class run for one 8xH100 node (~4 hours there): depth 20 with the dial's
     # token budget (10.5 tokens per non-embedding parameter, about 5B tokens), 240 FineWeb-Edu shards
     # (as nanochat; about twice what the budget reads); full CORE and chat evals.
@@ -174,14 +175,15 @@ def resolve_sources(preset: Preset, data_dir: str | None, offline: bool) -> Sour
 
 def _local_sources(preset: Preset, root: Path) -> Sources:
     if not root.is_dir():
-        raise UsageError(f"--data-dir {root} is not a folder; point it at a copy laid out like ../shared/data")
+        raise UsageError(f"--data-dir {root} is not a folder; point it at a folder laid out as "
+                         f"{DATA_LAYOUT}")
     notes = [f"data from local copies under {root}"]
     corpus = root / "pretrain" / preset.local_corpus
     if not corpus.exists():
         raise UsageError(f"--data-dir {root} has no pretrain/{preset.local_corpus}; the {preset.local_corpus} "
                          "corpus is what this preset trains on")
     if preset.local_corpus == "fineweb-edu":  # parquet shards: copy them where `pretrain` reads them
-        if _chatforge(["data", "download", "-n", str(preset.shards), "--data-dir", str(root / "pretrain")]):
+        if _chatforge(["data", "download", "-n", str(preset.shards), "--from", str(root / "pretrain")]):
             raise ChatforgeError(f"copying shards from {corpus} failed (see above)")
         corpus_args = []
     else:
@@ -277,7 +279,7 @@ def build_plan(name: str, preset: Preset, src: Sources, rl: bool) -> list[Stage]
     mixture = [*tasks, *src.mixture_args]
     eval_base = ["eval", "base", "--source", "base", *tag, *src.corpus_args, *preset.eval_base]
     if src.eval_bundle:
-        eval_base += ["--eval-bundle", src.eval_bundle]
+        eval_base += ["--data-dir", src.eval_bundle]
     elif src.mode == "offline":
         eval_base += ["--skip", "core"]
     chat_tasks = ["-a", ",".join(src.chat_tasks)]
@@ -297,7 +299,7 @@ def build_plan(name: str, preset: Preset, src: Sources, rl: bool) -> list[Stage]
               [f"eval/mid/{name}/midtrain.json"], distributed=True, requires="chatforge.train.midtrain"),
         eval_chat("mid"),
         # the eval-sft stage runs the chat suite, so SFT's own end-of-run eval is switched off
-        Stage("sft", ["sft", "--source", "mid", *tag, "--resume", *mixture, "--eval-max-problems", "0",
+        Stage("sft", ["sft", "--source", "mid", *tag, "--resume", *mixture, "--max-problems", "0",
                       *preset.sft], [f"eval/sft/{name}/sft.json"], distributed=True, requires="chatforge.train.sft"),
         eval_chat("sft"),
     ]
@@ -369,7 +371,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS),
                         help="demo (default: laptop CPU), tiny (CI), d20 (8xH100, ~4 h), gpt2 (FP8, CORE 0.2565)")
     parser.add_argument("--data-dir", default=os.environ.get("CHATFORGE_DATA_DIR"),
-                        help="local copies laid out like ../shared/data (default: $CHATFORGE_DATA_DIR, else download)")
+                        help=f"your data folder ({DATA_LAYOUT}; default: $CHATFORGE_DATA_DIR, else download)")
     parser.add_argument("--offline", action="store_true",
                         help="use the data that needs no network (stdlib corpus, generated conversations)")
     parser.add_argument("--rl", action="store_true", help="also run RL on GSM8K after SFT, and evaluate it")

@@ -8,9 +8,9 @@ from chatforge.bench.train import add_arguments, main
 def test_bench_train_runs_a_toy_on_cpu(capsys):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--depth", "2", "--seq-len", "32", "--batch-size", "2", "--vocab-size", "256",
+    args = parser.parse_args(["--depth", "2", "--max-seq-len", "32", "--batch-size", "2", "--vocab-size", "256",
                               "--head-dim", "32", "--window-pattern", "SL", "--steps", "2", "--warmup", "1",
-                              "--no-compile", "--device", "cpu"])
+                              "--compile", "off", "--device", "cpu"])
     result = main(args)
     assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["peak_memory_gib"] is None
     assert 0 < result["loss"] < 20

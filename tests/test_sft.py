@@ -104,7 +104,7 @@ def test_tiny_pipeline_base_mid_sft_answers_from_training_set(tmp_path):
     assert mid["num_iterations"] == 30 and mid["final_val_loss"] is not None
     assert (paths.eval_dir("mid", "t") / "midtrain.json").is_file()
     out = run_stage(sft, common + ["--num-iterations", "150", "--device-batch-size", "4", "--examples-per-step", "4",
-                                   "--init-lr-frac", "1.0", "--eval-every", "0", "--eval-max-problems", "0"])
+                                   "--init-lr-frac", "1.0", "--eval-every", "0", "--max-problems", "0"])
     assert out["final_train_loss"] < 0.1, out["final_train_loss"]
     engine = Engine.from_checkpoint("sft", "t", device="cpu")
     tok = engine.tokenizer

@@ -30,7 +30,7 @@ def test_every_preset_runs_the_stages_in_order(name):
         if stage.name in ("pretrain", "midtrain", "sft", "rl"):
             assert "--resume" in stage.argv and stage.argv[stage.argv.index("--tag") + 1] == name
     by_name = {s.name: s for s in plan}
-    assert "--eval-bundle" in by_name["eval-base"].argv
+    assert "--data-dir" in by_name["eval-base"].argv
     assert by_name["sft"].argv[by_name["sft"].argv.index("--source") + 1] == "mid"
 
 

@@ -3,14 +3,14 @@
 Starts `chatforge serve` (a separate process, so the clients never share its GIL) on a free
 loopback port with a checkpoint from the base directory, then runs --requests streaming chat
 requests from --concurrency client threads at once (each request a different short prompt,
-greedy, --max-tokens long; stop tokens still end a reply, so replies may be shorter). Reported:
+greedy, --max-new-tokens long; stop tokens still end a reply, so replies may be shorter). Reported:
 
 - requests/s: completed requests over the wall time of the whole run;
 - TTFT p50 / p90: from sending a request to its first content chunk (queueing included);
 - latency p50 / p90 and completion tokens/s over all requests (from the usage chunks).
 
-    chatforge bench serve --source sft --concurrency 32 --requests 128 --max-tokens 128
-    chatforge bench serve --device cpu --concurrency 4 --requests 8 --max-tokens 8   # CPU plumbing check
+    chatforge bench serve --source sft --concurrency 32 --requests 128 --max-new-tokens 128
+    chatforge bench serve --device cpu --concurrency 4 --requests 8 --max-new-tokens 8   # CPU plumbing check
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from chatforge.errors import UsageError
+from chatforge.flags import add_flag
 from chatforge.runtime import print0
 
 TOPICS = "the sky,a cat,rivers,prime numbers,bread,the moon,trains,music,chess,rain,maps,bees".split(",")
@@ -37,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="passed to chatforge serve (default: auto)")
     parser.add_argument("--concurrency", type=int, default=32, help="clients streaming at once (default: 32)")
     parser.add_argument("--requests", type=int, default=128, help="requests in all (default: 128)")
-    parser.add_argument("--max-tokens", type=int, default=128, help="reply length cap per request (default: 128)")
+    add_flag(parser, "--max-new-tokens", "--max-tokens", type=int, default=128,
+             help="reply length cap per request (default: 128)")
     parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default: 32)")
     parser.add_argument("--continuous-batching", action="store_true", help="start the server with it")
     parser.add_argument("--start-timeout", type=float, default=300, help="seconds to wait for the server to start")
@@ -112,10 +114,10 @@ def main(args) -> int:
     port = _free_port()
     proc = _start_server(args, port)
     try:
-        _one_request(port, 0, args.max_tokens)  # warm up (CUDA graphs, allocator) outside the timing
+        _one_request(port, 0, args.max_new_tokens)  # warm up (CUDA graphs, allocator) outside the timing
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-            results = list(pool.map(lambda i: _one_request(port, i, args.max_tokens), range(args.requests)))
+            results = list(pool.map(lambda i: _one_request(port, i, args.max_new_tokens), range(args.requests)))
         wall = time.perf_counter() - start
     finally:
         proc.terminate()
@@ -126,7 +128,7 @@ def main(args) -> int:
     ttft = [r["ttft"] for r in results]
     latency = [r["latency"] for r in results]
     tokens = sum(r["tokens"] for r in results)
-    print0(f"bench serve: {args.requests} requests, {args.concurrency} concurrent, max_tokens {args.max_tokens}, "
+    print0(f"bench serve: {args.requests} requests, {args.concurrency} concurrent, max_tokens {args.max_new_tokens}, "
            f"source {args.source}, device {args.device or 'auto'}, max-batch {args.max_batch}, "
            f"continuous batching {'on' if args.continuous_batching else 'off'}")
     print0(f"{'requests/s':>12} {'TTFT p50':>10} {'TTFT p90':>10} {'lat p50':>9} {'lat p90':>9} {'tok/s':>9}")

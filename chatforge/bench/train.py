@@ -7,7 +7,7 @@ H100/H200 SXM): the same definition nanochat's numbers in REFERENCE.md use.
 
     chatforge bench train --depth 20                          # seq 2048, batch 32, vocab 32768
     chatforge bench train --depth 20 --window-pattern SSSL --fp8
-    chatforge bench train --depth 2 --seq-len 64 --batch-size 2 --steps 3 --no-compile   # CPU check
+    chatforge bench train --depth 2 --max-seq-len 64 --batch-size 2 --steps 3 --compile off   # CPU check
     torchrun --nproc_per_node=8 -m chatforge bench train --depth 20                      # sharded optimizer
 """
 
@@ -19,6 +19,7 @@ import time
 import torch
 
 from chatforge.errors import UsageError
+from chatforge.flags import add_compile_flag, add_flag
 from chatforge.model.gpt import GPT
 from chatforge.model.optim import build_optimizer
 from chatforge.model.speedups import prepare_model
@@ -28,15 +29,14 @@ from chatforge.train.loop import peak_flops
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=20, help="model depth (the scaling dial)")
-    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per row")
+    add_flag(parser, "--max-seq-len", "--seq-len", type=int, default=2048, help="tokens per row")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per device per step")
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--head-dim", type=int, default=None, help="attention head size (default 128)")
     parser.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for GQA (default: all)")
     parser.add_argument("--window-pattern", default="L", help="S/L per layer, e.g. SSSL (S = seq_len/4 window)")
     parser.add_argument("--fp8", action="store_true", help="FP8 matmuls in the blocks (sm89/sm90+ GPUs)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="torch.compile the model (CUDA only; default on)")
+    add_compile_flag(parser, "the model", "on; CPU always runs eager")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--profile", action="store_true",
@@ -49,17 +49,17 @@ def main(args: argparse.Namespace) -> dict:
     if args.steps < 1 or args.warmup < 0:
         raise UsageError("--steps must be at least 1 and --warmup at least 0")
     rt = init_runtime(args.device, args.dtype, seed=0)
-    s = derive(args.depth, sequence_len=args.seq_len, vocab_size=args.vocab_size, head_dim=args.head_dim,
+    s = derive(args.depth, sequence_len=args.max_seq_len, vocab_size=args.vocab_size, head_dim=args.head_dim,
                n_kv_head=args.n_kv_head, window_pattern=args.window_pattern, device_batch_size=args.batch_size,
                world_size=rt.world_size)
     with torch.device("meta"):
         model = GPT(s.model_config())
     model.to_empty(device=rt.device)
     model.init_weights()
-    prepare_model(model, rt, compile=args.compile, fp8=args.fp8)
+    prepare_model(model, rt, compile=args.compile != "off", fp8=args.fp8)
     optimizer = build_optimizer(model, **s.optimizer_kwargs())
     gen = torch.Generator(device=rt.device).manual_seed(1234 + rt.rank)
-    tokens = torch.randint(0, s.vocab_size, (args.batch_size, args.seq_len + 1), device=rt.device, generator=gen)
+    tokens = torch.randint(0, s.vocab_size, (args.batch_size, args.max_seq_len + 1), device=rt.device, generator=gen)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def train_step() -> torch.Tensor:
@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    print0(f"bench train: depth {s.depth}, {s.num_params / 1e6:.1f}M params, seq {args.seq_len}, "
+    print0(f"bench train: depth {s.depth}, {s.num_params / 1e6:.1f}M params, seq {args.max_seq_len}, "
            f"batch {args.batch_size}, vocab {s.vocab_size}, window {s.window_pattern}, fp8 {args.fp8}, "
            f"compile {args.compile}; {args.warmup} warmup + {args.steps} timed steps")
     try:
@@ -87,10 +87,10 @@ def main(args: argparse.Namespace) -> dict:
         elapsed = time.perf_counter() - start
     except torch.OutOfMemoryError:
         raise UsageError(f"out of GPU memory at depth {s.depth} with --batch-size {args.batch_size} x "
-                         f"--seq-len {args.seq_len}; lower --batch-size") from None
+                         f"--max-seq-len {args.max_seq_len}; lower --batch-size") from None
 
     step_time = elapsed / args.steps
-    tok_per_s = args.batch_size * args.seq_len / step_time  # per device
+    tok_per_s = args.batch_size * args.max_seq_len / step_time  # per device
     peak = peak_flops(rt.device)
     mfu = s.flops_per_token * tok_per_s / peak if peak else None
     mem = torch.cuda.max_memory_allocated(rt.device) / 2**30 if rt.device.type == "cuda" else None

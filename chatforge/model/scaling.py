@@ -159,11 +159,14 @@ def _budget(depth: int, head_dim: int, sequence_len: int, vocab_size: int, ratio
     return int(ratio * _count(cfg)[1])
 
 
-def derive(depth: int, *, device: str | None = None, data_tokens: int | None = None, **overrides) -> Scaling:
+def derive(depth: int, *, device: str | None = None, data_tokens: int | None = None,
+           given_by: dict[str, str] | None = None, **overrides) -> Scaling:
     """All values for a model of `depth` layers; keyword overrides (None = not given) win over the rules.
 
     `device` is the device type the run trains on ("cuda", "cpu", "mps"; None derives as for CUDA)
     and `data_tokens` the size of the corpus's train split (None: unknown, derived as if unlimited).
+    `given_by` names where an override came from when that is not its flag (pretrain's vocabulary
+    comes from the tokenizer, its world size from torchrun), so the table credits the right source.
     """
     unknown = set(overrides) - set(FLAGS)
     if unknown:
@@ -173,7 +176,7 @@ def derive(depth: int, *, device: str | None = None, data_tokens: int | None = N
 
     def pick(name, rule, value):
         if name in given:
-            src[name] = f"{FLAGS[name]} (given)"
+            src[name] = (given_by or {}).get(name) or f"{FLAGS[name]} (given)"
             return given[name]
         src[name] = rule
         return value

@@ -19,7 +19,7 @@ in one batch, the others wait their turn; a client that disconnects frees its pl
   own, e.g. `chatforge-sft-d20`, or the stable alias `chatforge`, which names whatever this server
   serves, so client code need not change when the checkpoint does), `temperature` [0, 2]
   (default 1; 0 is greedy), `top_p` (0, 1], `top_k` (extension, >= 1), `max_tokens` or
-  `max_completion_tokens` [1, context] (default: --default-max-tokens), `n` [1, --max-n], `seed`,
+  `max_completion_tokens` [1, context] (default: --max-new-tokens), `n` [1, --max-n], `seed`,
   `stop` (a string or up to 4; the reply is cut before it), `stream`, `stream_options.include_usage`,
   `use_tools` (extension, default true: the engine runs the python the model writes).
 - Reply: `choices[i].message.content` is the text, with a tool call and its output shown as fenced
@@ -68,6 +68,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatforge.conversation import render_for_completion, validate_conversation
 from chatforge.errors import ChatforgeError, UsageError
+from chatforge.flags import add_compile_flag, add_flag
 from chatforge.runtime import add_runtime_arguments, print0
 from chatforge.serve.workers import Delta, Job, QueueFull, WorkerPool
 
@@ -547,8 +548,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-chars", type=int, default=32_000, help="longest message, in characters")
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (413 past it)")
     parser.add_argument("--max-n", type=int, default=8, help="most choices (n) in one request")
-    parser.add_argument("--default-max-tokens", type=int, default=512, help="reply length when a request sets none")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA)")
+    add_flag(parser, "--max-new-tokens", "--default-max-tokens", type=int, default=512,
+             help="reply length when a request sets no max_tokens (default: 512)")
+    add_compile_flag(parser, "the decode step", "off (on compiles on CUDA only)")
     add_runtime_arguments(parser)
 
 
@@ -571,12 +573,12 @@ def load_engines(args) -> list:
             raise UsageError(f"--replicas {args.replicas}: only one replica runs on {device.type}")
         devices = [device]
     return [Engine.from_checkpoint(args.source, tag=args.tag, step=args.step, device=d, dtype=args.dtype,
-                                   compile=args.compile) for d in devices]
+                                   compile=args.compile == "on") for d in devices]
 
 
 def check_args(args) -> None:
     for flag in ("max_batch", "max_queue", "max_messages", "max_message_chars", "max_body_bytes", "max_n",
-                 "default_max_tokens"):
+                 "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
     if not 0 <= args.port <= 65535:
@@ -592,7 +594,7 @@ def build_server(args):
     model_id = f"chatforge-{args.source}-{meta.get('tag') or args.tag or 'model'}"
     limits = Limits(context=engine.config.sequence_len, max_messages=args.max_messages,
                     max_message_chars=args.max_message_chars, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
-                    default_max_tokens=args.default_max_tokens)
+                    default_max_tokens=args.max_new_tokens)
     pool = WorkerPool(engines, max_batch=args.max_batch, max_queue=args.max_queue,
                       continuous=args.continuous_batching)
     api_key = args.api_key or os.environ.get("CHATFORGE_API_KEY") or None

@@ -1,7 +1,7 @@
 """`chatforge midtrain`: continue the base model on conversations, so it learns the chat format.
 
     chatforge midtrain                                     # latest base checkpoint, one epoch of the mixture
-    chatforge midtrain --data-dir ../shared/data --num-iterations 500
+    chatforge midtrain --data-dir DIR --num-iterations 500
     torchrun --nproc_per_node=8 -m chatforge midtrain --extra me.jsonl
 
 The mixture (each task in tasks/): SmolTalk (general chat), MMLU's auxiliary train set (multiple
@@ -39,6 +39,7 @@ from chatforge import paths
 from chatforge.data.conversations import ConversationCorpus, estimate_tokens
 from chatforge.data.loader import PackedLoader
 from chatforge.errors import UsageError
+from chatforge.flags import add_compile_flag
 from chatforge.model.speedups import prepare_model
 from chatforge.runtime import print0
 from chatforge.tasks.base import DATA_DIR_ENV, TaskMixture, TaskSequence, _split_files
@@ -86,8 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stage.add_stage_arguments(parser, STAGE, source="base", init_lr_frac=1.0, warmdown_ratio=0.2, eval_every=150)
     parser.add_argument("--total-batch-size", type=int, default=None,
                         help="tokens per optimizer step over all ranks (default: the base run's, if it divides)")
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="torch.compile the model (auto/on: on CUDA; CPU always runs eager)")
+    add_compile_flag(parser, "the model", "on; CPU always runs eager")
 
 
 def main(args: argparse.Namespace) -> dict:

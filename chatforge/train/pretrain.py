@@ -25,7 +25,7 @@ What happens, in order:
    the loader's position, RNG states and the optimizer shards. `--resume` continues from the latest
    complete one and, on CPU, reproduces the uninterrupted run's losses bit for bit. It appends to
    the original run's metrics.jsonl, so steps replayed after a kill appear twice: the later line wins.
-6. At the end (optionally) CORE on a few items per task (--core-max-per-task N), and
+6. At the end (optionally) CORE on a few items per task (--max-problems N), and
    eval/base/<tag>/pretrain.json summarises the run for the report.
 """
 
@@ -47,6 +47,7 @@ from chatforge.errors import UsageError
 from chatforge.eval import core
 from chatforge.eval.bpb import evaluate_bpb
 from chatforge.eval.samples import greedy_samples
+from chatforge.flags import add_compile_flag, add_flag
 from chatforge.model import checkpoint
 from chatforge.model.gpt import GPT
 from chatforge.model.optim import build_optimizer
@@ -65,12 +66,16 @@ PRESETS = {
                   eval_every=100, eval_tokens=8192, sample_every=300, compile="off"),
 }
 
+# the vocabulary comes from the tokenizer and the world size from torchrun, never from flags; the
+# derivation table credits them there, not to a flag pretrain does not have
+FACT_SOURCES = {"vocab_size": "the tokenizer's vocabulary", "world_size": "ranks started by torchrun"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=None, help="number of layers; sets everything else (default 20)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="smoke: a depth-2 model on short rows that learns on CPU in about a minute")
-    # the vocabulary comes from the tokenizer and the world size from torchrun, never from flags
-    add_scaling_arguments(parser, skip=("vocab_size", "world_size"))
+    add_scaling_arguments(parser, skip=tuple(FACT_SOURCES))
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None, help="a text file, a folder of txt/jsonl/parquet, or a glob")
     data.add_argument("--corpus", default="fineweb-edu", help="downloaded corpus to read when --data is not given")
@@ -85,19 +90,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-every", type=int, default=None, help="steps between validation bpb evals (default 250)")
     run.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per eval, at most one pass over the val split (default 10M)")
     run.add_argument("--sample-every", type=int, default=None, help="steps between sample generations (default 2000)")
-    run.add_argument("--core-max-per-task", type=int, default=0,
-                     help="after the last step, CORE with at most N items per task (default 0: skip it; "
-                          "`chatforge eval base` runs the full CORE)")
-    run.add_argument("--eval-bundle", default=None,
-                     help="CORE bundle folder for --core-max-per-task (default: $CHATFORGE_EVAL_BUNDLE, else download)")
+    add_flag(run, "--max-problems", "--core-max-per-task", type=int, default=0,
+             help="after the last step, CORE with at most N items per task (default 0: skip it; "
+                  "`chatforge eval base` runs the full CORE)")
+    add_flag(run, "--data-dir", "--eval-bundle", default=None,
+             help="CORE bundle for --max-problems: its folder, or a data folder holding eval/core "
+                  "(default: $CHATFORGE_EVAL_BUNDLE, else download)")
     run.add_argument("--tag", default=None, help="checkpoint tag (default d<depth>)")
     stage.add_run_arguments(run, "pretrain", save_every=None,
                             save_help="steps between checkpoints (default: only at the end); the last step always saves",
                             seed_help="seed for initialisation",
                             resume_help="continue from the latest complete checkpoint of --tag")
     speed = parser.add_argument_group("speed")
-    speed.add_argument("--compile", choices=("auto", "on", "off"), default=None,
-                       help="torch.compile the model (auto/on: on CUDA; CPU always runs eager)")
+    add_compile_flag(speed, "the model", "on; CPU always runs eager", default=None)
     speed.add_argument("--fp8", action="store_true", help="FP8 matmuls in the blocks (Hopper GPUs)")
     add_runtime_arguments(parser)
 
@@ -120,8 +125,8 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if args.core_max_per_task < 0:
-        raise UsageError(f"--core-max-per-task must be 0 (skip) or positive, got {args.core_max_per_task}")
+    if args.max_problems < 0:
+        raise UsageError(f"--max-problems must be 0 (skip CORE) or positive, got {args.max_problems}")
     if not 0 <= args.warmup_ratio + args.warmdown_ratio <= 1:
         raise UsageError("--warmup-ratio plus --warmdown-ratio must lie between 0 and 1")
     args.tag = paths.safe_name(args.tag or f"d{args.depth}")
@@ -146,13 +151,13 @@ def _train(args: argparse.Namespace, rt) -> dict:
         facts["data_tokens"] = count_train_tokens(corpus, tokenizer, rt)
     else:
         facts["data_tokens"] = estimate_train_tokens(corpus, tokenizer)
-    settings = derive(args.depth, **facts, **overrides_from_args(args))
+    settings = derive(args.depth, **facts, given_by=FACT_SOURCES, **overrides_from_args(args))
     if args.epochs is not None:
         tokens = facts["data_tokens"]
         args.num_iterations = max(1, int(args.epochs * tokens) // settings.total_batch_size)
         print0(f"--epochs {args.epochs:g}: the train split holds {tokens:,} tokens -> {args.num_iterations:,} "
                f"steps of {settings.total_batch_size:,}")
-        settings = derive(args.depth, **facts, **overrides_from_args(args))
+        settings = derive(args.depth, **facts, given_by=FACT_SOURCES, **overrides_from_args(args))
     print0(settings.describe())
     check_fits(settings, rt, fp8=args.fp8)
     config = settings.model_config()
@@ -259,7 +264,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
         # its threads must be gone before interpreter exit (see data/loader.py), and now, not at exit
         train_loader.close()
     progress.close()
-    core_result = final_core(args, rt, tokenizer) if args.core_max_per_task else None
+    core_result = final_core(args, rt, tokenizer) if args.max_problems else None
     if core_result is not None:
         logger.log(num_iterations, core=core_result["core"])
     logger.close()
@@ -280,7 +285,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
     }
     reasons = {"final_val_bpb": "--eval-every 0" if args.eval_every <= 0 else "no eval step ran in this run",
                "min_val_bpb": "--eval-every 0" if args.eval_every <= 0 else "no eval step ran in this run",
-               "core": "--core-max-per-task 0; `chatforge eval base` runs CORE"}
+               "core": "--max-problems 0; `chatforge eval base` runs CORE"}
     core_text = f", CORE {summary['core']:.4f}" if summary["core"] is not None else ""
     stage.write_summary(STAGE, args.tag, "pretrain.json", summary, rt, reasons,
                         f"final train loss {format_figure(last_loss, 'no step ran')}, val bpb "
@@ -290,14 +295,14 @@ def _train(args: argparse.Namespace, rt) -> dict:
 
 def final_core(args: argparse.Namespace, rt, tokenizer) -> dict:
     """CORE of the final checkpoint, rebuilt without compile/FP8 (it scores prompts of every length)."""
-    bundle = core.resolve_bundle(args.eval_bundle)
+    bundle = core.resolve_bundle(args.data_dir)
     loaded = checkpoint.load(STAGE, args.tag, device=rt.device)
     model, meta = loaded.model, loaded.meta
     with rt.autocast():
-        result = core.evaluate_core(model, tokenizer, bundle, rt.device, args.core_max_per_task,
+        result = core.evaluate_core(model, tokenizer, bundle, rt.device, args.max_problems,
                                     model.config.sequence_len, rank=rt.rank, world_size=rt.world_size)
     print0(f"step {meta['step']}: CORE {result['core']:.4f} over {result['num_tasks']} task(s), "
-           f"at most {args.core_max_per_task} items each")
+           f"at most {args.max_problems} items each")
     return result
 
 

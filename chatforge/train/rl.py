@@ -35,7 +35,7 @@ Each step:
    decaying linearly to zero over the run.
 
 Every --eval-every steps (and at the end): pass@1..k (`eval/passk.py`, the unbiased estimator) on the
-first --eval-examples questions of the test split, k from --pass-k. Every step a line with the mean
+first --max-problems questions of the test split, k from --pass-k. Every step a line with the mean
 reward and samples/s (all ranks' sampled replies per second of the whole step, rollout + update),
 the tool calls the rollouts made and the share of rollout time in which every row waited on one,
 plus a metrics.jsonl record. Checkpoints go to checkpoints/rl/<tag>/ every --save-every steps and at
@@ -60,6 +60,7 @@ from chatforge import paths
 from chatforge.conversation import render_for_completion
 from chatforge.errors import UsageError
 from chatforge.eval import passk
+from chatforge.flags import add_flag
 from chatforge.infer.engine import Engine
 from chatforge.infer.reply import response_text
 from chatforge.model import checkpoint
@@ -95,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="learning rates as a fraction of the depth dial's (default 0.05, as nanochat)")
     run = parser.add_argument_group("evaluation, checkpoints, logging")
     run.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evaluations (0: only at the end)")
-    run.add_argument("--eval-examples", type=int, default=400, help="test questions per pass@k evaluation")
+    add_flag(run, "--max-problems", "--eval-examples", type=int, default=400,
+             help="test questions per pass@k evaluation (default 400)")
     run.add_argument("--pass-k", default=None, help="comma-separated k values (default 1,...,--num-samples)")
     stage.add_run_arguments(run, "rl", save_every=60, save_help="steps between checkpoints (the last step always saves)",
                             seed_help="seed for the question order and the samples",
@@ -106,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_arguments(args: argparse.Namespace, world_size: int) -> list[int]:
     """Reject inconsistent flags; returns the pass@k values to report."""
     positive = ("examples_per_step", "num_samples", "max_new_tokens", "rollout_batch_size", "device_batch_size",
-                "eval_examples")
+                "max_problems")
     for name in positive + ("num_iterations",):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -302,7 +304,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
 
     def evaluate(step: int) -> dict:
         n = max(ks)
-        mine = [test_set[i] for i in range(rt.rank, min(args.eval_examples, len(test_set)), W)]
+        mine = [test_set[i] for i in range(rt.rank, min(args.max_problems, len(test_set)), W)]
         model.eval()
         correct = passk.count_correct(engine, tokenizer, mine, reward_task.reward, n, args.max_new_tokens,
                                       args.temperature, top_k, batch_size=max(1, args.rollout_batch_size // n),

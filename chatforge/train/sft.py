@@ -1,7 +1,7 @@
 """`chatforge sft`: supervised fine-tuning on whole conversations; then a quick chat eval.
 
     chatforge sft                                          # latest mid checkpoint, one epoch
-    chatforge sft --extra me.jsonl --eval-max-problems 100
+    chatforge sft --extra me.jsonl --max-problems 100
     torchrun --nproc_per_node=8 -m chatforge sft
 
 Unlike midtraining, each conversation gets its own row (`data/conversations.SFTBatches`): cut to the
@@ -17,8 +17,8 @@ examples than midtraining's), identity conversations, and `--extra` files (twice
 trains on the --extra files alone. A step is --examples-per-step conversations (default 32).
 Learning rates start at 2% of the base run's and decay linearly to zero (nanochat's SFT schedule).
 
-At the end, unless --eval-max-problems is 0, the final checkpoint answers at most N problems of each
---eval-tasks task (eval/chat.py); the scores go into eval/sft/<tag>/chat.json and, with the run's
+At the end, unless --max-problems is 0, the final checkpoint answers at most N problems of each
+--tasks task (eval/chat.py); the scores go into eval/sft/<tag>/chat.json and, with the run's
 facts, eval/sft/<tag>/sft.json. `chatforge eval chat` runs the full suite.
 """
 
@@ -33,6 +33,7 @@ from chatforge import paths
 from chatforge.data.conversations import SFTBatches
 from chatforge.errors import UsageError
 from chatforge.eval import chat
+from chatforge.flags import add_compile_flag, add_flag
 from chatforge.infer.engine import Engine
 from chatforge.model import checkpoint
 from chatforge.model.speedups import prepare_model
@@ -55,14 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stage.add_stage_arguments(parser, STAGE, source="mid", init_lr_frac=0.02, warmdown_ratio=1.0, eval_every=100)
     parser.add_argument("--examples-per-step", type=int, default=32,
                         help="conversations per optimizer step over all ranks (default 32)")
-    parser.add_argument("--compile", choices=("on", "off"), default="off",
-                        help="torch.compile the model (on pads every row to --max-seq-len for fixed shapes; "
-                             "default off: rows vary in length)")
+    add_compile_flag(parser, "the model", "off: rows vary in length (on pads every row to --max-seq-len)")
     ev = parser.add_argument_group("chat eval of the final checkpoint")
-    ev.add_argument("--eval-tasks", default=EVAL_TASKS, help=f"comma-separated tasks (default {EVAL_TASKS})")
-    ev.add_argument("--eval-max-problems", type=int, default=100,
-                    help="at most N problems per task (default 100; 0 skips the eval)")
-    ev.add_argument("--eval-max-new-tokens", type=int, default=256, help="longest generated answer")
+    add_flag(ev, "--tasks", "--eval-tasks", dest="eval_tasks", default=EVAL_TASKS,
+             help=f"comma-separated tasks (default {EVAL_TASKS})")
+    add_flag(ev, "--max-problems", "--eval-max-problems", dest="eval_max_problems", type=int, default=100,
+             help="at most N problems per task (default 100; 0 skips the eval)")
+    add_flag(ev, "--max-new-tokens", "--eval-max-new-tokens", dest="eval_max_new_tokens", type=int, default=256,
+             help="longest generated answer (default 256)")
 
 
 def sft_mixture(args, model):
@@ -82,7 +83,7 @@ def sft_mixture(args, model):
 def main(args: argparse.Namespace) -> dict:
     stage.check_stage_arguments(args)
     if args.examples_per_step < 1 or args.eval_max_problems < 0 or args.eval_max_new_tokens < 1:
-        raise UsageError("--examples-per-step and --eval-max-new-tokens must be positive, --eval-max-problems >= 0")
+        raise UsageError("--examples-per-step and --max-new-tokens must be positive, --max-problems >= 0")
     if args.eval_max_problems:
         args.eval_tasks = ",".join(parse_eval_tasks(args.eval_tasks))
     return stage.run_main(args, _sft, f"with --device-batch-size {args.device_batch_size}; "
