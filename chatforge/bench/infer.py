@@ -144,28 +144,14 @@ def main(args: argparse.Namespace) -> list[dict]:
     for B in sizes:
         prompts = torch.randint(0, engine.tokenizer.first_special, (B, args.prompt_len), generator=gen).tolist()
         try:
-            for i, _ in enumerate(engine.generate(prompts, **kw)):  # warm-up: compile and graph capture
-                if i == 2:
-                    break
-            rt.synchronize()
-            start = time.perf_counter()
-            first = None
-            steps = 0
-            for _ in engine.generate(prompts, **kw):
-                steps += 1
-                if first is None:
-                    first = time.perf_counter()
-            rt.synchronize()
-            end = time.perf_counter()
+            ttft, step_time, steps, total = time_generate(engine, prompts, kw, rt)
         except torch.OutOfMemoryError:
             raise UsageError(f"out of GPU memory at batch {B}; leave it out of --batch-sizes") from None
-        ttft = first - start
-        step_time = (end - first) / (steps - 1)
         gpu_step = _time_decode_step(engine, args.prompt_len) if args.profile and cuda else None
         bytes_per_step = weight_bytes + kv_per_token * B * (args.prompt_len + args.max_new_tokens / 2)
         frac = bytes_per_step / step_time / bandwidth if bandwidth else None
         results.append(dict(batch=B, ttft_s=ttft, decode_ms_per_step=1000 * step_time, tokens_per_s=B / step_time,
-                            end_to_end_tokens_per_s=B * steps / (end - start), bandwidth_fraction=frac,
+                            end_to_end_tokens_per_s=B * steps / total, bandwidth_fraction=frac,
                             depth=s.depth, params=s.num_params, device=device_name, gpu_step_ms=gpu_step))
     print0(f"{device_name}, torch {torch.__version__}")
     print0("| batch | TTFT | decode ms/step | tok/s | tok/s incl. prefill | bandwidth used |")
@@ -178,6 +164,25 @@ def main(args: argparse.Namespace) -> list[dict]:
         print0("decode step on the GPU alone (graph replays back to back, sampling included, no host work): " +
                ", ".join(f"batch {r['batch']} {r['gpu_step_ms']:.2f} ms" for r in results))
     return results
+
+
+def time_generate(engine, prompts: list[list[int]], kw: dict, rt) -> tuple[float, float, int, float]:
+    """(first-token seconds, decode seconds per step, steps, total seconds) of one `generate` call,
+    after a short warm-up call (compile and graph capture stay out of the figures)."""
+    for i, _ in enumerate(engine.generate(prompts, **kw)):
+        if i == 2:
+            break
+    rt.synchronize()
+    start = time.perf_counter()
+    first = None
+    steps = 0
+    for _ in engine.generate(prompts, **kw):
+        steps += 1
+        if first is None:
+            first = time.perf_counter()
+    rt.synchronize()
+    end = time.perf_counter()
+    return first - start, (end - first) / (steps - 1), steps, end - start
 
 
 @torch.inference_mode()

@@ -5,8 +5,9 @@
     chatforge serve --host 0.0.0.0 --cors-origin https://my.site   # reachable from elsewhere
 
 One engine replica per GPU (all visible GPUs unless --replicas), or one on CPU, behind one request
-queue (serve/workers.py): concurrent requests with the same sampling settings are decoded together
-in one batch, the others wait their turn; a client that disconnects frees its place.
+queue (serve/workers.py): concurrent requests with the same sampling settings are decoded together,
+joining the running decode at its next step (--scheduling batch: whole batches), the others wait
+their turn; a client that disconnects frees its place.
 
 ## The API
 
@@ -33,7 +34,8 @@ in one batch, the others wait their turn; a client that disconnects frees its pl
 `GET /v1/models` (and `/v1/models/{id}`): the one model served, listed under both its ids (the
 alias's card names the checkpoint in `root`); replies always carry the checkpoint's id in `model`,
 as OpenAI answers an alias with the snapshot it resolved to. `GET /health`: status, replicas,
-queue length (never needs the key). `GET /`: the web UI (static files, no build step, offline).
+queue length, and `timing`: seconds and counts per phase of the serving path since start, what
+`chatforge bench serve` prints as its breakdown (never needs the key). `GET /`: the web UI (static files, no build step, offline).
 
 Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`:
 400 malformed JSON, a wrong type, a bad role, an empty or too long message, too many messages,
@@ -337,7 +339,7 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits, api_key: str | N
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, "replicas": len(pool.engines), "busy": pool.busy(),
-                "waiting": pool.queue.waiting()}
+                "waiting": pool.queue.waiting(), "timing": pool.timing_report()}
 
     @app.get("/v1/models")
     async def models():
@@ -427,32 +429,56 @@ async def _read_body(request, limit: int) -> bytes:
 
 
 async def _sse(job: Job, request, header: dict, replies: list, usage, include_usage: bool, state: dict):
-    """The streamed reply: OpenAI chunks as server-sent events, ending with [DONE]."""
+    """The streamed reply: OpenAI chunks as server-sent events, ending with [DONE].
+
+    Every delta waiting when the client's turn comes is sent in one event per choice, so a client
+    (or an event loop) that falls behind gets fewer, larger chunks instead of falling further behind."""
+    head = "data: " + json.dumps({**header, "object": "chat.completion.chunk"})[:-1] + ', "choices": '
+    timing = job.loop_timing
+
     def event(choices, **extra) -> str:
-        return "data: " + json.dumps({**header, "object": "chat.completion.chunk", "choices": choices, **extra}) + "\n\n"
+        tail = "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in extra.items())
+        return head + json.dumps(choices) + tail + "}\n\n"
 
     try:
         yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(job.n)])
         finished = 0
         while finished < job.n:
-            delta = await _next_delta(job, request)
-            if delta.error is not None:
+            deltas = [job.queue.get_nowait() if not job.queue.empty() else await _next_delta(job, request)]
+            while not job.queue.empty():
+                deltas.append(job.queue.get_nowait())
+            start = time.perf_counter()
+            failed = next((d.error for d in deltas if d.error is not None), None)
+            if failed is not None:
                 try:
-                    _raise_job_error(delta.error)
+                    _raise_job_error(failed)
                 except ApiError as err:
                     yield "data: " + json.dumps(err.body()) + "\n\n"
                 break
-            if delta.pieces:
-                for piece in delta.pieces:
-                    replies[delta.choice].add(piece)
-                yield event([{"index": delta.choice, "logprobs": None, "finish_reason": None,
-                              "delta": {"content": "".join(p.shown for p in delta.pieces),
-                                        "chatforge_pieces": [_piece_json(p) for p in delta.pieces]}}])
-            if delta.finish_reason:
+            pieces: dict[int, list] = {}
+            ends = []
+            for delta in deltas:
+                pieces.setdefault(delta.choice, []).extend(delta.pieces)
+                if delta.finish_reason:
+                    ends.append(delta)
+            out = []
+            for choice, chosen in pieces.items():
+                if not chosen:
+                    continue
+                for piece in chosen:
+                    replies[choice].add(piece)
+                out.append(event([{"index": choice, "logprobs": None, "finish_reason": None,
+                                   "delta": {"content": "".join(p.shown for p in chosen),
+                                             "chatforge_pieces": [_piece_json(p) for p in chosen]}}]))
+            for delta in ends:
                 finished += 1
-                yield event([{"index": delta.choice, "delta": {}, "logprobs": None,
-                              "finish_reason": delta.finish_reason}])
+                out.append(event([{"index": delta.choice, "delta": {}, "logprobs": None,
+                                   "finish_reason": delta.finish_reason}]))
+            if timing is not None:
+                timing.add("SSE chunks (event loop)", time.perf_counter() - start, len(out))
+            if out:
+                yield "".join(out)
         if include_usage:
             yield event([], usage=usage())
         if "content" in state:
@@ -540,9 +566,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-content", action="store_true", help="also log the messages and replies")
     parser.add_argument("--replicas", type=int, default=None, help="engine replicas (default: one per GPU, or 1)")
     parser.add_argument("--max-batch", type=int, default=32, help="most prompts decoded together per replica")
-    parser.add_argument("--continuous-batching", action="store_true",
-                        help="requests join the running decode at the next step instead of waiting for its "
-                             "batch to end (CPU-tested; opt-in until measured on a GPU)")
+    parser.add_argument("--scheduling", choices=("continuous", "batch"), default="continuous",
+                        help="continuous (default): requests join the running decode at the next step, long "
+                             "prompts are prefilled in chunks between steps; batch: whole batches run to the end")
+    parser.add_argument("--continuous-batching", dest="scheduling", action="store_const", const="continuous",
+                        help=argparse.SUPPRESS)  # the default now; kept so older command lines still run
+    parser.add_argument("--no-continuous-batching", dest="scheduling", action="store_const", const="batch",
+                        help="the same as --scheduling batch")
     parser.add_argument("--max-queue", type=int, default=256, help="most waiting requests before 429s")
     parser.add_argument("--max-messages", type=int, default=256, help="most messages in one request")
     parser.add_argument("--max-message-chars", type=int, default=32_000, help="longest message, in characters")
@@ -596,7 +626,7 @@ def build_server(args):
                     max_message_chars=args.max_message_chars, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                     default_max_tokens=args.max_new_tokens)
     pool = WorkerPool(engines, max_batch=args.max_batch, max_queue=args.max_queue,
-                      continuous=args.continuous_batching)
+                      continuous=args.scheduling == "continuous")
     api_key = args.api_key or os.environ.get("CHATFORGE_API_KEY") or None
     app = create_app(pool, model_id, limits, api_key=api_key, cors_origins=args.cors_origin,
                      log_content=args.log_content)
