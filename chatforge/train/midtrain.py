@@ -21,7 +21,8 @@ a user turn or a tool output, so learning to predict them costs nothing at infer
 
 Learning rates are the base run's (stored in its checkpoint) times --init-lr-frac (default 1.0),
 constant, then a linear warmdown over the last 20% of the steps to zero. The total batch defaults to
-the base run's. Checkpoints go to checkpoints/mid/<tag>/ (tag: the source's by default), with the
+the base run's; the micro-batch to `auto` (on CUDA the largest power of two that fits, found by
+trying real steps: `train/autobatch.py`; off CUDA the base run's). Checkpoints go to checkpoints/mid/<tag>/ (tag: the source's by default), with the
 loader's exact position for `--resume`; eval/mid/<tag>/midtrain.json summarises the run.
 
 The scaffolding (start or resume, the step loop, checkpoints, the summary) is `train/stage.py`'s.

@@ -15,7 +15,10 @@ What happens, in order:
    whose memory floor exceeds the device's free memory is refused here, before any allocation.
 2. The tokenizer (`chatforge tokenizer train`), the corpus (`--data` or the downloaded shards) and a
    rank-sharded, BOS-aligned packed loader are opened; the model is built and initialised and the
-   Muon+AdamW optimizer created (it shards itself across ranks, so there is no DDP wrapper).
+   Muon+AdamW optimizer created (it shards itself across ranks, so there is no DDP wrapper). On CUDA
+   `--device-batch-size auto` (the default) then tries real steps of the compiled model to pick the
+   largest power-of-two micro-batch that fits (`train/autobatch.py`); the total batch was fixed
+   before it, so only the accumulation steps change. The table is printed once that is known.
 3. Each step runs `accum` micro-batches per rank so that all ranks together fill the total batch
    (`train/loop.py`), then one optimizer step under the warmup/constant/warmdown schedule.
 4. Every --eval-every steps: validation bits per byte (`eval/bpb.py`); every --sample-every steps:

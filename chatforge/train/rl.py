@@ -327,9 +327,9 @@ def _train(args: argparse.Namespace, rt) -> dict:
         ids = render_for_completion(tokenizer, conversation)
         return ids[-prompt_room:]
 
-    auto_batches(args, rt, model, rollout_model, tokenizer, optimizer, [prompt_of(c) for c in train_set]
-                 if rt.device.type == "cuda" and autobatch.AUTO in (args.device_batch_size, args.rollout_batch_size)
-                 else [])
+    searching = rt.device.type == "cuda" and autobatch.AUTO in (args.device_batch_size, args.rollout_batch_size)
+    auto_batches(args, rt, model, rollout_model, tokenizer, optimizer,
+                 [prompt_of(train_set[i]) for i in range(num_questions)] if searching else [])
     engine = Engine(rollout_model, tokenizer)
     questions_per_call = max(1, args.rollout_batch_size // k)
 

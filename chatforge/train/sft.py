@@ -14,7 +14,9 @@ step over all ranks, not a mean of per-micro-batch means.
 The mixture is smaller and cleaner than midtraining's (nanochat's recipe): ARC-Easy and
 ARC-Challenge train, GSM8K train with tool calls, 10k SmolTalk conversations, SpellingBee (other
 examples than midtraining's), identity conversations, and `--extra` files (twice); `--mixture extra`
-trains on the --extra files alone. A step is --examples-per-step conversations (default 32).
+trains on the --extra files alone. A step is --examples-per-step conversations (default 32), in
+micro-batches of --device-batch-size rows: `auto` (the default) tries real steps of full-context rows
+on CUDA and keeps the largest power of two that fits (`train/autobatch.py`); off CUDA 4.
 Learning rates start at 2% of the base run's and decay linearly to zero (nanochat's SFT schedule).
 
 At the end, unless --eval-max-problems is 0, the final checkpoint answers at most N problems of each
