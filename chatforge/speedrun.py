@@ -116,8 +116,10 @@ PRESETS: dict[str, Preset] = {
     #   eval base  ~1 min    CORE on every local task (20 of 22), 100 items each; bpb on 1M val tokens
     #   midtrain   ~1 min    100 steps of the base run's 131,072-token batch (13M tokens)
     #   sft        ~1 min    200 steps of 32 conversations (eager: rows vary in length)
-    #   eval chat  ~1.5 min  all six tasks, 100 problems each, on the SFT model only
-    #   rl         ~1 min    5 steps of 16 GSM8K questions x 8 samples; pass@k on 64 test questions
+    #   eval chat  ~1.5 min  all six tasks, 100 problems each, on the SFT model only; 32 problems a
+    #                        generate call and replies of at most 256 tokens keep it short
+    #   rl         ~1 min    5 steps of 16 GSM8K questions x 8 samples; pass@1..8 at the end on 32
+    #                        test questions (tool calls make that eval slow: a separate issue)
     "gpu1": Preset(
         description="every stage at real settings (depth 12, seq 2048, compile, bf16) on one GPU, ~9 minutes",
         local_corpus="*/shard_*.parquet", shards=1,  # without --data-dir: one FineWeb-Edu shard
@@ -127,9 +129,9 @@ PRESETS: dict[str, Preset] = {
         eval_base=["--max-per-task", "100", "--eval-tokens", "1048576"],
         midtrain=["--num-iterations", "100", "--compile", "on", "--eval-every", "50", "--eval-steps", "8"],
         sft=["--num-iterations", "200", "--eval-every", "100", "--eval-steps", "8"],
-        eval_chat=["--max-problems", "100"],
+        eval_chat=["--max-problems", "100", "--batch-size", "32", "--max-new-tokens", "256"],
         rl=["--num-iterations", "5", "--examples-per-step", "16", "--num-samples", "8",
-            "--max-new-tokens", "256", "--eval-examples", "64", "--eval-every", "0"],
+            "--max-new-tokens", "256", "--eval-examples", "32", "--eval-every", "0"],
         chat_evals=("sft",), rl_by_default=True),
     # nanochat's "$100" class run for one 8xH100 node (~4 hours there): depth 20 with the dial's
     # token budget (10.5 tokens per non-embedding parameter: 477M x 10.5 = 5.0B tokens) in 9,555
