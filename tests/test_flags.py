@@ -126,7 +126,7 @@ def _sample_value(action: argparse.Action) -> list[str]:
         return []
     if action.choices:
         return [next(str(c) for c in action.choices if c != action.default)]
-    if action.type is int:
+    if action.type is int or getattr(action.type, "__name__", "") == "batch_size_arg":
         return ["3"]
     if action.type is float:
         return ["0.5"]

@@ -8,6 +8,7 @@ H100/H200 SXM): the same definition nanochat's numbers in REFERENCE.md use.
     chatforge bench train --depth 20                          # seq 2048, batch 32, vocab 32768
     chatforge bench train --depth 20 --window-pattern SSSL --fp8
     chatforge bench train --depth 2 --max-seq-len 64 --batch-size 2 --steps 3 --compile off   # CPU check
+    chatforge bench train --depth 20 --device-batch-size auto --memory-limit-gb 24      # as on a 24 GB card
     torchrun --nproc_per_node=8 -m chatforge bench train --depth 20                      # sharded optimizer
 """
 
@@ -25,12 +26,16 @@ from chatforge.model.optim import build_optimizer
 from chatforge.model.speedups import prepare_model
 from chatforge.model.scaling import derive
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0, shutdown
+from chatforge.train import autobatch
 from chatforge.train.loop import peak_flops
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=20, help="model depth (the scaling dial)")
     add_flag(parser, "--max-seq-len", "--seq-len", type=int, default=2048, help="tokens per row")
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per device per step")
+    add_flag(parser, "--device-batch-size", "--batch-size", dest="batch_size", type=autobatch.batch_size_arg,
+             default=32, help="rows per device per step, or 'auto': the largest power of two that fits "
+                              "(as pretraining picks it at this depth; train/autobatch.py)")
+    autobatch.add_memory_limit_argument(parser)
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--head-dim", type=int, default=None, help="attention head size (default 128)")
     parser.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for GQA (default: all)")
@@ -49,15 +54,23 @@ def main(args: argparse.Namespace) -> dict:
     if args.steps < 1 or args.warmup < 0:
         raise UsageError("--steps must be at least 1 and --warmup at least 0")
     rt = init_runtime(args.device, args.dtype, seed=0)
+    cap = autobatch.apply_memory_limit(args.memory_limit_gb, rt.device)
+    auto = args.batch_size == autobatch.AUTO
     s = derive(args.depth, sequence_len=args.max_seq_len, vocab_size=args.vocab_size, head_dim=args.head_dim,
-               n_kv_head=args.n_kv_head, window_pattern=args.window_pattern, device_batch_size=args.batch_size,
-               world_size=rt.world_size)
+               n_kv_head=args.n_kv_head, window_pattern=args.window_pattern,
+               device_batch_size=1 if auto else args.batch_size, world_size=rt.world_size)
     with torch.device("meta"):
         model = GPT(s.model_config())
     model.to_empty(device=rt.device)
     model.init_weights()
     prepare_model(model, rt, compile=args.compile != "off", fp8=args.fp8)
     optimizer = build_optimizer(model, **s.optimizer_kwargs())
+    why = "given"
+    if auto:  # the micro-batch pretraining would pick for this depth's total batch
+        args.batch_size, why = autobatch.resolve(
+            autobatch.AUTO, s.total_batch_size // (args.max_seq_len * rt.world_size), rt,
+            lambda: autobatch.training_trial(model, model, rt, args.max_seq_len, s.vocab_size,
+                                             optimizer.pending_state_bytes()), 32, cap)
     gen = torch.Generator(device=rt.device).manual_seed(1234 + rt.rank)
     tokens = torch.randint(0, s.vocab_size, (args.batch_size, args.max_seq_len + 1), device=rt.device, generator=gen)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -71,7 +84,7 @@ def main(args: argparse.Namespace) -> dict:
         return loss.detach()
 
     print0(f"bench train: depth {s.depth}, {s.num_params / 1e6:.1f}M params, seq {args.max_seq_len}, "
-           f"batch {args.batch_size}, vocab {s.vocab_size}, window {s.window_pattern}, fp8 {args.fp8}, "
+           f"batch {args.batch_size} ({why}), vocab {s.vocab_size}, window {s.window_pattern}, fp8 {args.fp8}, "
            f"compile {args.compile}; {args.warmup} warmup + {args.steps} timed steps")
     try:
         if rt.device.type == "cuda":
@@ -95,6 +108,7 @@ def main(args: argparse.Namespace) -> dict:
     mfu = s.flops_per_token * tok_per_s / peak if peak else None
     mem = torch.cuda.max_memory_allocated(rt.device) / 2**30 if rt.device.type == "cuda" else None
     result = dict(depth=s.depth, params=s.num_params, window_pattern=s.window_pattern, fp8=args.fp8,
+                  device_batch_size=args.batch_size, device_batch_reason=why, memory_limit_gib=args.memory_limit_gb,
                   compile=args.compile, tokens_per_s=tok_per_s, tokens_per_s_total=tok_per_s * rt.world_size,
                   mfu=mfu, peak_memory_gib=mem, step_time_s=step_time, loss=loss.item(),
                   device=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else rt.device.type)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -114,6 +114,16 @@ class Scaling:
             lines.append(f"  {f.name:<24} {shown:<16} {self.sources.get(f.name, '')}")
         warning = self.passes_warning()
         return "derived from --depth:\n" + "\n".join(lines) + (f"\n{warning}" if warning else "")
+
+    def with_device_batch(self, rows: int, reason: str) -> "Scaling":
+        """The same run with `rows` per micro-batch (chosen after derive(), e.g. by the auto search):
+        the total batch stays, the accumulation steps follow."""
+        micro = rows * self.sequence_len * self.world_size
+        if self.total_batch_size % micro:
+            raise UsageError(f"a device batch of {rows} rows x {self.sequence_len} x {self.world_size} rank(s) does not "
+                             f"divide the total batch {self.total_batch_size:,}; give --device-batch-size")
+        return replace(self, device_batch_size=rows, grad_accum_steps=self.total_batch_size // micro,
+                       sources={**self.sources, "device_batch_size": reason})
 
     def passes_warning(self) -> str | None:
         """One line when the run reads its data more than MANY_PASSES times, with the step count that would not."""

@@ -15,7 +15,10 @@ What happens, in order:
    whose memory floor exceeds the device's free memory is refused here, before any allocation.
 2. The tokenizer (`chatforge tokenizer train`), the corpus (`--data` or the downloaded shards) and a
    rank-sharded, BOS-aligned packed loader are opened; the model is built and initialised and the
-   Muon+AdamW optimizer created (it shards itself across ranks, so there is no DDP wrapper).
+   Muon+AdamW optimizer created (it shards itself across ranks, so there is no DDP wrapper). On CUDA
+   `--device-batch-size auto` (the default) then tries real steps of the compiled model to pick the
+   largest power-of-two micro-batch that fits (`train/autobatch.py`); the total batch was fixed
+   before it, so only the accumulation steps change. The table is printed once that is known.
 3. Each step runs `accum` micro-batches per rank so that all ranks together fill the total batch
    (`train/loop.py`), then one optimizer step under the warmup/constant/warmdown schedule.
 4. Every --eval-every steps: validation bits per byte (`eval/bpb.py`); every --sample-every steps:
@@ -56,7 +59,7 @@ from chatforge.model.speedups import prepare_model
 from chatforge.progress import MetricsLogger, Progress, format_figure
 from chatforge.runtime import add_runtime_arguments, print0
 from chatforge.tokenizer import load_tokenizer
-from chatforge.train import loop, stage
+from chatforge.train import autobatch, loop, stage
 
 STAGE = "base"
 
@@ -75,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=None, help="number of layers; sets everything else (default 20)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="smoke: a depth-2 model on short rows that learns on CPU in about a minute")
-    add_scaling_arguments(parser, skip=tuple(FACT_SOURCES))
+    add_scaling_arguments(parser, skip=(*FACT_SOURCES, "device_batch_size"))  # autobatch declares the last
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None, help="a text file, a folder of txt/jsonl/parquet, or a glob")
     data.add_argument("--corpus", default="fineweb-edu", help="downloaded corpus to read when --data is not given")
@@ -104,11 +107,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speed = parser.add_argument_group("speed")
     add_compile_flag(speed, "the model", "on; CPU always runs eager", default=None)
     speed.add_argument("--fp8", action="store_true", help="FP8 matmuls in the blocks (Hopper GPUs)")
+    autobatch.add_arguments(speed, "off CUDA 32")
     add_runtime_arguments(parser)
 
 
 _DEFAULTS = dict(depth=20, eval_every=250, eval_tokens=10 * 2**20, sample_every=2000, save_every=-1,
-                 compile="auto")
+                 compile="auto", device_batch_size=autobatch.AUTO)
 
 
 def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
@@ -151,25 +155,23 @@ def _train(args: argparse.Namespace, rt) -> dict:
         facts["data_tokens"] = count_train_tokens(corpus, tokenizer, rt)
     else:
         facts["data_tokens"] = estimate_train_tokens(corpus, tokenizer)
-    settings = derive(args.depth, **facts, given_by=FACT_SOURCES, **overrides_from_args(args))
+    existing = stage.resume_or_refuse(STAGE, args.tag, args.resume, "step 0")
+    memory_cap = autobatch.apply_memory_limit(args.memory_limit_gb, rt.device)
+    overrides, search = device_batch_overrides(args, rt, existing)
+    settings = derive(args.depth, **facts, given_by=FACT_SOURCES, **overrides)
     if args.epochs is not None:
         tokens = facts["data_tokens"]
         args.num_iterations = max(1, int(args.epochs * tokens) // settings.total_batch_size)
+        overrides["num_iterations"] = args.num_iterations
         print0(f"--epochs {args.epochs:g}: the train split holds {tokens:,} tokens -> {args.num_iterations:,} "
                f"steps of {settings.total_batch_size:,}")
-        settings = derive(args.depth, **facts, given_by=FACT_SOURCES, **overrides_from_args(args))
-    print0(settings.describe())
+        settings = derive(args.depth, **facts, given_by=FACT_SOURCES, **overrides)
     check_fits(settings, rt, fp8=args.fp8)
     config = settings.model_config()
-    seq_len, device_batch, accum = config.sequence_len, settings.device_batch_size, settings.grad_accum_steps
     num_iterations = settings.num_iterations
-    print0(f"corpus: {corpus.description} | vocab {tokenizer.vocab_size:,} | {accum} micro-step(s) of "
-           f"{device_batch}x{seq_len} per rank per step | {num_iterations:,} steps | "
-           f"{num_iterations * settings.total_batch_size:,} training tokens")
 
     # --- model and optimizer (fresh, or from the checkpoint we resume)
     start_step, loader_state, last_checkpoint, resumed_meta = 0, None, None, {}
-    existing = stage.resume_or_refuse(STAGE, args.tag, args.resume, "step 0")
     if existing is not None:  # weights and optimizer shard in one read
         loaded = checkpoint.load(STAGE, args.tag, existing, device=rt.device, optimizer=True, rank=rt.rank)
         checkpoint.check_config(loaded.meta, config.to_dict(), loaded.path)
@@ -188,6 +190,17 @@ def _train(args: argparse.Namespace, rt) -> dict:
         print0(f"{args.tag} already finished its {num_iterations} steps; nothing to do (summary: {summary_path})")
         return json.loads(summary_path.read_text()) if summary_path.is_file() else {"checkpoint": last_checkpoint}
     train_model = prepare_model(model, rt, compile=args.compile != "off", fp8=args.fp8)
+    if search:  # the largest micro-batch the compiled model fits, trying real steps (train/autobatch.py)
+        rows_per_step = settings.total_batch_size // (config.sequence_len * rt.world_size)
+        rows, why = autobatch.resolve(autobatch.AUTO, rows_per_step, rt, lambda: autobatch.training_trial(
+            train_model, model, rt, config.sequence_len, config.vocab_size, optimizer.pending_state_bytes()),
+            fallback=rows_per_step, cap=memory_cap)
+        settings = settings.with_device_batch(rows, why)
+    print0(settings.describe())
+    seq_len, device_batch, accum = config.sequence_len, settings.device_batch_size, settings.grad_accum_steps
+    print0(f"corpus: {corpus.description} | vocab {tokenizer.vocab_size:,} | {accum} micro-step(s) of "
+           f"{device_batch}x{seq_len} per rank per step | {num_iterations:,} steps | "
+           f"{num_iterations * settings.total_batch_size:,} training tokens")
 
     train_loader = PackedLoader(corpus, tokenizer, device_batch, seq_len, split="train", rank=rt.rank,
                                 world_size=rt.world_size, device=rt.device, state=loader_state)
@@ -291,6 +304,26 @@ def _train(args: argparse.Namespace, rt) -> dict:
                         f"final train loss {format_figure(last_loss, 'no step ran')}, val bpb "
                         f"{format_figure(summary['final_val_bpb'], reasons['final_val_bpb'])}{core_text}")
     return summary
+
+
+def device_batch_overrides(args: argparse.Namespace, rt, existing: int | None) -> tuple[dict, bool]:
+    """derive()'s overrides with --device-batch-size auto settled as far as it can be before the model
+    exists, and whether the search must still run: on CUDA the total batch is derived from one row per
+    micro-step (a power-of-two number of rows, so any power of two up to it divides it) and the search
+    picks the micro-batch later; a resumed run keeps its own; off CUDA the default stays."""
+    overrides = overrides_from_args(args)
+    if args.device_batch_size != autobatch.AUTO:
+        return overrides, False
+    overrides["device_batch_size"] = None  # derive's default (32) off CUDA
+    if existing is not None:
+        folder = checkpoint.resolve(STAGE, args.tag, existing)[2]
+        overrides["device_batch_size"] = checkpoint.read_meta(folder)["settings"]["device_batch_size"]
+        print0(f"--device-batch-size auto: {overrides['device_batch_size']}, the resumed run's")
+        return overrides, False
+    if rt.device.type != "cuda":
+        return overrides, False
+    overrides["device_batch_size"] = 1
+    return overrides, True
 
 
 def final_core(args: argparse.Namespace, rt, tokenizer) -> dict:

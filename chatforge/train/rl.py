@@ -67,7 +67,7 @@ from chatforge.model import checkpoint
 from chatforge.model.optim import build_optimizer
 from chatforge.progress import MetricsLogger, Progress, format_duration, provenance
 from chatforge.runtime import add_runtime_arguments, print0
-from chatforge.train import loop, rewards, stage
+from chatforge.train import autobatch, loop, rewards, stage
 
 STAGE = "rl"
 
@@ -86,12 +86,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     roll.add_argument("--max-new-tokens", type=int, default=256, help="longest reply sampled")
     roll.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     roll.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    roll.add_argument("--rollout-batch-size", type=int, default=256,
-                      help="replies generated together per engine call (whole groups; lower it on OOM)")
+    roll.add_argument("--rollout-batch-size", type=autobatch.batch_size_arg, default=autobatch.AUTO,
+                      help="replies generated together per engine call (whole groups), or 'auto' (default): on "
+                           "CUDA the most whole groups that fit, found by trying a real rollout; off CUDA 256")
     opt = parser.add_argument_group("optimization")
     opt.add_argument("--num-iterations", type=int, default=None, help="number of steps (default: from --epochs)")
     opt.add_argument("--epochs", type=float, default=None, help="passes over the training questions (default 1)")
-    opt.add_argument("--device-batch-size", type=int, default=32, help="rows per training forward/backward")
+    opt.add_argument("--device-batch-size", type=autobatch.batch_size_arg, default=autobatch.AUTO,
+                     help="rows per training forward/backward, or 'auto' (default): on CUDA the largest power of "
+                          "two that fits the longest row, found by trying real steps; off CUDA 32")
+    autobatch.add_memory_limit_argument(opt)
     opt.add_argument("--init-lr-frac", type=float, default=0.05,
                      help="learning rates as a fraction of the depth dial's (default 0.05, as nanochat)")
     run = parser.add_argument_group("evaluation, checkpoints, logging")
@@ -107,8 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace, world_size: int) -> list[int]:
     """Reject inconsistent flags; returns the pass@k values to report."""
-    positive = ("examples_per_step", "num_samples", "max_new_tokens", "rollout_batch_size", "device_batch_size",
-                "max_problems")
+    positive = ("examples_per_step", "num_samples", "max_new_tokens", "max_problems")
     for name in positive + ("num_iterations",):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -214,6 +217,32 @@ def base_learning_rates(config) -> dict:
     return settings.optimizer_kwargs()
 
 
+def auto_batches(args, rt, model, rollout_model, tokenizer, optimizer, prompts: list[list[int]]) -> None:
+    """Settle --device-batch-size and --rollout-batch-size "auto" (train/autobatch.py). Both are tried at
+    the worst case: the longest training prompt plus --max-new-tokens. The update's micro-batch is a
+    power of two up to the rows a rank trains per step; the rollout batch is whole groups, a power of
+    two of questions up to a rank's share of a step. Off CUDA: 32 and 256 as before."""
+    cap = autobatch.apply_memory_limit(args.memory_limit_gb, rt.device)
+    k, per_rank = args.num_samples, args.examples_per_step // rt.world_size
+    longest = max(prompts, key=len) if prompts else []
+    row_len = min(len(longest) + args.max_new_tokens, model.config.sequence_len)
+    reserve = optimizer.pending_state_bytes()
+
+    def rollout_trial(questions: int) -> int:  # a fresh engine: an out-of-memory one is simply dropped
+        return autobatch.measure(lambda: Engine(rollout_model, tokenizer).generate_batch(
+            [longest] * questions, num_samples=k, max_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k or None, seed=0), rt, reserve)
+
+    model.train()
+    args.device_batch_size, _ = autobatch.resolve(
+        args.device_batch_size, per_rank * k, rt, lambda: autobatch.training_trial(
+            model, model, rt, row_len - 1, model.config.vocab_size, reserve), 32, cap, "rl update micro-batch")
+    if args.rollout_batch_size == autobatch.AUTO:
+        questions, _ = autobatch.resolve(autobatch.AUTO, per_rank, rt, lambda: rollout_trial, max(1, 256 // k), cap,
+                                         f"rl rollout questions per engine call (x{k} samples)")
+        args.rollout_batch_size = questions * k if rt.device.type == "cuda" else 256
+
+
 def _rollout_model(model, rt):
     """The model the engine samples from: the training model itself, or a compute-dtype copy on CUDA."""
     if rt.device.type != "cuda" or rt.dtype == torch.float32:
@@ -292,15 +321,19 @@ def _train(args: argparse.Namespace, rt) -> dict:
            f"({E // W} question(s) per rank) | learning rates x{args.init_lr_frac:g}: "
            + ", ".join(f"{n} {v:.3g}" for n, v in lrs.items() if n.endswith("_lr")))
     rollout_model = _rollout_model(model, rt)
-    engine = Engine(rollout_model, tokenizer)
     top_k = args.top_k or None
     pad_id = tokenizer.special_id("<|assistant_end|>")
-    questions_per_call = max(1, args.rollout_batch_size // k)
     prompt_room = config.sequence_len - args.max_new_tokens  # a longer prompt keeps its last tokens
 
     def prompt_of(conversation) -> list[int]:
         ids = render_for_completion(tokenizer, conversation)
         return ids[-prompt_room:]
+
+    searching = rt.device.type == "cuda" and autobatch.AUTO in (args.device_batch_size, args.rollout_batch_size)
+    auto_batches(args, rt, model, rollout_model, tokenizer, optimizer,
+                 [prompt_of(train_set[i]) for i in range(num_questions)] if searching else [])
+    engine = Engine(rollout_model, tokenizer)
+    questions_per_call = max(1, args.rollout_batch_size // k)
 
     def evaluate(step: int) -> dict:
         n = max(ks)

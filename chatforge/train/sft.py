@@ -14,7 +14,9 @@ step over all ranks, not a mean of per-micro-batch means.
 The mixture is smaller and cleaner than midtraining's (nanochat's recipe): ARC-Easy and
 ARC-Challenge train, GSM8K train with tool calls, 10k SmolTalk conversations, SpellingBee (other
 examples than midtraining's), identity conversations, and `--extra` files (twice); `--mixture extra`
-trains on the --extra files alone. A step is --examples-per-step conversations (default 32).
+trains on the --extra files alone. A step is --examples-per-step conversations (default 32), in
+micro-batches of --device-batch-size rows: `auto` (the default) tries real steps of full-context rows
+on CUDA and keeps the largest power of two that fits (`train/autobatch.py`); off CUDA 4.
 Learning rates start at 2% of the base run's and decay linearly to zero (nanochat's SFT schedule).
 
 At the end, unless --max-problems is 0, the final checkpoint answers at most N problems of each
@@ -46,7 +48,7 @@ from chatforge.tasks.base import TaskMixture
 from chatforge.tasks.gsm8k import GSM8K
 from chatforge.tasks.smoltalk import SmolTalk
 from chatforge.tasks.spelling import SpellingBee
-from chatforge.train import loop, stage
+from chatforge.train import autobatch, loop, stage
 
 STAGE = "sft"
 EVAL_TASKS = ",".join(t for t in SUITE if t != "HumanEval")  # the suite less its slowest task
@@ -95,7 +97,13 @@ def _sft(args: argparse.Namespace, rt) -> dict:
     start = stage.start_model(STAGE, args, rt)
     model, config, tokenizer = start["model"], start["config"], start["tokenizer"]
     seq_len = config.sequence_len
-    device_batch = args.device_batch_size or 4
+    optimizer = stage.make_optimizer(model, start["base_lrs"], args.init_lr_frac)
+    train_model = prepare_model(model, rt, compile=args.compile == "on")
+    # the trial's rows are full length: the longest a conversation is cut to
+    device_batch = stage.device_batch(
+        args, rt, start, max(1, args.examples_per_step // rt.world_size), 4,
+        lambda: autobatch.training_trial(train_model, model, rt, seq_len, config.vocab_size,
+                                         optimizer.pending_state_bytes()))
     per_micro = device_batch * rt.world_size
     if args.examples_per_step % per_micro:
         raise UsageError(f"--examples-per-step {args.examples_per_step} is not a multiple of --device-batch-size x "
@@ -107,12 +115,10 @@ def _sft(args: argparse.Namespace, rt) -> dict:
     print0(f"sft: {len(train_set):,} conversations | {accum} micro-step(s) of {device_batch} rows per rank | "
            f"{args.examples_per_step} conversations per step | {args.num_iterations:,} steps")
 
-    optimizer = stage.make_optimizer(model, start["base_lrs"], args.init_lr_frac)
     resume = start["resume"]
     pad_to = seq_len if args.compile == "on" else None
     batches = SFTBatches(train_set, tokenizer, device_batch, seq_len, rt.rank, rt.world_size, rt.device,
                          state=resume.meta["loader_state"][rt.rank] if resume else None, pad_to=pad_to)
-    train_model = prepare_model(model, rt, compile=args.compile == "on")
 
     def val_loss() -> float:
         val = SFTBatches(val_set, tokenizer, device_batch, seq_len, rt.rank, rt.world_size, rt.device, pad_to=pad_to)

@@ -48,7 +48,7 @@ from chatforge.progress import (
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
 from chatforge.tasks.custom import CustomJSON
 from chatforge.tasks.identity import Identity, facts_from_model
-from chatforge.train import loop
+from chatforge.train import autobatch, loop
 
 LR_KEYS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
 
@@ -140,7 +140,7 @@ def add_stage_arguments(parser: argparse.ArgumentParser, stage: str, source: str
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--num-iterations", type=int, default=None, help="optimizer steps (default: --epochs 1)")
     length.add_argument("--epochs", type=float, default=None, help="passes over the mixture (default 1)")
-    parser.add_argument("--device-batch-size", type=int, default=None, help="rows per micro-batch per device")
+    autobatch.add_arguments(parser, f"off CUDA the {'base run' if source == 'base' else 'stage'}'s default")
     parser.add_argument("--max-seq-len", type=int, default=None, help="row length (default: the model's context)")
     data = parser.add_argument_group("data")
     data.add_argument("--extra", action="append", default=[], metavar="PATH",
@@ -164,7 +164,7 @@ def add_stage_arguments(parser: argparse.ArgumentParser, stage: str, source: str
 
 
 def check_stage_arguments(args: argparse.Namespace) -> None:
-    for flag in ("num_iterations", "device_batch_size", "max_seq_len", "eval_steps", "keep_last"):
+    for flag in ("num_iterations", "max_seq_len", "eval_steps", "keep_last"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
@@ -176,6 +176,19 @@ def check_stage_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--warmdown-ratio must be between 0 and 1, got {args.warmdown_ratio}")
     if args.mixture == "extra" and not args.extra:
         raise UsageError("--mixture extra trains on the --extra files alone: give at least one --extra PATH")
+
+
+def device_batch(args, rt, start: dict, rows_per_step: int, fallback: int, make_trial: Callable) -> int:
+    """Rows per micro-batch of a conversation stage: --device-batch-size as given; with auto (the
+    default) a resumed run's own, off CUDA `fallback`, else the largest power of two dividing
+    `rows_per_step` that fits (train/autobatch.py; make_trial() builds its trial step). The number
+    is written back into args, so the checkpoint records what a resume must reuse."""
+    requested = args.device_batch_size or autobatch.AUTO
+    if requested == autobatch.AUTO and start["resume"] is not None:
+        requested = start["resume"].meta.get("args", {}).get("device_batch_size") or fallback
+    cap = autobatch.apply_memory_limit(args.memory_limit_gb, rt.device)
+    args.device_batch_size, _ = autobatch.resolve(requested, rows_per_step, rt, make_trial, fallback, cap)
+    return args.device_batch_size
 
 
 def extra_tasks(args) -> list:
