@@ -69,7 +69,7 @@ class _LinearSoftcapCrossEntropy(torch.autograd.Function):
                 scale = 1.0 / counted.sum().to(torch.float32)
             else:
                 scale = torch.ones((), dtype=torch.float32, device=h.device)
-            grad_h = torch.empty(h.shape, dtype=dtype, device=h.device)         # (N, C)
+            grad_h = []  # joined once at the end: under compile a write into a slice may copy the whole buffer
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)  # (V, C)
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             for start in range(0, N, chunk_rows):
@@ -77,9 +77,10 @@ class _LinearSoftcapCrossEntropy(torch.autograd.Function):
                 h_c = h[start:end].to(dtype)                            # (r, C)
                 loss_c, dz = _chunk_loss_and_grad(h_c, w, targets[start:end], counted[start:end], scale, softcap)
                 loss = loss + loss_c
-                grad_h[start:end] = dz @ w                             # (r, V) @ (V, C)
+                grad_h.append(dz @ w)                                   # (r, V) @ (V, C)
                 grad_w += (dz.t() @ h_c).float()                       # (V, r) @ (r, C)
             loss = loss * scale
+            grad_h = torch.cat(grad_h)                                  # (N, C)
         ctx.save_for_backward(grad_h.to(h.dtype), grad_w.to(weight.dtype))
         return loss
 
