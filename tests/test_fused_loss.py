@@ -169,3 +169,32 @@ def test_gpt_takes_the_fused_path_only_for_a_training_loss():
 
     assert torch.equal(per_token, expected("none").view(3, 16)) and torch.equal(summed, expected("sum"))
     assert torch.equal(model(idx, targets, loss_reduction="none").detach(), per_token)  # with grad, too
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_on_cuda_it_matches_the_plain_loss_in_less_memory():
+    """The GPU's path: torch.compile, bf16 autocast, a realistic vocabulary, rows not a multiple of the chunk."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows, width, vocab, chunk = 4133, 512, 32768, 1024
+    h = (torch.randn(rows, width, device="cuda", generator=gen) * 2).bfloat16()
+    weight = torch.randn(vocab, width, device="cuda", generator=gen) * width ** -0.5
+    targets = torch.randint(0, vocab, (rows,), device="cuda", generator=gen)
+    targets[::7] = -1
+    fused = torch.compile(lambda a, b, t: linear_softcap_cross_entropy(a, b, t, 15.0, "mean", chunk), dynamic=False)
+
+    def run(fn):
+        a, b = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(a, b, targets)
+        loss.backward()
+        torch.cuda.synchronize()
+        return loss.detach(), a.grad, b.grad, torch.cuda.max_memory_allocated() - base
+
+    run(fused)  # compile outside the measurement
+    got, ref = run(fused), run(lambda a, b, t: plain_loss(a, b, t, 15.0, "mean"))
+    assert rel(got[0], ref[0]) < 1e-4
+    assert rel(got[1], ref[1]) < 2 ** -7 and rel(got[2], ref[2]) < 2 ** -7
+    assert got[3] < rows * vocab * 4 / 2  # less than half of one copy of the fp32 logits
