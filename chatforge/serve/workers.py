@@ -131,6 +131,7 @@ class Job:
     queue: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     completion_tokens: int = 0   # tokens generated over all choices (tool output included)
+    finished: int = 0            # choices that have ended (an error ends them all)
     ttft: float | None = None    # seconds from submit to the first token
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -143,8 +144,17 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def live_rows(self) -> int:
+        """Rows still decoding for a client that is still there (0 once it left: the worker drops
+        a cancelled job's rows at its next step)."""
+        return 0 if self.cancelled.is_set() else max(self.n - self.finished, 0)
+
     def send(self, delta: Delta) -> None:
         """Called from a worker thread: hand the delta to the job's asyncio queue."""
+        if delta.error is not None:
+            self.finished = self.n
+        elif delta.finish_reason:
+            self.finished += 1
         if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
 
@@ -164,6 +174,8 @@ class JobQueue:
 
     def put(self, job: Job) -> None:
         with self.cond:
+            if len(self.jobs) >= self.max_waiting:  # requests whose clients left hold no place
+                self.jobs = deque(j for j in self.jobs if not j.cancelled.is_set())
             if len(self.jobs) >= self.max_waiting:
                 raise QueueFull(f"{len(self.jobs)} requests are already waiting (--max-queue {self.max_waiting}); "
                                 "retry in a moment")
@@ -208,8 +220,9 @@ class JobQueue:
         return taken
 
     def waiting(self) -> int:
+        """Waiting requests whose clients are still there."""
         with self.cond:
-            return len(self.jobs)
+            return sum(not job.cancelled.is_set() for job in self.jobs)
 
     def close(self) -> None:
         with self.cond:
@@ -231,6 +244,7 @@ class WorkerPool:
         self.sessions: list[DecodeSession | None] = [None] * len(engines)  # per replica, kept for reuse
         self.queue = JobQueue(max_queue)
         self.running = [False] * len(engines)  # per replica: generating now (each thread writes its own)
+        self.serving: list[list[Job]] = [[] for _ in engines]  # per replica: the jobs its current call took
         self._stop = threading.Event()
         self.threads = [threading.Thread(target=self._serve, args=(i, e), name=f"chatforge-replica-{i}", daemon=True)
                         for i, e in enumerate(engines)]
@@ -256,6 +270,10 @@ class WorkerPool:
     def busy(self) -> int:
         return sum(self.running)
 
+    def busy_slots(self) -> int:
+        """Rows the replicas decode for requests whose clients are still there."""
+        return sum(job.live_rows() for jobs in list(self.serving) for job in list(jobs))
+
     def _serve(self, index: int, engine: Engine) -> None:
         while not self._stop.is_set():
             batch = self.queue.take(self.max_batch, timeout=0.5)
@@ -263,6 +281,7 @@ class WorkerPool:
                 continue
             self.running[index] = True
             jobs = list(batch)  # every job this call serves (a session admits more as it runs)
+            self.serving[index] = jobs
             try:
                 if batch[0].batch_key() is None or not self.continuous:
                     run_batch(engine, batch)
@@ -276,6 +295,7 @@ class WorkerPool:
                     job.send(Delta(error=exc))
             finally:
                 self.running[index] = False
+                self.serving[index] = []
 
 
 class _Choice:
