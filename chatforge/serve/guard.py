@@ -126,14 +126,18 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self._deadline = None
         self._idle_cycle = None  # the request cycle that was current when the deadline was set
+        self._refused = False
         guard = self.guard
         if len(guard.open) >= guard.max_open and not self._evict_one():
             guard.refused += 1
+            self._refused = True
             body = json.dumps({"error": {"message": f"the server has --max-connections {guard.max_open} open, "
                                                    "all busy with requests; retry in a moment",
                                          "type": "server_busy", "param": None, "code": "too_many_connections"}})
             transport.write(BUSY_REPLY % (len(body), body.encode()))
-            transport.close()
+            # closed a moment later, its request read and dropped meanwhile: closing with unread data
+            # would reset the connection, and the client might never see the 503
+            self.loop.call_later(0.5, transport.close)
             return
         guard.open[self] = None
         self._arm_deadline()
@@ -144,6 +148,8 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         super().data_received(data)
         if self._deadline is not None and self.cycle is not self._idle_cycle:  # a request's headers are in
             self._disarm_deadline()
