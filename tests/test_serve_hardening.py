@@ -403,3 +403,18 @@ def test_soak_64_clients_leaving_abandoning_and_misbehaving(served, continuous):
     assert report.outcomes["leave"] > 50 and report.outcomes["abandon"] > 20 and report.outcomes["bad"] > 20
     assert sum(len(t) for t in report.replies.values()) >= 8  # completed replies were compared
     assert (report.after["busy_slots"], report.after["waiting"]) == (0, 0)
+
+
+@pytest.mark.slow
+def test_bench_serve_soak_is_one_command_and_prints_counters_before_and_after(capsys):
+    from tiny_chat import save_tiny_checkpoint
+
+    from chatforge import cli
+
+    save_tiny_checkpoint("sft", "d2", sequence_len=256)
+    cli.main(["bench", "serve", "--soak", "--duration", "3", "--concurrency", "8", "--max-tokens", "8",
+              "--device", "cpu"])  # a failed check would exit 1
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["before"], ["after"])}
+    assert rows["after"][:3] == ["0", "0", "1"]  # busy slots, waiting, connections
+    assert "FAILED" not in out and "drained in" in out

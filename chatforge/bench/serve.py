@@ -11,6 +11,11 @@ greedy, --max-tokens long; stop tokens still end a reply, so replies may be shor
 
     chatforge bench serve --source sft --concurrency 32 --requests 128 --max-tokens 128
     chatforge bench serve --device cpu --concurrency 4 --requests 8 --max-tokens 8   # CPU plumbing check
+
+With --soak it runs the soak instead (bench/soak.py: clients that leave, abandon and misbehave for
+--duration seconds, then slots, queue, connections and RSS before and after; exit 1 if one fails):
+
+    chatforge bench serve --soak --duration 180 --concurrency 64 --max-tokens 128 --source sft
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default: 32)")
     parser.add_argument("--continuous-batching", action="store_true", help="start the server with it")
     parser.add_argument("--start-timeout", type=float, default=300, help="seconds to wait for the server to start")
+    parser.add_argument("--soak", action="store_true", help="run the soak instead (see bench/soak.py)")
+    parser.add_argument("--duration", type=float, default=180, help="seconds the soak lasts (default: 180)")
 
 
 def _free_port() -> int:
@@ -105,6 +112,17 @@ def _start_server(args, port: int) -> subprocess.Popen:
     raise UsageError("chatforge serve did not start; its output was:\n" + "".join(lines[-20:]).rstrip())
 
 
+def _soak(port: int, args) -> int:
+    from chatforge.bench.soak import print_report, run_soak
+
+    print0(f"bench serve --soak: {args.concurrency} clients for {args.duration:g}s, max_tokens {args.max_tokens}, "
+           f"source {args.source}, device {args.device or 'auto'}, max-batch {args.max_batch}")
+    report = run_soak(f"http://127.0.0.1:{port}", clients=args.concurrency, duration=args.duration,
+                      max_tokens=args.max_tokens)
+    print_report(report)
+    return 1 if report.failures() else 0
+
+
 def main(args) -> int:
     for flag in ("concurrency", "requests", "max_tokens"):
         if getattr(args, flag) < 1:
@@ -112,6 +130,8 @@ def main(args) -> int:
     port = _free_port()
     proc = _start_server(args, port)
     try:
+        if args.soak:
+            return _soak(port, args)
         _one_request(port, 0, args.max_tokens)  # warm up (CUDA graphs, allocator) outside the timing
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=args.concurrency) as pool:

@@ -78,7 +78,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydantic_core
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse

@@ -20,10 +20,11 @@ Either way each job ends at its own `max_tokens`, and rows never see each other'
 request's text is what it would be alone (greedy outputs are checked equal to solo runs in the
 tests). A seeded sampling request always runs alone through `Engine.generate`.
 
-Disconnects. A route that loses its client calls `Job.cancel()`: a waiting job is dropped when its
-turn comes; a running job stops receiving tokens, and when every job of a batch is cancelled or
-finished the batch's generation is abandoned at once. In a session, a cancelled job's slots are
-freed after the current step, for the next request.
+Disconnects. A route that loses its client calls `Job.cancel()`: a waiting job no longer counts
+against --max-queue and is dropped when its turn comes; a running job stops receiving tokens, and
+when every job of a batch is cancelled or finished the batch's generation is abandoned at once. In a
+session, a cancelled job's slots are freed after the current step, for the next request.
+`WorkerPool.busy_slots()` counts the rows decoding for jobs neither finished nor cancelled.
 """
 
 from __future__ import annotations
