@@ -19,6 +19,11 @@ generated token and as a share of the wall time.
     chatforge bench serve --depth 20 --streams 1,8,32,128 --max-new-tokens 128 --compile on   # GPU, no checkpoint
     chatforge bench serve --source sft --streams 32 --requests 128 --max-new-tokens 128        # a checkpoint
     chatforge bench serve --depth 2 --vocab-size 512 --max-seq-len 256 --device cpu --streams 1,8 --max-new-tokens 32
+
+With --soak it runs the soak instead (bench/soak.py: clients that leave, abandon and misbehave for
+--duration seconds, then slots, queue, connections and RSS before and after; exit 1 if one fails):
+
+    chatforge bench serve --soak --duration 180 --streams 64 --max-new-tokens 128 --source sft
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-processes", type=int, default=None,
                         help=f"processes the clients run in (default: one per {STREAMS_PER_CLIENT_PROCESS} streams)")
     parser.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for the server to start")
+    parser.add_argument("--soak", action="store_true", help="run the soak instead (see bench/soak.py)")
+    parser.add_argument("--duration", type=float, default=180, help="seconds the soak lasts (default: 180)")
 
 
 def _free_port() -> int:
@@ -210,6 +217,17 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
+def _soak(port: int, args, clients: int, max_batch: int) -> int:
+    from chatforge.bench.soak import print_report, run_soak
+
+    print0(f"bench serve --soak: {clients} clients for {args.duration:g}s, max_tokens {args.max_new_tokens}, "
+           f"source {args.source}, device {args.device or 'auto'}, max-batch {max_batch}")
+    report = run_soak(f"http://127.0.0.1:{port}", clients=clients, duration=args.duration,
+                      max_tokens=args.max_new_tokens)
+    print_report(report)
+    return 1 if report.failures() else 0
+
+
 def main(args) -> int:
     levels = _levels(args.streams)
     for flag in ("requests", "max_new_tokens", "max_batch", "client_processes"):
@@ -221,6 +239,8 @@ def main(args) -> int:
     proc = _start_server(_server_command(args, port, max_batch, max(requests.values())), args.start_timeout)
     runs = []
     try:
+        if args.soak:
+            return _soak(port, args, max(levels), max_batch)
         _run_level(port, 1, 1, args.max_new_tokens, 1)  # warm up (CUDA graphs, allocator) outside the timing
         for s in levels:
             processes = args.client_processes or math.ceil(s / STREAMS_PER_CLIENT_PROCESS)

@@ -28,10 +28,11 @@ Either way each job ends at its own `max_tokens`, and rows never see each other'
 request's text is what it would be alone (greedy outputs are checked equal to solo runs in the
 tests). A seeded sampling request always runs alone through `Engine.generate`.
 
-Disconnects. A route that loses its client calls `Job.cancel()`: a waiting job is dropped when its
-turn comes; a running job stops receiving tokens, and when every job of a batch is cancelled or
-finished the batch's generation is abandoned at once. In a session, a cancelled job's slots are
-freed after the current step, for the next request.
+Disconnects. A route that loses its client calls `Job.cancel()`: a waiting job no longer counts
+against --max-queue and is dropped when its turn comes; a running job stops receiving tokens, and
+when every job of a batch is cancelled or finished the batch's generation is abandoned at once. In a
+session, a cancelled job's slots are freed after the current step, for the next request.
+`WorkerPool.busy_slots()` counts the rows decoding for jobs neither finished nor cancelled.
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     loop_timing: TimeSpent | None = None  # where the event loop's share of the work is summed
     completion_tokens: int = 0   # tokens generated over all choices (tool output included)
+    finished: int = 0            # choices that have ended (an error ends them all)
     ttft: float | None = None    # seconds from submit to the first token
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -170,9 +172,22 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def live_rows(self) -> int:
+        """Rows still decoding for a client that is still there (0 once it left: the worker drops
+        a cancelled job's rows at its next step)."""
+        return 0 if self.cancelled.is_set() else max(self.n - self.finished, 0)
+
+    def count_finish(self, delta: Delta) -> None:
+        """Note the choices a delta ends (an error ends them all), for the busy-slot count."""
+        if delta.error is not None:
+            self.finished = self.n
+        elif delta.finish_reason:
+            self.finished += 1
+
     def send(self, delta: Delta) -> None:
         """Called from a worker thread: hand the delta to the job's asyncio queue (errors; tokens go
         through `_Outbox`, once per step for all jobs)."""
+        self.count_finish(delta)
         if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
 
@@ -192,6 +207,8 @@ class JobQueue:
 
     def put(self, job: Job) -> None:
         with self.cond:
+            if len(self.jobs) >= self.max_waiting:  # requests whose clients left hold no place
+                self.jobs = deque(j for j in self.jobs if not j.cancelled.is_set())
             if len(self.jobs) >= self.max_waiting:
                 raise QueueFull(f"{len(self.jobs)} requests are already waiting (--max-queue {self.max_waiting}); "
                                 "retry in a moment")
@@ -236,8 +253,9 @@ class JobQueue:
         return taken
 
     def waiting(self) -> int:
+        """Waiting requests whose clients are still there."""
         with self.cond:
-            return len(self.jobs)
+            return sum(not job.cancelled.is_set() for job in self.jobs)
 
     def close(self) -> None:
         with self.cond:
@@ -265,6 +283,7 @@ class WorkerPool:
         # default 5 ms switch interval it then waits up to 5 ms for the busy event loop to hand it
         # back, longer than a whole decode step (measured: ~1 ms per token at one stream on CPU).
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+        self.serving: list[list[Job]] = [[] for _ in engines]  # per replica: the jobs its current call took
         self._stop = threading.Event()
         self.threads = [threading.Thread(target=self._serve, args=(i, e), name=f"chatforge-replica-{i}", daemon=True)
                         for i, e in enumerate(engines)]
@@ -295,6 +314,10 @@ class WorkerPool:
         """Seconds and counts per phase since start, all replicas and the event loop together."""
         return merge_reports([t.report() for t in self.timing] + [self.loop_timing.report()])
 
+    def busy_slots(self) -> int:
+        """Rows the replicas decode for requests whose clients are still there."""
+        return sum(job.live_rows() for jobs in list(self.serving) for job in list(jobs))
+
     def _serve(self, index: int, engine: Engine) -> None:
         while not self._stop.is_set():
             batch = self.queue.take(self.max_batch, timeout=0.5)
@@ -302,6 +325,7 @@ class WorkerPool:
                 continue
             self.running[index] = True
             jobs = list(batch)  # every job this call serves (a session admits more as it runs)
+            self.serving[index] = jobs
             try:
                 if batch[0].batch_key() is None or not self.continuous:
                     run_batch(engine, batch, self.timing[index])
@@ -315,6 +339,7 @@ class WorkerPool:
                     job.send(Delta(error=exc))
             finally:
                 self.running[index] = False
+                self.serving[index] = []
 
 
 class _Choice:
@@ -411,6 +436,7 @@ def _emit(items: list) -> None:
         if job.loop is None:
             job.send(delta)
         else:
+            job.count_finish(delta)
             job.queue.put_nowait(delta)
     timing = items[0][0].job.loop_timing
     if timing is not None:
