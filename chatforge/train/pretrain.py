@@ -13,7 +13,7 @@ What happens, in order:
    its size on disk for a big one): on a CPU a step is one micro-batch, a small corpus caps the
    batch and the steps (at 4 passes), and the table says how many passes the run makes. A shape
    whose memory floor exceeds the device's free memory is refused here, before any allocation.
-2. The tokenizer (`chatforge tokenizer train`), the corpus (`--data` or the downloaded shards) and a
+2. The tokenizer (the last `chatforge tokenizer train`, or `--tokenizer-name`), the corpus (`--data` or the downloaded shards) and a
    rank-sharded, BOS-aligned packed loader are opened; the model is built and initialised and the
    Muon+AdamW optimizer created (it shards itself across ranks, so there is no DDP wrapper).
 3. Each step runs `accum` micro-batches per rank so that all ranks together fill the total batch
@@ -54,7 +54,7 @@ from chatforge.model.scaling import add_scaling_arguments, derive, overrides_fro
 from chatforge.model.speedups import prepare_model
 from chatforge.progress import MetricsLogger, Progress, format_figure
 from chatforge.runtime import add_runtime_arguments, print0
-from chatforge.tokenizer import load_tokenizer
+from chatforge.tokenizer import load_tokenizer, tokenizer_name
 from chatforge.train import loop, stage
 
 STAGE = "base"
@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None, help="a text file, a folder of txt/jsonl/parquet, or a glob")
     data.add_argument("--corpus", default="fineweb-edu", help="downloaded corpus to read when --data is not given")
+    data.add_argument("--tokenizer-name", default=None, metavar="NAME",
+                      help="the tokenizer under tokenizer/NAME/ (default: the current one, the last trained)")
     data.add_argument("--epochs", type=float, default=None,
                       help="train for this many passes over the train split (counts its tokens first; "
                            "replaces --num-iterations, for corpora small enough to tokenize once up front)")
@@ -137,7 +139,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def _train(args: argparse.Namespace, rt) -> dict:
     started = time.time()
-    tokenizer = load_tokenizer()
+    tokenizer = run_tokenizer(args)
     token_bytes = tokenizer.token_bytes()
     corpus = open_corpus(args.data, args.corpus)
     # the run's facts that size a toy: the device, and the corpus (counted exactly for --epochs)
@@ -286,6 +288,18 @@ def _train(args: argparse.Namespace, rt) -> dict:
                         f"final train loss {format_figure(last_loss, 'no step ran')}, val bpb "
                         f"{format_figure(summary['final_val_bpb'], reasons['final_val_bpb'])}{core_text}")
     return summary
+
+
+def run_tokenizer(args: argparse.Namespace):
+    """--tokenizer-name, else the tokenizer of the run being resumed (a tokenizer trained since does
+    not change it), else the current one."""
+    if args.tokenizer_name:
+        return load_tokenizer(name=tokenizer_name(args.tokenizer_name))
+    step = checkpoint.latest_step(STAGE, args.tag) if args.resume else None
+    if step is None:
+        return load_tokenizer()
+    folder = checkpoint.resolve(STAGE, args.tag, step)[2]
+    return checkpoint.checkpoint_tokenizer(checkpoint.read_meta(folder), folder)
 
 
 def final_core(args: argparse.Namespace, rt, tokenizer) -> dict:

@@ -280,8 +280,8 @@ def write_loss_summary(stage: str, tag: str, name: str, summary: dict, rt) -> Pa
 def save(stage: str, tag: str, step: int, model, optimizer, tokenizer, args: argparse.Namespace, **kwargs) -> str:
     """A checkpoint of every rank's state (model, optimizer shard, loader position, meta); its folder."""
     folder = checkpoint.save_checkpoint(stage, tag, step, model, optimizer, model_config=model.config.to_dict(),
-                                        vocab_size=tokenizer.vocab_size, args=vars(args), keep_last=args.keep_last,
-                                        **kwargs)
+                                        vocab_size=tokenizer.vocab_size, tokenizer_name=tokenizer.name, args=vars(args),
+                                        keep_last=args.keep_last, **kwargs)
     print0(f"step {step}: saved {folder}")
     return str(folder)
 
