@@ -21,8 +21,9 @@ What happens, in order:
 4. Every --eval-every steps: validation bits per byte (`eval/bpb.py`); every --sample-every steps:
    greedy continuations of a few prompts; every step: loss, tokens/s, MFU, memory, ETA into the
    run's metrics.jsonl (and wandb with --wandb).
-5. Every --save-every steps and at the end: an atomic checkpoint under checkpoints/base/<tag>/ with
-   the loader's position, RNG states and the optimizer shards. `--resume` continues from the latest
+5. Every few minutes (--save-minutes, keeping the newest three), or every --save-every steps, and at
+   the end: an atomic checkpoint under checkpoints/base/<tag>/ with the loader's position, RNG
+   states and the optimizer shards. `--resume` continues from the latest
    complete one and, on CPU, reproduces the uninterrupted run's losses bit for bit. It appends to
    the original run's metrics.jsonl, so steps replayed after a kill appear twice: the later line wins.
 6. At the end (optionally) CORE on a few items per task (--core-max-per-task N), and
@@ -94,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="CORE bundle folder for --core-max-per-task (default: $CHATFORGE_EVAL_BUNDLE, else download)")
     run.add_argument("--tag", default=None, help="checkpoint tag (default d<depth>)")
     stage.add_run_arguments(run, "pretrain", save_every=None,
-                            save_help="steps between checkpoints (default: only at the end); the last step always saves",
+                            save_help="steps between checkpoints (default: every --save-minutes); the last step "
+                                      "always saves",
                             seed_help="seed for initialisation",
                             resume_help="continue from the latest complete checkpoint of --tag")
     speed = parser.add_argument_group("speed")
@@ -104,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_arguments(parser)
 
 
-_DEFAULTS = dict(depth=20, eval_every=250, eval_tokens=10 * 2**20, sample_every=2000, save_every=-1,
+_DEFAULTS = dict(depth=20, eval_every=250, eval_tokens=10 * 2**20, sample_every=2000,
                  compile="auto")
 
 
@@ -256,6 +258,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
     try:
         # --eval-every / --sample-every 0 mean never, not "at the end"
         stage.run_steps(start_step, num_iterations, take_step, save_every=args.save_every, save_at=save_at,
+                        save_minutes=args.save_minutes,
                         evals=[(args.eval_every, evaluate_bpb_at, False), (args.sample_every, show_samples, False)])
     finally:
         # its threads must be gone before interpreter exit (see data/loader.py), and now, not at exit
