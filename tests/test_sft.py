@@ -130,4 +130,6 @@ def test_a_second_variant_from_the_same_source_is_a_new_tag(tmp_path):
     third = run_stage(sft, [*quick, "--tag", "v3", "--source-tag", "t"])
     assert second["source"] == third["source"] == "base/t/step 1"
     assert checkpoint.list_tags("sft") == ["t", "v2", "v3"]
-    assert checkpoint.read_meta(checkpoint.resolve("sft", "v2")[2])["args"]["source_tag"] == "t"
+    meta = checkpoint.read_meta(checkpoint.resolve("sft", "v2")[2])
+    assert meta["args"]["source_tag"] == "t" and meta["source"] == "base/t/step 1"
+    assert meta["data"] == f"--extra {extra}"  # the lineage the report shows

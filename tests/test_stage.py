@@ -137,3 +137,4 @@ def test_a_run_killed_after_a_periodic_save_resumes_from_it(tmp_path, monkeypatc
     summary = run(*flags, "--resume")
     assert summary["resumed_from_step"] == 5
     assert checkpoint.list_steps("base", "d2") == [6, 7, 8]
+    assert "stories.jsonl" in checkpoint.read_meta(checkpoint.resolve("base", "d2")[2])["data"]

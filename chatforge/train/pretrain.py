@@ -243,7 +243,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
             STAGE, args.tag, step, model, optimizer, tokenizer, args, loader_state=train_loader.state_dict(),
             metrics={"train_loss": last_loss, **({"val_bpb": bpb_history[-1][1]} if bpb_history else {})},
             extra={"num_iterations": num_iterations, "depth": args.depth, "settings": settings_dict,
-                   "run_id": logger.run_id, "val_bpb_history": bpb_history})
+                   "run_id": logger.run_id, "val_bpb_history": bpb_history, "data": corpus.description})
 
     def take_step(step: int) -> None:
         nonlocal last_loss

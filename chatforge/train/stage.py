@@ -314,15 +314,32 @@ def write_loss_summary(stage: str, tag: str, name: str, summary: dict, rt) -> Pa
 # ---------------------------------------------------------------------------------------------
 # Checkpoints, summaries, the cadence
 
-def save(stage: str, tag: str, step: int, model, optimizer, tokenizer, args: argparse.Namespace, **kwargs) -> str:
-    """A checkpoint of every rank's state (model, optimizer shard, loader position, meta); its folder.
-    Saving by the clock (no --save-every) keeps the newest KEEP_PERIODIC unless --keep-last is given."""
+def describe_data(args: dict) -> str:
+    """What a run trained on, in a few words, from its arguments (a stage that knows better, like
+    pretraining with its corpus's description, records its own)."""
+    if args.get("task"):
+        return f"{args['task']} questions (rewards)"
+    if args.get("mixture"):
+        extra = ", ".join(args.get("extra") or [])
+        if args["mixture"] == "extra":
+            return f"--extra {extra}"
+        where = f" from {args['data_dir']}" if args.get("data_dir") else ""
+        return f"the stage's task mixture{where}" + (f" + --extra {extra}" if extra else "")
+    return args.get("data") or (f"downloaded {args['corpus']} shards" if args.get("corpus") else "not recorded")
+
+
+def save(stage: str, tag: str, step: int, model, optimizer, tokenizer, args: argparse.Namespace, *,
+         extra: dict | None = None, **kwargs) -> str:
+    """A checkpoint of every rank's state (model, optimizer shard, loader position, meta with the run's
+    data); its folder. Saving by the clock (no --save-every) keeps the newest KEEP_PERIODIC unless
+    --keep-last is given."""
+    extra = {"data": describe_data(vars(args)), **(extra or {})}
     keep_last = args.keep_last
     if keep_last is None and args.save_every is None and args.save_minutes > 0:
         keep_last = KEEP_PERIODIC
     folder = checkpoint.save_checkpoint(stage, tag, step, model, optimizer, model_config=model.config.to_dict(),
                                         vocab_size=tokenizer.vocab_size, tokenizer_name=tokenizer.name, args=vars(args),
-                                        keep_last=keep_last, **kwargs)
+                                        keep_last=keep_last, extra=extra, **kwargs)
     print0(f"step {step}: saved {folder}")
     return str(folder)
 
