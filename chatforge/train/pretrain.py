@@ -13,7 +13,7 @@ What happens, in order:
    its size on disk for a big one): on a CPU a step is one micro-batch, a small corpus caps the
    batch and the steps (at 4 passes), and the table says how many passes the run makes. A shape
    whose memory floor exceeds the device's free memory is refused here, before any allocation.
-2. The tokenizer (`chatforge tokenizer train`), the corpus (`--data` or the downloaded shards) and a
+2. The tokenizer (the last `chatforge tokenizer train`, or `--tokenizer-name`), the corpus (`--data` or the downloaded shards) and a
    rank-sharded, BOS-aligned packed loader are opened; the model is built and initialised and the
    Muon+AdamW optimizer created (it shards itself across ranks, so there is no DDP wrapper). On CUDA
    `--device-batch-size auto` (the default) then tries real steps of the compiled model to pick the
@@ -24,8 +24,9 @@ What happens, in order:
 4. Every --eval-every steps: validation bits per byte (`eval/bpb.py`); every --sample-every steps:
    greedy continuations of a few prompts; every step: loss, tokens/s, MFU, memory, ETA into the
    run's metrics.jsonl (and wandb with --wandb).
-5. Every --save-every steps and at the end: an atomic checkpoint under checkpoints/base/<tag>/ with
-   the loader's position, RNG states and the optimizer shards. `--resume` continues from the latest
+5. Every few minutes (--save-minutes, keeping the newest three), or every --save-every steps, and at
+   the end: an atomic checkpoint under checkpoints/base/<tag>/ with the loader's position, RNG
+   states and the optimizer shards. `--resume` continues from the latest
    complete one and, on CPU, reproduces the uninterrupted run's losses bit for bit. It appends to
    the original run's metrics.jsonl, so steps replayed after a kill appear twice: the later line wins.
 6. At the end (optionally) CORE on a few items per task (--max-problems N), and
@@ -58,7 +59,7 @@ from chatforge.model.scaling import add_scaling_arguments, derive, overrides_fro
 from chatforge.model.speedups import prepare_model
 from chatforge.progress import MetricsLogger, Progress, format_figure
 from chatforge.runtime import add_runtime_arguments, print0
-from chatforge.tokenizer import load_tokenizer
+from chatforge.tokenizer import load_tokenizer, tokenizer_name
 from chatforge.train import autobatch, loop, stage
 
 STAGE = "base"
@@ -82,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None, help="a text file, a folder of txt/jsonl/parquet, or a glob")
     data.add_argument("--corpus", default="fineweb-edu", help="downloaded corpus to read when --data is not given")
+    data.add_argument("--tokenizer-name", default=None, metavar="NAME",
+                      help="the tokenizer under tokenizer/NAME/ (default: the current one, the last trained)")
     data.add_argument("--epochs", type=float, default=None,
                       help="train for this many passes over the train split (counts its tokens first; "
                            "replaces --num-iterations, for corpora small enough to tokenize once up front)")
@@ -101,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                   "(default: $CHATFORGE_EVAL_BUNDLE, else download)")
     run.add_argument("--tag", default=None, help="checkpoint tag (default d<depth>)")
     stage.add_run_arguments(run, "pretrain", save_every=None,
-                            save_help="steps between checkpoints (default: only at the end); the last step always saves",
+                            save_help="steps between checkpoints (default: every --save-minutes); the last step "
+                                      "always saves",
                             seed_help="seed for initialisation",
                             resume_help="continue from the latest complete checkpoint of --tag")
     speed = parser.add_argument_group("speed")
@@ -111,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_arguments(parser)
 
 
-_DEFAULTS = dict(depth=20, eval_every=250, eval_tokens=10 * 2**20, sample_every=2000, save_every=-1,
+_DEFAULTS = dict(depth=20, eval_every=250, eval_tokens=10 * 2**20, sample_every=2000,
                  compile="auto", device_batch_size=autobatch.AUTO)
 
 
@@ -146,7 +150,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def _train(args: argparse.Namespace, rt) -> dict:
     started = time.time()
-    tokenizer = load_tokenizer()
+    tokenizer = run_tokenizer(args)
     token_bytes = tokenizer.token_bytes()
     corpus = open_corpus(args.data, args.corpus)
     # the run's facts that size a toy: the device, and the corpus (counted exactly for --epochs)
@@ -257,7 +261,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
             STAGE, args.tag, step, model, optimizer, tokenizer, args, loader_state=train_loader.state_dict(),
             metrics={"train_loss": last_loss, **({"val_bpb": bpb_history[-1][1]} if bpb_history else {})},
             extra={"num_iterations": num_iterations, "depth": args.depth, "settings": settings_dict,
-                   "run_id": logger.run_id, "val_bpb_history": bpb_history})
+                   "run_id": logger.run_id, "val_bpb_history": bpb_history, "data": corpus.description})
 
     def take_step(step: int) -> None:
         nonlocal last_loss
@@ -272,6 +276,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
     try:
         # --eval-every / --sample-every 0 mean never, not "at the end"
         stage.run_steps(start_step, num_iterations, take_step, save_every=args.save_every, save_at=save_at,
+                        save_minutes=args.save_minutes,
                         evals=[(args.eval_every, evaluate_bpb_at, False), (args.sample_every, show_samples, False)])
     finally:
         # its threads must be gone before interpreter exit (see data/loader.py), and now, not at exit
@@ -324,6 +329,18 @@ def device_batch_overrides(args: argparse.Namespace, rt, existing: int | None) -
         return overrides, False
     overrides["device_batch_size"] = 1
     return overrides, True
+
+
+def run_tokenizer(args: argparse.Namespace):
+    """--tokenizer-name, else the tokenizer of the run being resumed (a tokenizer trained since does
+    not change it), else the current one."""
+    if args.tokenizer_name:
+        return load_tokenizer(name=tokenizer_name(args.tokenizer_name))
+    step = checkpoint.latest_step(STAGE, args.tag) if args.resume else None
+    if step is None:
+        return load_tokenizer()
+    folder = checkpoint.resolve(STAGE, args.tag, step)[2]
+    return checkpoint.checkpoint_tokenizer(checkpoint.read_meta(folder), folder)
 
 
 def final_core(args: argparse.Namespace, rt, tokenizer) -> dict:

@@ -38,8 +38,8 @@ Every --eval-every steps (and at the end): pass@1..k (`eval/passk.py`, the unbia
 first --max-problems questions of the test split, k from --pass-k. Every step a line with the mean
 reward and samples/s (all ranks' sampled replies per second of the whole step, rollout + update),
 the tool calls the rollouts made and the share of rollout time in which every row waited on one,
-plus a metrics.jsonl record. Checkpoints go to checkpoints/rl/<tag>/ every --save-every steps and at
-the end (with the stream position); --resume continues the latest one. The summary is
+plus a metrics.jsonl record. Checkpoints go to checkpoints/rl/<tag>/ every few minutes (or --save-every
+steps) and at the end (with the stream position); --resume continues the latest one. The summary is
 eval/rl/<tag>/rl.json.
 
 On CUDA the rollouts use a copy of the weights in the compute dtype (bf16), refreshed after every
@@ -74,10 +74,7 @@ STAGE = "rl"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_argument_group("source")
-    src.add_argument("--source", default="sft", choices=("base", "mid", "sft", "rl"),
-                     help="stage of the checkpoint to start from (default sft)")
-    src.add_argument("--tag", default=None, help="tag of the source checkpoint, also the rl tag (default: latest)")
-    src.add_argument("--step", type=int, default=None, help="step of the source checkpoint (default: latest)")
+    stage.add_source_arguments(src, "sft", STAGE)
     src.add_argument("--task", default="gsm8k", help="reward task from train/rewards.py (default gsm8k)")
     src.add_argument("--data-dir", default=None, help="local copy of the task data (default: download)")
     roll = parser.add_argument_group("rollouts")
@@ -103,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(run, "--max-problems", "--eval-examples", type=int, default=400,
              help="test questions per pass@k evaluation (default 400)")
     run.add_argument("--pass-k", default=None, help="comma-separated k values (default 1,...,--num-samples)")
-    stage.add_run_arguments(run, "rl", save_every=60, save_help="steps between checkpoints (the last step always saves)",
+    stage.add_run_arguments(run, "rl", save_help="steps between checkpoints (default: every --save-minutes; the last "
+                                                 "step always saves)",
                             seed_help="seed for the question order and the samples",
                             resume_help="continue from the latest rl checkpoint of --tag")
     add_runtime_arguments(parser)
@@ -278,13 +276,14 @@ def _train(args: argparse.Namespace, rt) -> dict:
     started = time.time()
     ks = check_arguments(args, rt.world_size)
     reward_task = rewards.get(args.task)
-    tag = paths.safe_name(args.tag) if args.tag else checkpoint.resolve(args.source)[0]
-    existing = stage.resume_or_refuse(STAGE, tag, args.resume, args.source)
+    source_tag, source_step, _ = stage.pick_source(STAGE, args)
+    tag = args.tag
+    existing = stage.resume_or_refuse(STAGE, tag, args.resume, f"{args.source}/{source_tag}")
     resuming = existing is not None
     if resuming:  # the weights and this rank's optimizer shard in one read
         loaded = checkpoint.load(STAGE, tag, existing, device=rt.device, optimizer=True, rank=rt.rank)
     else:
-        loaded = checkpoint.load(args.source, tag, args.step, device=rt.device)
+        loaded = checkpoint.load(args.source, source_tag, source_step, device=rt.device)
     model, meta, tokenizer = loaded.model, loaded.meta, loaded.tokenizer
     config = model.config
     if args.max_new_tokens >= config.sequence_len:
@@ -449,7 +448,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
         progress.update(1, reward=f"{record['reward']:.3f}", samples_s=f"{record['samples_per_s']:.1f}")
 
     stage.run_steps(start_step, num_iterations, take_step, evals=[(args.eval_every, evaluate_and_log)],
-                    save_every=args.save_every, save_at=save_at)
+                    save_every=args.save_every, save_minutes=args.save_minutes, save_at=save_at)
     progress.close()
     logger.close()
 
