@@ -20,6 +20,7 @@ import sys
 
 from chatforge.conversation import render_for_completion
 from chatforge.errors import UsageError
+from chatforge.flags import add_flag
 from chatforge.infer.engine import Engine
 from chatforge.infer.reply import ReplyParser
 from chatforge.infer.sampling import check_sampling_args
@@ -38,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (default: 0.6)")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default: 50)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default: 512)")
+    add_flag(parser, "--max-new-tokens", "--max-tokens", type=int, default=512,
+             help="longest reply in tokens (default: 512)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
     parser.add_argument("--no-tools", action="store_true", help="do not run the python tool the model asks for")
     add_runtime_arguments(parser)
@@ -107,7 +109,7 @@ def reply(engine: Engine, messages: list[dict], args, turn: int, stream=None) ->
     printer = ReplyPrinter(engine, stream)
     seed = None if args.seed is None else args.seed + turn
     try:
-        for step in engine.generate([ids], max_tokens=args.max_tokens, temperature=args.temperature,
+        for step in engine.generate([ids], max_tokens=args.max_new_tokens, temperature=args.temperature,
                                     top_k=args.top_k, top_p=args.top_p, seed=seed, use_tools=not args.no_tools):
             printer.push(step[0].token)
     except KeyboardInterrupt:
@@ -188,5 +190,5 @@ def main(args) -> int:
 
 def check_args(args) -> None:
     check_sampling_args(args.temperature, args.top_k, args.top_p)
-    if args.max_tokens < 1:
-        raise UsageError(f"--max-tokens {args.max_tokens} must be at least 1")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")

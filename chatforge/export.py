@@ -347,18 +347,27 @@ def read_export(folder: Path) -> tuple[GPTConfig, dict, Tokenizer, dict]:
     return config, state, tokenizer, extra
 
 
-def _keep_tokenizer(tokenizer: Tokenizer) -> None:
-    """Make `tokenizer` the base directory's, unless another one is there already (other checkpoints use it)."""
-    from chatforge.tokenizer import TOKENIZER_FILE, load_tokenizer
+def _keep_tokenizer(tokenizer: Tokenizer, tag: str) -> str | None:
+    """The name under which the base directory keeps `tokenizer`: a tokenizer already there with the
+    same merges (the current one first), else a new one, import-<tag>, which becomes the current one
+    only when there was none. None: the unnamed tokenizer of the old layout."""
+    from chatforge.model.checkpoint import free_tokenizer_name
+    from chatforge.tokenizer import (TOKENIZER_FILE, current_tokenizer_name, load_tokenizer,
+                                     set_current_tokenizer, tokenizer_name, tokenizer_names)
 
-    home = paths.tokenizer_dir(create=False)
-    if not (home / TOKENIZER_FILE).is_file():
-        tokenizer.save(paths.tokenizer_dir())
-        return
-    current = load_tokenizer(home)
-    if current.mergeable_ranks != tokenizer.mergeable_ranks or current.pattern != tokenizer.pattern:
-        raise UsageError(f"the model's tokenizer differs from {home / TOKENIZER_FILE}, which this base directory's "
-                         "checkpoints use; import into a fresh one: CHATFORGE_HOME=/new/dir chatforge import ...")
+    current = current_tokenizer_name()
+    for name in dict.fromkeys([current, None, *tokenizer_names()]):
+        directory = paths.tokenizer_dir(name, create=False)
+        if (directory / TOKENIZER_FILE).is_file():
+            there = load_tokenizer(directory)
+            if there.mergeable_ranks == tokenizer.mergeable_ranks and there.pattern == tokenizer.pattern:
+                return name
+    name = free_tokenizer_name(tokenizer_name(f"import-{tag}"))
+    tokenizer.save(paths.tokenizer_dir(name))
+    if current is None and not (paths.tokenizer_dir(create=False) / TOKENIZER_FILE).is_file():
+        set_current_tokenizer(name)
+    print0(f"the model's tokenizer is saved as {paths.tokenizer_dir(name)}")
+    return name
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
@@ -377,7 +386,7 @@ def import_main(args: argparse.Namespace) -> Path:
     tag = paths.safe_name(args.tag)
     if list_steps(stage, tag):
         raise UsageError(f"checkpoints/{stage}/{tag} already exists; pick another --tag")
-    _keep_tokenizer(tokenizer)
+    kept_as = _keep_tokenizer(tokenizer, tag)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device="cpu")
@@ -385,6 +394,6 @@ def import_main(args: argparse.Namespace) -> Path:
     load_model_state(model, state, args.source_dir)
     step = int(extra.get("step", 0))
     folder = save_checkpoint(stage, tag, step, model, None, model_config=config.to_dict(),
-                             vocab_size=tokenizer.vocab_size, extra={"imported_from": str(args.source_dir)})
+                             vocab_size=tokenizer.vocab_size, tokenizer_name=kept_as, extra={"imported_from": str(args.source_dir)})
     print0(f"imported {args.source_dir} as {folder}; use it with --source {stage} --tag {tag}")
     return folder

@@ -48,8 +48,10 @@ def data_dir(corpus: str, create: bool = True) -> Path:
     return _subdir("data", corpus, create=create)
 
 
-def tokenizer_dir(create: bool = True) -> Path:
-    return _subdir("tokenizer", create=create)
+def tokenizer_dir(name: str | None = None, create: bool = True) -> Path:
+    """tokenizer/<name>/: one trained tokenizer. Without a name, tokenizer/ itself: the root that holds
+    the named ones, and, in the layout before names, the only tokenizer (still read for old checkpoints)."""
+    return _subdir("tokenizer", *([name] if name else []), create=create)
 
 
 def checkpoint_dir(stage: str, tag: str, create: bool = True) -> Path:

@@ -4,11 +4,16 @@
     chatforge report --html          # also report.html: one self-contained page (images inlined)
 
 It only reads what the stages wrote (nothing is recomputed, so every number comes from the run):
-tokenizer/train.json and eval.json; eval/base/<tag>/{pretrain,core,bpb}.json; eval/<stage>/<tag>/
+the checkpoints' meta.json (lineage: which stage, tag and step each came from, on what data, with
+which tokenizer); the tokenizer's train.json and eval.json; eval/base/<tag>/{pretrain,core,bpb,
+samples}.json; eval/<stage>/<tag>/
 chat.json for base, mid, sft and rl; eval/mid/<tag>/midtrain.json, eval/sft/<tag>/sft.json,
 eval/rl/<tag>/rl.json; runs/<id>/metrics.jsonl + meta.json for the curves; and, when the run was a
 `chatforge speedrun`, the stage markers under speedrun/<preset>/ for durations and data notes.
-A stage whose JSON is missing is shown as "not run".
+A stage whose JSON is missing is shown as "not run"; a result whose checkpoint is no longer on disk
+is left out with a note, so nothing is shown next to the current models that they did not earn.
+The evaluation chart plots centered scores only (0 = chance, 1 = perfect): an accuracy below
+chance reads as a negative bar, never as the tallest one.
 
 The page is built once as a list of blocks (heading, paragraph, table, image, list) and rendered to
 Markdown and, on request, HTML, so the two always say the same thing.
@@ -23,11 +28,13 @@ import time
 from pathlib import Path
 
 from chatforge import paths
-from chatforge.errors import UsageError
+from chatforge.errors import CheckpointError, UsageError
+from chatforge.model import checkpoint
 from chatforge.progress import format_duration
 from chatforge.runtime import print0
 from chatforge.speedrun import STAGES
 from chatforge.tasks import EVAL_TASKS
+from chatforge.train.stage import describe_data
 
 NOT_RUN = "not run"
 CHAT_STAGES = ("base", "mid", "sft", "rl")
@@ -83,7 +90,7 @@ def read_metrics(run: Path | None) -> list[dict]:
 
 
 def collect(tag: str | None, preset: str | None) -> dict:
-    """Every JSON the report uses, each None when its stage did not run."""
+    """Every JSON the report uses, each None when its stage did not run or its checkpoint is gone."""
     base = paths.base_dir()
     preset = preset or latest_preset()
     markers = {}
@@ -95,23 +102,89 @@ def collect(tag: str | None, preset: str | None) -> dict:
         raise UsageError("no stage has written results under "
                          f"{base / 'eval'} yet; run `chatforge speedrun` (or the stages) first, or pass --tag")
     ev = base / "eval"
+    lineage = checkpoint_lineage(tag)
+    gone: list[str] = []
+
+    def kept(stage: str, name: str) -> dict | None:
+        result = _load(ev / stage / tag / name)
+        if result is not None and not on_disk(result, stage, tag):
+            step = result.get("step")
+            gone.append(f"eval/{stage}/{tag}/{name} is left out: its checkpoint ({stage}/{tag}"
+                        f"{f' step {step}' if step is not None else ''}) is no longer on disk")
+            return None
+        return result
+
+    tokenizer = tokenizer_folder(lineage)
     data = {
-        "preset": preset, "tag": tag, "markers": markers,
+        "preset": preset, "tag": tag, "markers": markers, "lineage": lineage,
         "absent": ((_load(base / "speedrun" / preset / "absent.json") or {}).get("stages", []) if preset else []),
-        "tokenizer_train": _load(base / "tokenizer" / "train.json"),
-        "tokenizer_eval": _load(base / "tokenizer" / "eval.json"),
-        "pretrain": _load(ev / "base" / tag / "pretrain.json"),
-        "core": _load(ev / "base" / tag / "core.json"),
-        "bpb": _load(ev / "base" / tag / "bpb.json"),
-        "samples": _load(ev / "base" / tag / "samples.json"),
-        "chat": {stage: _load(ev / stage / tag / "chat.json") for stage in CHAT_STAGES},
-        "train": {stage: _load(ev / stage / tag / name) for stage, name in TRAIN_SUMMARIES.items()},
+        "tokenizer_train": _load(tokenizer / "train.json"),
+        "tokenizer_eval": _load(tokenizer / "eval.json"),
+        "pretrain": kept("base", "pretrain.json"),
+        "core": kept("base", "core.json"),
+        "bpb": kept("base", "bpb.json"),
+        "samples": kept("base", "samples.json"),
+        "chat": {stage: kept(stage, "chat.json") for stage in CHAT_STAGES},
+        "train": {stage: kept(stage, name) for stage, name in TRAIN_SUMMARIES.items()},
     }
-    data["curves"] = {"base": read_metrics(find_run("pretrain", tag))}
+    data["gone"] = gone
+    data["curves"] = {"base": read_metrics(find_run("pretrain", tag)) if data["pretrain"] else []}
     for stage, summary in data["train"].items():
         run_id = (summary or {}).get("run_id")
         data["curves"][stage] = read_metrics(base / "runs" / run_id) if run_id else []
     return data
+
+
+def on_disk(result: dict, stage: str, tag: str) -> bool:
+    """Whether the checkpoint a stage's JSON speaks of still exists: the step it names (an eval), or
+    the checkpoint folder it wrote (a training summary), else any step of stage/tag."""
+    steps = checkpoint.list_steps(stage, tag)
+    if result.get("step") is not None:
+        return result["step"] in steps
+    if result.get("checkpoint"):
+        return Path(result["checkpoint"]).is_dir()
+    return bool(steps)
+
+
+def parse_source(source) -> tuple[str, str, int | None] | None:
+    """(stage, tag, step) from a checkpoint's recorded source: 'mid/d4/step 120' or {'stage':..}."""
+    if isinstance(source, dict) and source.get("stage") and source.get("tag"):
+        return source["stage"], source["tag"], source.get("step")
+    if isinstance(source, str) and source.count("/") >= 2:
+        stage, tag, step = source.split("/", 2)
+        return stage, tag, int(step.split()[-1]) if step.split() and step.split()[-1].isdigit() else None
+    return None
+
+
+def checkpoint_lineage(tag: str) -> list[dict]:
+    """The checkpoints on disk for `tag` in every stage, and the ones they started from (which may
+    carry another tag), in pipeline order: stage, tag, latest step, source, data, tokenizer, metrics."""
+    wanted = [(stage, tag) for stage in CHAT_STAGES if checkpoint.list_steps(stage, tag)]
+    found: dict[tuple, dict] = {}
+    while wanted:
+        stage, t = wanted.pop()
+        if (stage, t) in found or not checkpoint.list_steps(stage, t):
+            continue
+        try:
+            meta = checkpoint.read_meta(checkpoint.resolve(stage, t)[2])
+        except CheckpointError:
+            continue
+        source = parse_source(meta.get("source"))
+        found[(stage, t)] = {"stage": stage, "tag": t, "step": meta.get("step"), "source": source,
+                             "data": meta.get("data") or describe_data(meta.get("args") or {}),
+                             "tokenizer": meta.get("tokenizer"), "metrics": meta.get("metrics") or {},
+                             "steps": checkpoint.list_steps(stage, t)}
+        if source is not None:
+            wanted.append(source[:2])
+    return sorted(found.values(), key=lambda c: (CHAT_STAGES.index(c["stage"]), c["tag"] != tag, c["tag"]))
+
+
+def tokenizer_folder(lineage: list[dict]) -> Path:
+    """The folder of the tokenizer the report's base model was trained with (else the current one)."""
+    from chatforge.tokenizer import current_tokenizer_name
+
+    names = [c["tokenizer"] for c in lineage if c["stage"] == "base"]
+    return paths.tokenizer_dir(names[0] if names else current_tokenizer_name(), create=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +320,37 @@ def plot_curves(curves: dict, key: str, ylabel: str, title: str, path: Path) -> 
     return True
 
 
+def centered_table(data: dict) -> dict[str, dict[str, float | None]]:
+    """metric -> stage -> centered score, (accuracy - chance) / (1 - chance): 0 is chance, 1 perfect.
+    CORE and ChatCORE are centered already; a task result that records no chance level is left out."""
+    table = {row: {stage: None for stage in CHAT_STAGES} for row in EVAL_ROWS}
+    if data["core"]:
+        table["CORE"]["base"] = data["core"].get("core")
+    for stage, chat in data["chat"].items():
+        for task, result in ((chat or {}).get("tasks") or {}).items():
+            if task not in table:
+                continue
+            if result.get("centered") is not None:
+                table[task][stage] = result["centered"]
+            elif result.get("accuracy") is not None and result.get("baseline") is not None:
+                table[task][stage] = (result["accuracy"] - result["baseline"]) / (1 - result["baseline"])
+        if chat:
+            table["ChatCORE"][stage] = chat.get("chatcore")
+    return table
+
+
+def chance_levels(data: dict) -> dict[str, float]:
+    """task -> the accuracy of random guessing, as the chat evaluations recorded it."""
+    levels = {}
+    for chat in data["chat"].values():
+        for task, result in ((chat or {}).get("tasks") or {}).items():
+            if result.get("baseline") is not None:
+                levels.setdefault(task, result["baseline"])
+    return levels
+
+
 def plot_evals(table: dict, path: Path) -> bool:
+    """Centered scores by stage on one axis: accuracies and centered scores never share it."""
     rows = [row for row in EVAL_ROWS if any(v is not None for v in table[row].values())]
     stages = [s for s in CHAT_STAGES if any(table[row][s] is not None for row in rows)]
     if not rows:
@@ -256,18 +359,44 @@ def plot_evals(table: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
     width = 0.8 / max(1, len(stages))
     for i, stage in enumerate(stages):
-        values = [table[row][stage] or 0.0 for row in rows]
-        ax.bar([x + i * width for x in range(len(rows))], values, width, label=stage)
+        xs = [x + i * width for x, row in enumerate(rows) if table[row][stage] is not None]
+        values = [table[row][stage] for row in rows if table[row][stage] is not None]
+        ax.bar(xs, values, width, label=stage)
     ax.set_xticks([x + width * (len(stages) - 1) / 2 for x in range(len(rows))])
     ax.set_xticklabels(rows, rotation=30, ha="right")
-    ax.set_ylabel("score (accuracy; CORE/ChatCORE centered)")
-    ax.set_title("evaluations by stage")
-    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_ylabel("centered score (0 = chance, 1 = perfect)")
+    ax.set_title("evaluations by stage: below 0 is worse than guessing")
+    ax.axhline(0, color="black", linewidth=0.8, linestyle="--", label="chance")
     ax.legend()
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
     return True
+
+
+def lineage_rows(lineage: list[dict]) -> list[list[str]]:
+    rows = []
+    for c in lineage:
+        source = c["source"]
+        started = (f"{source[0]}/{source[1]} step {source[2]}" if source and source[2] is not None
+                   else f"{source[0]}/{source[1]}" if source else "scratch (random init)")
+        metrics = ", ".join(f"{k} {fmt(v)}" for k, v in c["metrics"].items() if isinstance(v, (int, float))) or "none"
+        rows.append([f"{c['stage']}/{c['tag']} step {c['step']}", started, str(c["data"]),
+                     c["tokenizer"] or "tokenizer/ (unnamed, old layout)",
+                     ", ".join(map(str, c["steps"])), metrics])
+    return rows
+
+
+def recorded_samples(data: dict, stage: str) -> list[str]:
+    """A few 'prompt -> reply' lines the stages recorded for `stage`'s checkpoint."""
+    if stage == "base":
+        samples = (data["samples"] or {}).get("samples") or []
+        if samples:
+            return [f"{s['prompt']!r} -> {s['completion']!r}" for s in samples[:4]]
+        logged = [r["samples"] for r in data["curves"]["base"] if r.get("samples")]
+        return [repr(s) for s in logged[-1][:4]] if logged else []
+    samples = (data["chat"].get(stage) or {}).get("samples") or []
+    return [f"{s.get('prompt')!r} -> {s.get('reply')!r}" for s in samples[:4]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +431,24 @@ def build_blocks(data: dict, out_dir: Path, gpu_hour_cost: float) -> list[tuple]
         blocks.append(("table", ["stage", "status", "duration", "started"], stage_table))
         if total is not None:
             blocks.append(("p", f"Sum of stage durations: {format_duration(total)}."))
+
+    # the checkpoints on disk and where each came from
+    blocks.append(("h", 2, "Checkpoints and lineage"))
+    if data["lineage"]:
+        blocks.append(("table", ["checkpoint", "started from", "data", "tokenizer", "steps on disk", "last metrics"],
+                       lineage_rows(data["lineage"])))
+        for c in data["lineage"]:
+            if c["tag"] != data["tag"]:
+                continue
+            lines = recorded_samples(data, c["stage"])
+            blocks.append(("p", f"Samples of {c['stage']}/{c['tag']}:" if lines else
+                                f"Samples of {c['stage']}/{c['tag']}: none recorded (`chatforge "
+                                f"{'eval base' if c['stage'] == 'base' else 'chat -p PROMPT'} --source {c['stage']} "
+                                f"--tag {c['tag']}` shows some)."))
+            if lines:
+                blocks.append(("list", lines))
+    else:
+        blocks.append(("p", f"No checkpoint with tag {data['tag']} is on disk."))
 
     # tokenizer
     blocks.append(("h", 2, "Tokenizer"))
@@ -357,13 +504,15 @@ def build_blocks(data: dict, out_dir: Path, gpu_hour_cost: float) -> list[tuple]
         blocks.append(("p", f"CORE: {NOT_RUN}."))
 
     # evaluations by stage
-    table = eval_table(data)
+    table, chance = eval_table(data), chance_levels(data)
     blocks.append(("h", 2, "Evaluations by stage"))
-    blocks.append(("table", ["metric", *CHAT_STAGES], [[row, *(fmt(table[row][s]) for s in CHAT_STAGES)]
-                                                       for row in EVAL_ROWS]))
-    blocks.append(("p", "CORE and ChatCORE are centered (0 = chance, 1 = perfect); the tasks are accuracies."))
-    if plot_evals(table, out_dir / "evals.png"):
-        blocks.append(("img", "evals.png", "evaluations by stage"))
+    blocks.append(("table", ["metric", "chance", *CHAT_STAGES],
+                   [[row, "0 (centered)" if row in ("CORE", "ChatCORE") else fmt(chance.get(row), missing="n/a"),
+                     *(fmt(table[row][s]) for s in CHAT_STAGES)] for row in EVAL_ROWS]))
+    blocks.append(("p", "The tasks are accuracies, next to the accuracy of guessing; CORE and ChatCORE are centered "
+                        "(0 = chance, 1 = perfect). The chart puts every score on the centered scale."))
+    if plot_evals(centered_table(data), out_dir / "evals.png"):
+        blocks.append(("img", "evals.png", "centered scores by stage"))
 
     # training summaries of the chat stages
     rows = []
@@ -378,7 +527,7 @@ def build_blocks(data: dict, out_dir: Path, gpu_hour_cost: float) -> list[tuple]
     blocks.append(("h", 2, "Midtraining, SFT, RL"))
     blocks.append(("table", ["stage", "steps", "final train loss", "final val loss", "time"], rows))
 
-    notes = list(((data["markers"].get("data") or {}).get("sources") or {}).get("notes") or [])
+    notes = list(((data["markers"].get("data") or {}).get("sources") or {}).get("notes") or []) + data["gone"]
     if data["absent"]:
         notes.append(f"stages whose module is not in this checkout: {', '.join(data['absent'])}")
     for source in (core, *data["chat"].values()):

@@ -1,7 +1,8 @@
 """`chatforge speedrun`: every stage in order for a preset, resumable after a crash.
 
     chatforge speedrun                                  # the demo: a tiny model on a laptop CPU
-    chatforge speedrun --preset demo --data-dir ../shared/data
+    chatforge speedrun --preset demo --data-dir DIR      # your data folder (layout below)
+    chatforge speedrun --preset gpu1 --data-dir DIR     # every stage at real settings on one GPU, <= 9 min
     chatforge speedrun --preset d20 --rl                # nanochat's "$100" class run, one 8-GPU node
     chatforge speedrun --name Quill                     # midtraining and SFT teach it that it is Quill
 
@@ -22,7 +23,7 @@ With several local GPUs, training and evaluation stages run under
 `torchrun --standalone --nproc_per_node=N -m chatforge <stage> ...`; with one or none, as one process.
 
 Where the data comes from (the `data` stage decides once and records it in data.done):
-1. `--data-dir DIR` (or $CHATFORGE_DATA_DIR): local copies laid out like ../shared/data
+1. `--data-dir DIR` (or $CHATFORGE_DATA_DIR): your data folder, laid out like the sources
    (pretrain/<corpus>, eval/core, eval/{gsm8k,mmlu,arc,humaneval}, chat/);
 2. else a download of the preset's pretraining shards (the other stages download their own data);
 3. else, with no network (or `--offline`): the standard library's docstrings as the corpus,
@@ -33,6 +34,7 @@ Where the data comes from (the `data` stage decides once and records it in data.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import json
@@ -53,6 +55,7 @@ from chatforge.tasks import EVAL_TASK_DATA, EVAL_TASKS
 CHAT_TASKS = EVAL_TASKS
 CHAT_TASK_DATA = {name: folder for name, folder in EVAL_TASK_DATA.items() if folder}
 STOP_ENV = "CHATFORGE_SPEEDRUN_STOP_AFTER"
+DATA_LAYOUT = "pretrain/<corpus>, eval/core, eval/<task>, chat/"
 STAGES = ("data", "tokenizer", "tokenizer-eval", "pretrain", "eval-base", "midtrain", "eval-mid", "sft",
           "eval-sft", "rl", "eval-rl", "report")
 
@@ -62,7 +65,7 @@ class Preset:
     """Arguments per stage; the pipeline adds the data, tag and --resume flags around them."""
 
     description: str
-    local_corpus: str          # the folder under <data-dir>/pretrain/ this preset trains on
+    local_corpus: str          # the folder (or glob) under <data-dir>/pretrain/ this preset trains on
     shards: int                # training shards to download when there is no local copy
     tokenizer: list[str]
     pretrain: list[str]
@@ -71,6 +74,8 @@ class Preset:
     sft: list[str]
     eval_chat: list[str]
     rl: list[str] = field(default_factory=list)
+    chat_evals: tuple[str, ...] = ("mid", "sft", "rl")  # the checkpoints `eval chat` scores
+    rl_by_default: bool = False  # run RL without --rl
 
 
 PRESETS: dict[str, Preset] = {
@@ -83,12 +88,12 @@ PRESETS: dict[str, Preset] = {
         pretrain=["--depth", "4", "--head-dim", "64", "--max-seq-len", "256", "--device-batch-size", "8",
                   "--total-batch-size", "2048", "--num-iterations", "250", "--eval-every", "50",
                   "--eval-tokens", "32768", "--sample-every", "125", "--save-every", "50"],
-        eval_base=["--max-per-task", "16", "--eval-tokens", "32768", "--device-batch-size", "8"],
+        eval_base=["--max-problems", "16", "--eval-tokens", "32768", "--device-batch-size", "8"],
         midtrain=["--num-iterations", "60", "--device-batch-size", "8", "--save-every", "20"],
         sft=["--num-iterations", "40", "--device-batch-size", "8", "--save-every", "20"],
         eval_chat=["--max-problems", "8", "--max-new-tokens", "48"],
         rl=["--num-iterations", "10", "--examples-per-step", "4", "--num-samples", "4",
-            "--max-new-tokens", "48", "--eval-examples", "8", "--save-every", "5"]),
+            "--max-new-tokens", "48", "--max-problems", "8", "--save-every", "5"]),
     # The demo shrunk for CI (two shared cores, a few minutes): same stages, toy sizes.
     "tiny": Preset(
         description="the demo at toy size, for tests and CI (a few minutes on 2 cores)",
@@ -97,36 +102,66 @@ PRESETS: dict[str, Preset] = {
         pretrain=["--depth", "2", "--head-dim", "32", "--max-seq-len", "128", "--device-batch-size", "4",
                   "--total-batch-size", "512", "--num-iterations", "20", "--eval-every", "10",
                   "--eval-tokens", "2048", "--sample-every", "20", "--save-every", "10"],
-        eval_base=["--max-per-task", "2", "--eval-tokens", "2048", "--device-batch-size", "4",
-                   "--core-tasks", "copa,piqa,arc_easy,boolq"],
+        eval_base=["--max-problems", "2", "--eval-tokens", "2048", "--device-batch-size", "4",
+                   "--tasks", "copa,piqa,arc_easy,boolq"],
         midtrain=["--num-iterations", "6", "--device-batch-size", "4", "--save-every", "3"],
         sft=["--num-iterations", "6", "--device-batch-size", "4", "--save-every", "3"],
         eval_chat=["--max-problems", "2", "--max-new-tokens", "12"],
         rl=["--num-iterations", "2", "--examples-per-step", "2", "--num-samples", "2",
-            "--max-new-tokens", "12", "--eval-examples", "2", "--eval-every", "0"]),
+            "--max-new-tokens", "12", "--max-problems", "2", "--eval-every", "0"]),
+    # Every stage at real settings on one H100/H200 in about 9 minutes, from a local data folder
+    # (--data-dir): depth 12, sequence 2048, compile, bf16, the device batch found by
+    # --device-batch-size auto (the default). Budget (one H200):
+    #   tokenizer  ~0.5 min  32k vocab on all ~80M characters of pretrain/openstax + pretrain/docs
+    #   pretrain   ~3 min    one pass (--epochs 1) over the same ~20M tokens: the small corpus caps the
+    #                        total batch at 1/100 of it, 2^17 = 131,072 tokens (64 rows of 2048), so
+    #                        ~150 steps at ~550k tok/s (<1 min) plus compile and the batch search
+    #   eval base  ~1 min    CORE on every local task (20 of 22), 100 items each; bpb on 1M val tokens
+    #   midtrain   ~1 min    100 steps of the base run's 131,072-token batch (13M tokens)
+    #   sft        ~1 min    200 steps of 32 conversations (eager: rows vary in length)
+    #   eval chat  ~1.5 min  all six tasks, 100 problems each, on the SFT model only; 32 problems a
+    #                        generate call and replies of at most 256 tokens keep it short
+    #   rl         ~1 min    5 steps of 16 GSM8K questions x 8 samples; pass@1..8 at the end on 32
+    #                        test questions (tool calls make that eval slow: a separate issue)
+    "gpu1": Preset(
+        description="every stage at real settings (depth 12, seq 2048, compile, bf16) on one GPU, ~9 minutes",
+        local_corpus="*/shard_*.parquet", shards=1,  # without --data-dir: one FineWeb-Edu shard
+        tokenizer=["--vocab-size", "32768", "--max-chars", "2e8"],
+        pretrain=["--depth", "12", "--max-seq-len", "2048", "--epochs", "1", "--compile", "on",
+                  "--eval-every", "50", "--eval-tokens", "1048576", "--sample-every", "0"],
+        eval_base=["--max-problems", "100", "--eval-tokens", "1048576"],
+        midtrain=["--num-iterations", "100", "--compile", "on", "--eval-every", "50", "--eval-steps", "8"],
+        sft=["--num-iterations", "200", "--eval-every", "100", "--eval-steps", "8"],
+        eval_chat=["--max-problems", "100", "--batch-size", "32", "--max-new-tokens", "256"],
+        rl=["--num-iterations", "5", "--examples-per-step", "16", "--num-samples", "8",
+            "--max-new-tokens", "256", "--max-problems", "32", "--eval-every", "0"],
+        chat_evals=("sft",), rl_by_default=True),
     # nanochat's "$100" class run for one 8xH100 node (~4 hours there): depth 20 with the dial's
-    # token budget (10.5 tokens per non-embedding parameter, about 5B tokens), 240 FineWeb-Edu shards
-    # (as nanochat; about twice what the budget reads); full CORE and chat evals.
+    # token budget (10.5 tokens per non-embedding parameter: 477M x 10.5 = 5.0B tokens) in 9,555
+    # steps of 524,288 tokens (8 ranks x 32 rows x 2048; on one GPU, 256 rows a step in micro-batches
+    # that fit); 240 FineWeb-Edu shards (as nanochat; ~2.5x what the budget reads at ~52M tokens a
+    # shard); full CORE and chat evals. Device batches: auto (32 rows per rank on 80 GB cards).
     "d20": Preset(
         description="depth 20, one 8xH100 node, about 4 hours",
         local_corpus="fineweb-edu", shards=240,
         tokenizer=["--vocab-size", "65536", "--max-chars", "2e9"],
-        pretrain=["--depth", "20", "--device-batch-size", "32", "--save-every", "2000"],
+        pretrain=["--depth", "20", "--save-every", "2000"],
         eval_base=[],
-        midtrain=["--device-batch-size", "32"],
-        sft=["--device-batch-size", "4"],
+        midtrain=[],
+        sft=[],
         eval_chat=[],
         rl=[]),
     # Aims at GPT-2 (1.5B)'s CORE of 0.2565: depth 26 with FP8 matmuls on Hopper; the dial's budget
-    # is about 10B tokens (~190 shards), 400 leave room; a smaller device batch for the wider model.
+    # is 973M x 10.5 = 10.2B tokens (~200 shards), 400 leave room, in 9,743 steps of 1,048,576 tokens
+    # (8 ranks x 64 rows x 2048, in auto-sized micro-batches with accumulation).
     "gpt2": Preset(
         description="depth 26 with FP8 on Hopper, targets GPT-2's CORE 0.2565",
         local_corpus="fineweb-edu", shards=400,
         tokenizer=["--vocab-size", "65536", "--max-chars", "2e9"],
-        pretrain=["--depth", "26", "--fp8", "--device-batch-size", "16", "--save-every", "2000"],
+        pretrain=["--depth", "26", "--fp8", "--save-every", "2000"],
         eval_base=[],
-        midtrain=["--device-batch-size", "16"],
-        sft=["--device-batch-size", "4"],
+        midtrain=[],
+        sft=[],
         eval_chat=[],
         rl=[]),
 }
@@ -176,14 +211,15 @@ def resolve_sources(preset: Preset, data_dir: str | None, offline: bool) -> Sour
 
 def _local_sources(preset: Preset, root: Path) -> Sources:
     if not root.is_dir():
-        raise UsageError(f"--data-dir {root} is not a folder; point it at a copy laid out like ../shared/data")
+        raise UsageError(f"--data-dir {root} is not a folder; point it at a folder laid out as "
+                         f"{DATA_LAYOUT}")
     notes = [f"data from local copies under {root}"]
     corpus = root / "pretrain" / preset.local_corpus
-    if not corpus.exists():
+    if not (glob.glob(str(corpus)) if glob.has_magic(preset.local_corpus) else corpus.exists()):
         raise UsageError(f"--data-dir {root} has no pretrain/{preset.local_corpus}; the {preset.local_corpus} "
                          "corpus is what this preset trains on")
     if preset.local_corpus == "fineweb-edu":  # parquet shards: copy them where `pretrain` reads them
-        if _chatforge(["data", "download", "-n", str(preset.shards), "--data-dir", str(root / "pretrain")]):
+        if _chatforge(["data", "download", "-n", str(preset.shards), "--from", str(root / "pretrain")]):
             raise ChatforgeError(f"copying shards from {corpus} failed (see above)")
         corpus_args = []
     else:
@@ -290,11 +326,12 @@ def _human_eval_file() -> Path | None:
 
 def build_plan(name: str, preset: Preset, src: Sources, rl: bool, model_name: str | None = None) -> list[Stage]:
     tag = ["--tag", name]
+    tokenizer = ["--tokenizer-name", name]  # the preset's own: other tokenizers on disk never change it
     tasks = ["--data-dir", src.task_dir] if src.task_dir else []
     mixture = [*tasks, *src.mixture_args, *(["--name", model_name] if model_name else [])]
     eval_base = ["eval", "base", "--source", "base", *tag, *src.corpus_args, *preset.eval_base]
     if src.eval_bundle:
-        eval_base += ["--eval-bundle", src.eval_bundle]
+        eval_base += ["--data-dir", src.eval_bundle]
     elif src.mode == "offline":
         eval_base += ["--skip", "core"]
     chat_tasks = ["-a", ",".join(src.chat_tasks)]
@@ -303,25 +340,26 @@ def build_plan(name: str, preset: Preset, src: Sources, rl: bool, model_name: st
         return Stage(f"eval-{stage}", ["eval", "chat", "--source", stage, *tag, *chat_tasks, *tasks,
                                        *preset.eval_chat], [f"eval/{stage}/{name}/chat.json"], distributed=True)
 
+    chat_evals = {stage: eval_chat(stage) for stage in preset.chat_evals}
     plan = [
-        Stage("tokenizer", ["tokenizer", "train", *src.corpus_args, *preset.tokenizer],
-              ["tokenizer/tokenizer.json", "tokenizer/train.json"]),
-        Stage("tokenizer-eval", ["tokenizer", "eval"], ["tokenizer/eval.json"]),
-        Stage("pretrain", ["pretrain", *tag, "--resume", *src.corpus_args, *preset.pretrain],
+        Stage("tokenizer", ["tokenizer", "train", *tokenizer, *src.corpus_args, *preset.tokenizer],
+              [f"tokenizer/{name}/tokenizer.json", f"tokenizer/{name}/train.json"]),
+        Stage("tokenizer-eval", ["tokenizer", "eval", *tokenizer], [f"tokenizer/{name}/eval.json"]),
+        Stage("pretrain", ["pretrain", *tag, *tokenizer, "--resume", *src.corpus_args, *preset.pretrain],
               [f"eval/base/{name}/pretrain.json"], distributed=True),
         Stage("eval-base", eval_base, [f"eval/base/{name}/bpb.json"], distributed=True),
         Stage("midtrain", ["midtrain", "--source", "base", *tag, "--resume", *mixture, *preset.midtrain],
               [f"eval/mid/{name}/midtrain.json"], distributed=True, requires="chatforge.train.midtrain"),
-        eval_chat("mid"),
+        *([chat_evals["mid"]] if "mid" in chat_evals else []),
         # the eval-sft stage runs the chat suite, so SFT's own end-of-run eval is switched off
-        Stage("sft", ["sft", "--source", "mid", *tag, "--resume", *mixture, "--eval-max-problems", "0",
+        Stage("sft", ["sft", "--source", "mid", *tag, "--resume", *mixture, "--max-problems", "0",
                       *preset.sft], [f"eval/sft/{name}/sft.json"], distributed=True, requires="chatforge.train.sft"),
-        eval_chat("sft"),
+        *([chat_evals["sft"]] if "sft" in chat_evals else []),
     ]
     if rl and "GSM8K" in src.chat_tasks:
         plan += [Stage("rl", ["rl", "--source", "sft", *tag, "--resume", *tasks, *preset.rl],
-                       [f"eval/rl/{name}/rl.json"], distributed=True, requires="chatforge.train.rl"),
-                 eval_chat("rl")]
+                       [f"eval/rl/{name}/rl.json"], distributed=True, requires="chatforge.train.rl")]
+        plan += [chat_evals["rl"]] if "rl" in chat_evals else []
     plan.append(Stage("report", ["report", "--preset", name], ["report/report.md"], always=True))
     return plan
 
@@ -384,12 +422,14 @@ def run_stage(stage: Stage, nproc: int, markers: Path) -> dict:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS),
-                        help="demo (default: laptop CPU), tiny (CI), d20 (8xH100, ~4 h), gpt2 (FP8, CORE 0.2565)")
+                        help="demo (default: laptop CPU), tiny (CI), gpu1 (one GPU, every stage, ~9 min), "
+                             "d20 (8xH100, ~4 h), gpt2 (FP8, CORE 0.2565)")
     parser.add_argument("--data-dir", default=os.environ.get("CHATFORGE_DATA_DIR"),
-                        help="local copies laid out like ../shared/data (default: $CHATFORGE_DATA_DIR, else download)")
+                        help=f"your data folder ({DATA_LAYOUT}; default: $CHATFORGE_DATA_DIR, else download)")
     parser.add_argument("--offline", action="store_true",
                         help="use the data that needs no network (stdlib corpus, generated conversations)")
-    parser.add_argument("--rl", action="store_true", help="also run RL on GSM8K after SFT, and evaluate it")
+    parser.add_argument("--rl", action="store_true",
+                        help="also run RL on GSM8K after SFT, and evaluate it (the gpu1 preset always does)")
     parser.add_argument("--name", default=None,
                         help="the model's name, taught by midtraining and SFT (default chatforge)")
     parser.add_argument("--nproc-per-node", type=int, default=None,
@@ -429,7 +469,8 @@ def main(args) -> dict:
                                               "duration_s": round(time.time() - t0, 2), "outputs": []})
         print0(f"=== speedrun: data done in {format_duration(time.time() - t0)} ({src.mode})")
         rerun = data_marker is not None  # the sources changed: everything downstream is stale
-    plan = build_plan(args.preset, preset, with_model_name(src, args.name), args.rl, args.name)
+    plan = build_plan(args.preset, preset, with_model_name(src, args.name), args.rl or preset.rl_by_default,
+                      args.name)
 
     ran, skipped, absent = [], [], []
     (markers / "absent.json").unlink(missing_ok=True)

@@ -1,7 +1,10 @@
 """The BPE tokenizer: trained with rustbpe, encoded with tiktoken, nine chat specials on top.
 
 Where it sits: `chatforge tokenizer train` builds one from the pretraining corpus and saves it under
-`<base>/tokenizer/`; every later stage loads it with `load_tokenizer()`.
+`<base>/tokenizer/<name>/`, kept by name so that retraining never replaces the one an older checkpoint
+needs; `<base>/tokenizer/current.txt` names the one a new run uses (`load_tokenizer()`), and each
+checkpoint records the name it was trained with. The layout before names (one tokenizer straight in
+`<base>/tokenizer/`) still loads: it is the tokenizer of checkpoints that record none.
 
 Choices:
 - Byte-level BPE over chunks cut by GPT-4's split regex, except that runs of digits are cut into
@@ -52,6 +55,7 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 MAX_VOCAB_SIZE = 2**17
 TOKENIZER_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.pt"
+CURRENT_FILE = "current.txt"  # in tokenizer/: the name of the tokenizer a new run uses
 _FORMAT = "chatforge-bpe"
 _FORMAT_VERSION = 1
 
@@ -89,6 +93,7 @@ class Tokenizer:
         self.special_tokens = {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
         self.vocab_size = n + len(SPECIAL_TOKENS)
         self.bos_id = self.special_tokens["<|bos|>"]
+        self.name: str | None = None  # its folder under tokenizer/ (None: the unnamed one of the old layout)
         self._enc = tiktoken.Encoding(
             name="chatforge", pat_str=pattern, mergeable_ranks=mergeable_ranks,
             special_tokens=self.special_tokens, explicit_n_vocab=self.vocab_size,
@@ -232,16 +237,58 @@ class Tokenizer:
             ) from None
 
 
-def load_tokenizer(directory: str | Path | None = None) -> Tokenizer:
-    """The trained tokenizer from `directory` (default: <base>/tokenizer)."""
-    return Tokenizer.load(paths.tokenizer_dir(create=False) if directory is None else directory)
+def tokenizer_name(name: str) -> str:
+    """A tokenizer name that is one path component and can never be one of the files beside the
+    named folders (current.txt, and the old layout's tokenizer.json, train.json ...): no dots."""
+    return paths.safe_name(name.replace(".", "-"))
 
 
-def load_token_bytes(directory: str | Path | None = None):
-    """The saved token_bytes tensor (int32, (vocab_size,)) from `directory` (default: <base>/tokenizer)."""
+def tokenizer_names() -> list[str]:
+    """The named tokenizers on disk, sorted."""
+    root = paths.tokenizer_dir(create=False)
+    if not root.is_dir():
+        return []
+    return sorted(d.name for d in root.iterdir() if (d / TOKENIZER_FILE).is_file())
+
+
+def current_tokenizer_name() -> str | None:
+    """The tokenizer a new run uses: the one tokenizer/current.txt names (the last one trained), else
+    the old layout's unnamed one (None), else the most recently written named one."""
+    root = paths.tokenizer_dir(create=False)
+    try:
+        named = (root / CURRENT_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        named = ""
+    if named or (root / TOKENIZER_FILE).is_file():
+        return named or None
+    names = tokenizer_names()
+    return max(names, key=lambda n: (root / n / TOKENIZER_FILE).stat().st_mtime) if names else None
+
+
+def set_current_tokenizer(name: str) -> None:
+    paths.atomic_write_text(paths.tokenizer_dir() / CURRENT_FILE, name + "\n")
+
+
+def _directory(directory: str | Path | None, name: str | None) -> tuple[Path, str | None]:
+    if directory is not None:
+        return Path(directory), name
+    name = name or current_tokenizer_name()
+    return paths.tokenizer_dir(name, create=False), name
+
+
+def load_tokenizer(directory: str | Path | None = None, name: str | None = None) -> Tokenizer:
+    """The tokenizer in `directory`, else the one called `name`, else the current one."""
+    directory, name = _directory(directory, name)
+    tokenizer = Tokenizer.load(directory)
+    tokenizer.name = name
+    return tokenizer
+
+
+def load_token_bytes(directory: str | Path | None = None, name: str | None = None):
+    """The saved token_bytes tensor (int32, (vocab_size,)) of a tokenizer chosen as in load_tokenizer."""
     import torch
 
-    directory = Path(paths.tokenizer_dir(create=False) if directory is None else directory)
+    directory, _ = _directory(directory, name)
     path = directory / TOKEN_BYTES_FILE
     if not path.is_file():
         raise DataError(f"no token_bytes table at {path}; run `chatforge tokenizer train` first")

@@ -2,18 +2,23 @@
 
 train: reads the first `--max-chars` characters of the pretraining corpus (each document cut to
 `--doc-cap` characters so one huge document cannot dominate the pair counts), learns a BPE of
-`--vocab-size` tokens, and saves it with its token_bytes table under <base>/tokenizer/. A summary
-goes to <base>/tokenizer/train.json for the report.
+`--vocab-size` tokens, and saves it with its token_bytes table under <base>/tokenizer/<name>/, then
+makes it the current one (tokenizer/current.txt), which a new `pretrain` uses. The name is
+`--tokenizer-name`, else the data's name and the vocabulary size (`fineweb-edu-32768`,
+`input-4096`). A tokenizer that a checkpoint was trained with is never overwritten: an explicit
+name is refused, a derived one gets a free suffix (`input-4096-2`). A summary goes to
+<base>/tokenizer/<name>/train.json for the report.
 
     chatforge tokenizer train                                  # the downloaded shards
     chatforge tokenizer train --data my_texts/ --vocab-size 4096 --max-chars 1e8
+    chatforge tokenizer train --data input.txt --vocab-size 2048 --tokenizer-name small
 
 eval: bytes per token (higher = better compression) of the trained tokenizer on short samples of
 news-like prose, code, math and multilingual text written into this module, next to GPT-2's and
 GPT-4's (cl100k_base) encodings when their files are already on this machine. Nothing is
 downloaded: a reference encoding is used only when tiktoken's cache holds it (TIKTOKEN_CACHE_DIR)
-or `--reference-dir` holds `<name>.tiktoken`; otherwise its column reads n/a. Writes
-<base>/tokenizer/eval.json.
+or `--reference-dir` holds `<name>.tiktoken`; otherwise its column reads n/a. Evaluates the current
+tokenizer (or `--tokenizer-name`) and writes eval.json beside it.
 
     chatforge tokenizer eval
 """
@@ -33,7 +38,8 @@ from chatforge import paths
 from chatforge.errors import DataError, UsageError
 from chatforge.progress import Progress, format_duration, provenance
 from chatforge.runtime import print0
-from chatforge.tokenizer import EmptyCorpusError, Tokenizer, check_vocab_size, load_tokenizer
+from chatforge.tokenizer import (EmptyCorpusError, Tokenizer, check_vocab_size, load_tokenizer,
+                                 set_current_tokenizer, tokenizer_name)
 
 # ---- train --------------------------------------------------------------------------------------
 
@@ -45,6 +51,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=32768, help="tokens including the 9 specials")
     parser.add_argument("--max-chars", type=float, default=2e9, help="characters of corpus to train on")
     parser.add_argument("--doc-cap", type=int, default=10000, help="characters kept from each document")
+    parser.add_argument("--tokenizer-name", default=None, metavar="NAME",
+                        help="save as tokenizer/NAME/ (default: the data's name and the vocabulary size)")
 
 
 def _counted(texts, total_chars: int, seen: dict):
@@ -72,6 +80,7 @@ def train_main(args: argparse.Namespace) -> dict:
     from chatforge.data.corpus import open_corpus
 
     corpus = open_corpus(args.data, args.corpus)
+    name = pick_name(args)  # before training: a refused name costs nothing
     seen = {"docs": 0, "chars": 0}
     start = time.perf_counter()
     try:
@@ -82,9 +91,10 @@ def train_main(args: argparse.Namespace) -> dict:
         raise DataError(f"the corpus {source} holds no text to train on; check --data "
                         "(or run `chatforge data download`)") from None
     seconds = time.perf_counter() - start
-    directory = paths.tokenizer_dir()
+    directory = paths.tokenizer_dir(name)
     tokenizer.save(directory)
     summary = {
+        "name": name,
         "vocab_size": tokenizer.vocab_size,
         "vocab_size_requested": args.vocab_size,
         "documents": seen["docs"],
@@ -97,9 +107,33 @@ def train_main(args: argparse.Namespace) -> dict:
         "provenance": provenance(),
     }
     paths.atomic_write_text(directory / "train.json", json.dumps(summary, indent=2) + "\n")
+    set_current_tokenizer(name)
     print0(f"trained a {tokenizer.vocab_size:,}-token BPE on {seen['chars']:,} characters "
-           f"({seen['docs']:,} documents) in {format_duration(seconds)} ({seconds:.2f} s); saved to {directory}")
+           f"({seen['docs']:,} documents) in {format_duration(seconds)} ({seconds:.2f} s); saved to {directory}, "
+           "the tokenizer new runs use now")
     return summary
+
+
+def pick_name(args: argparse.Namespace) -> str:
+    """The tokenizer's name: --tokenizer-name, refused when a checkpoint was trained with it, or one
+    derived from the data and the vocabulary size, with a suffix past the names checkpoints use."""
+    from chatforge.model.checkpoint import checkpoints_using_tokenizer, free_tokenizer_name
+
+    if args.tokenizer_name:
+        name = tokenizer_name(args.tokenizer_name)
+        users = checkpoints_using_tokenizer(name)
+        if users:
+            raise UsageError(f"tokenizer {name!r} was used to train {', '.join(users)}, which need it as it is; "
+                             "pass another --tokenizer-name")
+        return name
+    data = Path(args.data.rstrip("/\\")) if args.data else None
+    if data is not None and any(c in data.name for c in "*?["):  # a glob: name it after its folder
+        data = data.parent
+    stem = tokenizer_name(f"{data.stem if data is not None else args.corpus}-{args.vocab_size}")
+    name = free_tokenizer_name(stem)
+    if name != stem:
+        print0(f"tokenizer {stem!r} is used by existing checkpoints; this one is saved as {name!r}")
+    return name
 
 
 # ---- eval ---------------------------------------------------------------------------------------
@@ -187,6 +221,8 @@ REFERENCES = {
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-dir", default=None,
                         help="a folder with gpt2.tiktoken / cl100k_base.tiktoken (never downloaded)")
+    parser.add_argument("--tokenizer-name", default=None, metavar="NAME",
+                        help="the tokenizer to evaluate (default: the current one, the last trained)")
 
 
 def _tiktoken_cache_dir() -> str | None:
@@ -254,7 +290,7 @@ def _format_table(table: dict, names: list[str], labels: list[str]) -> str:
 
 
 def eval_main(args: argparse.Namespace) -> dict:
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(name=tokenizer_name(args.tokenizer_name) if args.tokenizer_name else None)
     references = {name: load_reference(name, args.reference_dir) for name in REFERENCES}
     table = compression_table(tokenizer, references)
     names = ["ours"] + list(REFERENCES)
@@ -265,7 +301,7 @@ def eval_main(args: argparse.Namespace) -> dict:
     result = {"vocab_size": tokenizer.vocab_size, "samples": table,
               "references_available": {name: enc is not None for name, enc in references.items()},
               "provenance": provenance()}
-    out = paths.tokenizer_dir() / "eval.json"
+    out = paths.tokenizer_dir(tokenizer.name) / "eval.json"
     paths.atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print0(f"bytes per token: higher is better compression; written to {out}")
     return result

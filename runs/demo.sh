@@ -30,4 +30,4 @@ fi
 
 chatforge env
 chatforge speedrun --preset demo "${data_flag[@]}" "$@"
-chatforge chat --source sft --tag demo -p "Hello! Who are you?" --temperature 0.8 --max-tokens 48
+chatforge chat --source sft --tag demo -p "Hello! Who are you?" --temperature 0.8 --max-new-tokens 48

@@ -15,8 +15,8 @@ def test_byte_pair_tokenizer_has_the_asked_size_and_exports():
 def test_bench_export_on_cpu(capsys):
     parser = argparse.ArgumentParser()
     export.add_arguments(parser)
-    args = parser.parse_args(["--depth", "2", "--vocab-size", "512", "--seq-len", "128", "--prompt-len", "16",
-                              "--new-tokens", "8", "--window-pattern", "SL", "--device", "cpu"])
+    args = parser.parse_args(["--depth", "2", "--vocab-size", "512", "--max-seq-len", "128", "--prompt-len", "16",
+                              "--max-new-tokens", "8", "--window-pattern", "SL", "--device", "cpu"])
     result = export.main(args)
     assert result["remote_code"] and result["float32"]["max_abs_diff"] < 1e-4
     assert result["float32"]["argmax_agreement"] == 1.0

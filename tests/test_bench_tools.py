@@ -8,8 +8,8 @@ from chatforge.bench import tools
 def test_bench_tools_measures_scripted_calls_on_cpu(capsys):
     parser = argparse.ArgumentParser()
     tools.add_arguments(parser)
-    args = parser.parse_args(["--depth", "2", "--batch-size", "6", "--tool-rate", "0.5", "--new-tokens", "80",
-                              "--seq-len", "256", "--prompt-len", "16", "--vocab-size", "512", "--calls", "20",
+    args = parser.parse_args(["--depth", "2", "--batch-size", "6", "--tool-rate", "0.5", "--max-new-tokens", "80",
+                              "--max-seq-len", "256", "--prompt-len", "16", "--vocab-size", "512", "--calls", "20",
                               "--device", "cpu"])
     result = tools.main(args)
     assert result["decode"]["tools"]["calls"] == 3  # half of the six rows, each one call

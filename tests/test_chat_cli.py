@@ -16,11 +16,11 @@ from chatforge.infer.engine import Engine
 from tiny_chat import save_tiny_checkpoint
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-FLAGS = ["--device", "cpu", "--temperature", "0", "--max-tokens", "12"]
+FLAGS = ["--device", "cpu", "--temperature", "0", "--max-new-tokens", "12"]
 
 
 def chat_args(**kw):
-    base = dict(seed=None, max_tokens=12, temperature=0.0, top_k=50, top_p=None, no_tools=False)
+    base = dict(seed=None, max_new_tokens=12, temperature=0.0, top_k=50, top_p=None, no_tools=False)
     return SimpleNamespace(**{**base, **kw})
 
 

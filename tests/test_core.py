@@ -204,6 +204,16 @@ def test_bundle_errors_name_the_file(tmp_path, monkeypatch):
         core.evaluate_core(BigramModel(torch.zeros(265, 265)), byte_tokenizer(), tmp_path, "cpu")
 
 
+def test_data_dir_is_the_bundle_or_a_data_folder_holding_it(tmp_path, monkeypatch):
+    # --data-dir means one folder in every stage: eval base finds the bundle under eval/core of it
+    monkeypatch.delenv(core.BUNDLE_ENV, raising=False)
+    bundle = tmp_path / "data" / "eval" / "core"
+    write_bundle(bundle, {"mc": ("multiple_choice", 0, None, [])}, {"mc": 25})
+    (tmp_path / "data" / "chat").mkdir()
+    assert core.resolve_bundle(bundle) == bundle
+    assert core.resolve_bundle(tmp_path / "data") == bundle
+
+
 def test_shared_bundle_loads(shared_data):
     tasks = core.load_bundle(shared_data / "eval" / "core")
     assert len(tasks) == 22

@@ -175,12 +175,12 @@ def test_cli_stage_with_url_env_and_data_dir(tmp_path, monkeypatch, capsys):
     local.mkdir(parents=True)
     for name, data in shard_files(n_train=2, val_index=6542).items():
         (local / name).write_bytes(data)
-    main(["data", "download", "-n", "2", "--corpus", "climbmix", "--data-dir", str(tmp_path / "mirror")])
+    main(["data", "download", "-n", "2", "--corpus", "climbmix", "--from", str(tmp_path / "mirror")])
     assert len(list(paths.data_dir("climbmix").glob("shard_*.parquet"))) == 3
     (local / "shard_00001.parquet").write_bytes(b"not parquet")
     (paths.data_dir("climbmix") / "shard_00001.parquet").unlink()
     with pytest.raises(SystemExit) as exit_info:
-        main(["data", "download", "-n", "2", "--corpus", "climbmix", "--data-dir", str(tmp_path / "mirror")])
+        main(["data", "download", "-n", "2", "--corpus", "climbmix", "--from", str(tmp_path / "mirror")])
     assert exit_info.value.code == 2
     assert "shard_00001.parquet" in capsys.readouterr().err
     assert not (paths.data_dir("climbmix") / "shard_00001.parquet").exists()

@@ -207,7 +207,7 @@ def test_bench_infer_runs_on_cpu_with_tiny_numbers():
 
     parser = argparse.ArgumentParser()
     infer.add_arguments(parser)
-    args = parser.parse_args("--depth 1 --head-dim 16 --vocab-size 300 --seq-len 64 --prompt-len 8 --new-tokens 4 "
+    args = parser.parse_args("--depth 1 --head-dim 16 --vocab-size 300 --max-seq-len 64 --prompt-len 8 --max-new-tokens 4 "
                              "--batch-sizes 1,3 --device cpu".split())
     rows = infer.main(args)
     assert [r["batch"] for r in rows] == [1, 3]

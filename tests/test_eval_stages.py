@@ -28,8 +28,8 @@ def test_eval_base_end_to_end(shared_data, tmp_path, capsys):
     corpus = tmp_path / "corpus.jsonl"  # every 20th document is validation
     corpus.write_text("".join(json.dumps({"text": f"document {i} is a short text about cats and dogs."}) + "\n"
                               for i in range(60)))
-    main(["eval", "base", "--device", "cpu", "--max-per-task", "2", "--core-tasks", "copa,winograd,lambada_openai",
-          "--eval-bundle", str(shared_data / "eval" / "core"), "--data", str(corpus),
+    main(["eval", "base", "--device", "cpu", "--max-problems", "2", "--tasks", "copa,winograd,lambada_openai",
+          "--data-dir", str(shared_data / "eval" / "core"), "--data", str(corpus),
           "--eval-tokens", "256", "--device-batch-size", "2"])
     out = capsys.readouterr().out
     assert "CORE" in out and "lambada_openai" in out
@@ -74,7 +74,7 @@ def test_eval_base_without_a_corpus_runs_core_and_says_bpb_was_skipped(tmp_path,
     write_bundle(tmp_path / "bundle", {"mc": ("multiple_choice", 1, " ", mc), "lm": ("language_modeling", 0, None, lm)},
                  {"mc": 33.3, "lm": 0})
     # no --data and no downloaded shards in the (fresh) base directory
-    main(["eval", "base", "--device", "cpu", "--max-per-task", "2", "--eval-bundle", str(tmp_path / "bundle")])
+    main(["eval", "base", "--device", "cpu", "--max-problems", "2", "--data-dir", str(tmp_path / "bundle")])
     out = capsys.readouterr().out
     assert "bits per byte: skipped (no pretraining corpus: no shards in" in out
     closing = out.strip().splitlines()[-1]
@@ -87,7 +87,7 @@ def test_eval_base_without_a_corpus_runs_core_and_says_bpb_was_skipped(tmp_path,
     assert json.loads((folder / "samples.json").read_text())["samples"]
     # a --data that names no corpus is the user's to fix: one line, before any CORE work
     with pytest.raises(SystemExit) as exc:
-        main(["eval", "base", "--device", "cpu", "--eval-bundle", str(tmp_path / "bundle"),
+        main(["eval", "base", "--device", "cpu", "--data-dir", str(tmp_path / "bundle"),
               "--data", str(tmp_path / "nothing-here")])
     assert exc.value.code == 2
     captured = capsys.readouterr()

@@ -231,6 +231,8 @@ def test_cli_errors_are_one_line(tmp_path, chatforge_home):
     one_line_error(run_cli("import", "--from", str(tmp_path / "nowhere"), "--tag", "t"), "is not a folder")
     assert run_cli("export", "--tag", "d2", "--out", str(tmp_path / "exp")).returncode == 0
     one_line_error(run_cli("import", "--from", str(tmp_path / "exp"), "--tag", "d2"), "already exists")
-    # a base directory whose tokenizer is another one: importing would break its checkpoints
+    # a base directory whose tokenizer is another one: the model's is kept beside it, under a name
     tiny_tokenizer(vocab_size=300).save(chatforge_home / "tokenizer")
-    one_line_error(run_cli("import", "--from", str(tmp_path / "exp"), "--tag", "new"), "tokenizer differs")
+    assert run_cli("import", "--from", str(tmp_path / "exp"), "--tag", "new").returncode == 0
+    assert load_checkpoint("sft", "new", load_optimizer=False)["meta"]["tokenizer"] == "import-new"
+    assert load_tokenizer().vocab_size == 300  # the base directory's own is untouched, still the current one

@@ -44,10 +44,10 @@ STAGES = {  # stage module, its checkpoint folder name, its argv, the step to re
     "midtrain": (midtrain, "mid", ["--mixture", "extra", "--num-iterations", "6", "--device-batch-size", "2",
                                    "--save-every", "3", "--eval-every", "3", "--eval-steps", "1"], 3),
     "sft": (sft, "sft", ["--mixture", "extra", "--num-iterations", "6", "--device-batch-size", "2",
-                         "--save-every", "3", "--eval-every", "0", "--eval-tasks", "SpellingBee",
-                         "--eval-max-problems", "2", "--eval-max-new-tokens", "4"], 3),
+                         "--save-every", "3", "--eval-every", "0", "--tasks", "SpellingBee",
+                         "--max-problems", "2", "--max-new-tokens", "4"], 3),
     "rl": (rl, "rl", ["--task", "golden-seven", "--source", "sft", "--examples-per-step", "2", "--num-samples", "4",
-                      "--max-new-tokens", "3", "--eval-examples", "2", "--pass-k", "1,2", "--num-iterations", "2",
+                      "--max-new-tokens", "3", "--max-problems", "2", "--pass-k", "1,2", "--num-iterations", "2",
                       "--save-every", "1", "--eval-every", "0"], 1),
 }
 KEYS = ("loss", "train_loss", "val_loss", "val_bpb", "reward", "pg_loss", "lr_multiplier")

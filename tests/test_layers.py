@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "chatforge"
 
 # ARCHITECTURE.md, "Who may import whom" (lower numbers are lower rows)
 LAYERS = {
-    "runtime": 1, "paths": 1, "progress": 1, "errors": 1,
+    "runtime": 1, "paths": 1, "progress": 1, "errors": 1, "flags": 1,
     "tokenizer": 2, "conversation": 2,
     "data": 3, "model": 3,
     "tasks": 4, "infer": 4,

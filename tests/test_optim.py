@@ -94,6 +94,17 @@ def test_first_step_equals_hand_computed_update():
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+def test_pending_state_bytes_is_what_the_first_step_allocates():
+    model = _model()
+    opt = build_optimizer(model)
+    pending = opt.pending_state_bytes()
+    _train_steps(model, opt, [torch.randint(0, 61, (2, 9))])
+    allocated = sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values()
+                    if isinstance(t, torch.Tensor) and t.dim() > 0)
+    assert pending == allocated > 0
+    assert opt.pending_state_bytes() == 0  # held now
+
+
 def _train_steps(model, opt, batches):
     for idx in batches:
         opt.zero_grad(set_to_none=True)

@@ -192,8 +192,8 @@ def test_two_gloo_ranks_under_torchrun(corpus, chatforge_home):
 
 @pytest.mark.shared_data
 def test_core_at_the_end_on_the_real_bundle(corpus, shared_data):
-    summary = run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--core-max-per-task", "2",
-                              "--eval-bundle", str(shared_data / "eval" / "core")))
+    summary = run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--max-problems", "2",
+                              "--data-dir", str(shared_data / "eval" / "core")))
     assert summary["core_tasks"] and len(summary["core_tasks"]) >= 20
     assert summary["core"] == pytest.approx(sum(summary["core_tasks"].values()) / len(summary["core_tasks"]))
 
@@ -201,7 +201,7 @@ def test_core_at_the_end_on_the_real_bundle(corpus, shared_data):
 def test_core_whose_bundle_is_unreachable_is_skipped_after_the_summary_is_written(corpus, monkeypatch):
     monkeypatch.delenv(core.BUNDLE_ENV, raising=False)
     monkeypatch.setenv(core.BUNDLE_URL_ENV, "http://hub.invalid/eval_bundle.zip")  # offline, even where online
-    summary = run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--core-max-per-task", "2",
+    summary = run(*tiny_flags(corpus, "--num-iterations", "2", "--eval-every", "0", "--max-problems", "2",
                               "--tag", "t"))
     written = json.loads((paths.eval_dir("base", "t") / "pretrain.json").read_text())
     assert summary["core"] is None and written["checkpoint"] == summary["checkpoint"]
@@ -236,7 +236,7 @@ def test_the_summary_says_why_val_bpb_was_not_measured(corpus, capsys):
     assert f"final train loss {summary['final_train_loss']:.4f}, val bpb not measured (--eval-every 0);" in done[0]
     assert summary["final_val_bpb"] is None and summary["not_measured"] == {
         "final_val_bpb": "--eval-every 0", "min_val_bpb": "--eval-every 0",
-        "core": "--core-max-per-task 0; `chatforge eval base` runs CORE"}
+        "core": "--max-problems 0; `chatforge eval base` runs CORE"}
 
 
 def test_an_absurd_depth_is_refused_from_its_memory_floor_before_anything_is_allocated(corpus, monkeypatch):

@@ -89,7 +89,7 @@ def test_corrupt_bundle_zip_is_deleted_with_advice(tmp_path, monkeypatch):
     with MirrorServer({"bundle.zip": broken}, {"/eval_bundle.zip": "bundle.zip"}) as srv:
         monkeypatch.setenv(core.BUNDLE_URL_ENV, f"{srv.base}/eval_bundle.zip")
         with pytest.raises(DataError, match=r"eval_bundle\.zip .*not a valid zip.*deleted it.*run again"
-                                            r".*CHATFORGE_EVAL_BUNDLE_URL.*--eval-bundle"):
+                                            r".*CHATFORGE_EVAL_BUNDLE_URL.*--data-dir"):
             core.resolve_bundle(None)
     assert list(paths.base_dir().iterdir()) == []
 
@@ -97,7 +97,7 @@ def test_corrupt_bundle_zip_is_deleted_with_advice(tmp_path, monkeypatch):
 def test_missing_bundle_url_names_the_mirror_variable_and_the_local_flag(monkeypatch):
     with MirrorServer({}, {}) as srv:
         monkeypatch.setenv(core.BUNDLE_URL_ENV, f"{srv.base}/nowhere.zip")
-        with pytest.raises(DownloadError, match=r"HTTP 404.*CHATFORGE_EVAL_BUNDLE_URL.*--eval-bundle"):
+        with pytest.raises(DownloadError, match=r"HTTP 404.*CHATFORGE_EVAL_BUNDLE_URL.*--data-dir"):
             core.resolve_bundle(None)
         assert srv.paths == ["/nowhere.zip"]
 

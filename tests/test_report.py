@@ -9,12 +9,18 @@ from PIL import Image
 
 from chatforge import paths, report
 from chatforge.errors import UsageError
+from chatforge.model.checkpoint import save_checkpoint
+from tiny_chat import tiny_model
 
-CHAT_SFT = {"chatcore": 0.123456, "tasks": {
-    "ARC-Easy": {"accuracy": 0.375, "num_problems": 8}, "ARC-Challenge": {"accuracy": 0.25, "num_problems": 8},
-    "MMLU": {"accuracy": 0.3125, "num_problems": 16}, "GSM8K": {"accuracy": 0.0625, "num_problems": 16},
-    "HumanEval": {"accuracy": 0.0, "num_problems": 4}, "SpellingBee": {"accuracy": 0.5, "num_problems": 4}}}
-CORE = {"core": 0.0421, "tasks": {"copa": {"accuracy": 0.55, "centered": 0.1, "num_items": 20},
+# ARC-Easy at 0.20 is below its chance of 0.25: it must read as worse than guessing
+CHAT_SFT = {"chatcore": 0.123456, "step": 3, "tasks": {
+    "ARC-Easy": {"accuracy": 0.20, "baseline": 0.25, "num_problems": 8},
+    "ARC-Challenge": {"accuracy": 0.25, "baseline": 0.25, "num_problems": 8},
+    "MMLU": {"accuracy": 0.3125, "baseline": 0.25, "num_problems": 16},
+    "GSM8K": {"accuracy": 0.0625, "baseline": 0.0, "num_problems": 16},
+    "HumanEval": {"accuracy": 0.0, "baseline": 0.0, "num_problems": 4},
+    "SpellingBee": {"accuracy": 0.5, "baseline": 0.0, "num_problems": 4}}}
+CORE = {"core": 0.0421, "step": 4, "tasks": {"copa": {"accuracy": 0.55, "centered": 0.1, "num_items": 20},
                                    "piqa": {"accuracy": 0.5, "centered": -0.0158, "num_items": 20}}}
 
 
@@ -23,7 +29,17 @@ def write(path, obj):
     path.write_text(json.dumps(obj))
 
 
+def save_ckpt(stage, tag, step, **extra):
+    model = tiny_model(300)
+    save_checkpoint(stage, tag, step, model, None, model_config=model.config.to_dict(), vocab_size=300,
+                    tokenizer_name="stories-300", extra=extra)
+
+
 def make_run(home, tag="t1"):
+    save_ckpt("base", tag, 4, data="stories.txt (1 file)")
+    save_ckpt("sft", tag, 3, source=f"base/{tag}/step 4", data="--extra me.jsonl")
+    write(home / "eval" / "base" / tag / "samples.json", {"step": 4, "samples": [
+        {"prompt": "The capital of France is", "completion": " a red house"}]})
     write(home / "tokenizer" / "train.json", {"vocab_size": 1024, "characters": 5000, "documents": 7,
                                               "train_seconds": 0.1})
     write(home / "tokenizer" / "eval.json", {"samples": {"news": {"bytes": 100, "ours": {"tokens": 40,
@@ -43,14 +59,14 @@ def make_run(home, tag="t1"):
 
 def table_after(md: str, heading: str) -> dict[str, list[str]]:
     """The first Markdown table after `heading`, as first cell -> other cells."""
-    section = md.split(heading, 1)[1]
-    rows = [line for line in section.splitlines() if line.startswith("|")]
+    lines = md.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     out = {}
-    for line in rows[2:]:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        out[cells[0]] = cells[1:]
+    for line in lines[start + 2:]:
         if not line.startswith("|"):
             break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        out[cells[0]] = cells[1:]
     return out
 
 
@@ -63,12 +79,12 @@ def test_eval_table_matches_the_json_and_missing_stages_say_not_run(chatforge_ho
     make_run(chatforge_home)
     md = run_report().read_text()
     table = table_after(md, "## Evaluations by stage")
-    assert table["CORE"][0] == f"{CORE['core']:.4f}"
+    assert table["CORE"][:2] == ["0 (centered)", f"{CORE['core']:.4f}"]
     for task, result in CHAT_SFT["tasks"].items():
-        base, mid, sft, rl = table[task]
-        assert sft == f"{result['accuracy']:.4f}"
+        chance, base, mid, sft, rl = table[task]
+        assert sft == f"{result['accuracy']:.4f}" and chance == f"{result['baseline']:.4f}"
         assert base == mid == rl == "not run"
-    assert table["ChatCORE"][2] == f"{CHAT_SFT['chatcore']:.4f}"
+    assert table["ChatCORE"][3] == f"{CHAT_SFT['chatcore']:.4f}"
     core_table = table_after(md, "## CORE by task")
     for task, result in CORE["tasks"].items():
         assert core_table[task] == [str(result["num_items"]), f"{result['accuracy']:.4f}",
@@ -131,9 +147,51 @@ def test_a_figure_a_stage_did_not_measure_says_why_not_none(chatforge_home):
     summary_path = chatforge_home / "eval" / "base" / "t1" / "pretrain.json"
     summary = json.loads(summary_path.read_text())
     write(summary_path, {**summary, "final_val_bpb": None, "not_measured": {"final_val_bpb": "--eval-every 0"}})
+    save_ckpt("mid", "t1", 3, source="base/t1/step 4")
     write(chatforge_home / "eval" / "mid" / "t1" / "midtrain.json", {
         "num_iterations": 3, "final_train_loss": 1.5, "final_val_loss": None, "wall_time_s": 2.0})
     md = run_report().read_text()
     assert "None" not in md
     assert table_after(md, "## Pretraining")["final val bpb"] == ["not measured (--eval-every 0)"]
     assert table_after(md, "## Midtraining, SFT, RL")["mid"][:3] == ["3", "1.5000", "not measured"]
+
+
+def test_the_chart_is_on_the_centered_scale_so_below_chance_reads_below_zero(chatforge_home):
+    make_run(chatforge_home)
+    centered = report.centered_table(report.collect("t1", None))
+    assert centered["ARC-Easy"]["sft"] == pytest.approx((0.20 - 0.25) / 0.75)  # negative: worse than guessing
+    assert centered["ARC-Challenge"]["sft"] == 0.0 and centered["SpellingBee"]["sft"] == 0.5
+    assert centered["CORE"]["base"] == CORE["core"] and centered["ChatCORE"]["sft"] == CHAT_SFT["chatcore"]
+    # the tallest bar is the best score above chance, never an accuracy next to centered scores
+    best = max((v, row) for row, by in centered.items() for v in by.values() if v is not None)
+    assert best[1] == "SpellingBee"
+
+
+def test_lineage_says_where_each_checkpoint_came_from_and_on_what_data(chatforge_home):
+    make_run(chatforge_home)
+    save_ckpt("base", "other", 2, data="unrelated.txt")  # another tag, not an ancestor: not listed
+    md = run_report().read_text()
+    lineage = table_after(md, "## Checkpoints and lineage")
+    assert set(lineage) == {"base/t1 step 4", "sft/t1 step 3"}
+    assert lineage["base/t1 step 4"][:3] == ["scratch (random init)", "stories.txt (1 file)", "stories-300"]
+    assert lineage["sft/t1 step 3"][:3] == ["base/t1 step 4", "--extra me.jsonl", "stories-300"]
+    assert "- 'The capital of France is' -> ' a red house'" in md  # the base model's recorded samples
+
+
+def test_an_sft_variant_from_another_tag_shows_its_source(chatforge_home):
+    make_run(chatforge_home)
+    save_ckpt("sft", "v2", 5, source="base/t1/step 4", data="--extra other.jsonl")
+    lineage = table_after(run_report(tag="v2").read_text(), "## Checkpoints and lineage")
+    assert list(lineage) == ["base/t1 step 4", "sft/v2 step 5"]
+
+
+def test_the_eval_of_a_deleted_checkpoint_is_not_shown(chatforge_home):
+    import shutil
+
+    make_run(chatforge_home)
+    shutil.rmtree(chatforge_home / "checkpoints" / "sft" / "t1")
+    md = run_report().read_text()
+    table = table_after(md, "## Evaluations by stage")
+    assert table["ARC-Easy"][3] == "not run" and table["ChatCORE"][3] == "not run"
+    assert "sft/t1" not in "".join(table_after(md, "## Checkpoints and lineage"))
+    assert "eval/sft/t1/chat.json is left out: its checkpoint (sft/t1 step 3) is no longer on disk" in md

@@ -116,7 +116,7 @@ def run(*argv: str) -> dict:
 
 def seven_flags(*extra: str) -> list[str]:
     return ["--task", "seven-test", "--device", "cpu", "--examples-per-step", "4", "--num-samples", "16",
-            "--max-new-tokens", "2", "--eval-examples", "4", "--pass-k", "1,4", "--init-lr-frac", "1.0", *extra]
+            "--max-new-tokens", "2", "--max-problems", "4", "--pass-k", "1,4", "--init-lr-frac", "1.0", *extra]
 
 
 def test_mean_reward_rises_on_a_learnable_task():
@@ -205,7 +205,7 @@ def test_cli_end_to_end_on_gsm8k(shared_data, chatforge_home):
     env = {**os.environ, "CHATFORGE_HOME": str(chatforge_home), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "chatforge", "rl", "--data-dir", str(shared_data), "--device", "cpu",
            "--num-iterations", "2", "--examples-per-step", "2", "--num-samples", "2", "--max-new-tokens", "8",
-           "--eval-every", "0", "--eval-examples", "2", "--pass-k", "1,2", "--run-id", "cli"]
+           "--eval-every", "0", "--max-problems", "2", "--pass-k", "1,2", "--run-id", "cli"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout + done.stderr

@@ -122,3 +122,37 @@ def test_a_row_waiting_for_its_tool_does_not_hold_the_session(monkeypatch):
                 finished_first = t.row
     assert finished_first == fast  # the fast row finished while the slow one waited
     assert outputs[slow][0] == outputs[fast][0] == expected
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_keep_decoding():
+    """A prompt longer than the prefill chunk arrives among running rows: it is prefilled over
+    several steps, each of which still gives every running row its next token, and every reply
+    (greedy and seeded sampling) equals the unchunked session's."""
+    tok = tiny_tokenizer()
+    engine = Engine(tiny_model(tok.vocab_size, sequence_len=256), tok)
+    long = prompt(engine, " ".join(["the cat sat on a mat and the dog ran"] * 12))
+    running = [prompt(engine, t) for t in ("hello there", "how are you", "answer is yes")]
+    assert len(long) > 3 * 32
+
+    def serve(chunk, temperature):
+        session = DecodeSession(engine, capacity=8, temperature=temperature, use_tools=False, prefill_chunk=chunk)
+        outputs = {}
+        slots = [session.admit(p, max_tokens=60, seed=i)[0] for i, p in enumerate(running)]
+        drain(session, outputs, steps=4)
+        [late] = session.admit(long, max_tokens=20, seed=7)
+        steps_to_first = 0
+        while late not in outputs:
+            step = session.step()
+            steps_to_first += 1
+            assert set(slots) <= {t.row for t in step}  # the running rows got their token this step too
+            for t in step:
+                outputs.setdefault(t.row, [[]])[-1].append(t.token)
+        drain(session, outputs)
+        return steps_to_first, outputs
+
+    for temperature in (0.0, 1.0):
+        chunked_steps, chunked = serve(32, temperature)
+        whole_steps, whole = serve(None, temperature)
+        assert chunked_steps >= 3 and whole_steps == 1  # the chunks spread over steps; unchunked takes one
+        assert chunked == whole
+        assert all(len(reply[0]) > 0 for reply in chunked.values())

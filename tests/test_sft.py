@@ -108,7 +108,7 @@ def test_tiny_pipeline_base_mid_sft_answers_from_training_set(tmp_path):
     assert mid["num_iterations"] == 30 and mid["final_val_loss"] is None
     assert (paths.eval_dir("mid", "t") / "midtrain.json").is_file()
     out = run_stage(sft, common + ["--num-iterations", "150", "--device-batch-size", "4", "--examples-per-step", "4",
-                                   "--init-lr-frac", "1.0", "--eval-every", "0", "--eval-max-problems", "0"])
+                                   "--init-lr-frac", "1.0", "--eval-every", "0", "--max-problems", "0"])
     assert out["final_train_loss"] < 0.1, out["final_train_loss"]
     engine = Engine.from_checkpoint("sft", "t", device="cpu")
     tok = engine.tokenizer
@@ -144,7 +144,7 @@ def test_name_reaches_the_identity_conversations_and_the_stages_after(tmp_path, 
     assert checkpoint.read_meta(checkpoint.resolve("mid", "t")[2])["name"] == "Zed"
     # sft from that mid checkpoint, without --name: the model keeps its name
     run_stage(sft, ["--extra", extra, "--num-iterations", "1", "--device-batch-size", "4", "--device", "cpu",
-                    "--eval-max-problems", "0", "--tag", "t"])
+                    "--max-problems", "0", "--tag", "t"])
     assert checkpoint.read_meta(checkpoint.resolve("sft", "t")[2])["name"] == "Zed"
 
     parser = argparse.ArgumentParser()
@@ -168,10 +168,28 @@ def test_sft_finishes_and_keeps_its_checkpoint_when_eval_data_is_unreachable(tmp
     extra = str(write_extra(tmp_path / "facts.jsonl", [(f"{q} ({i})", a) for i in range(3) for q, a in FACTS]))
     out = run_stage(sft, ["--source", "base", "--extra", extra, "--mixture", "extra", "--num-iterations", "2",
                           "--device-batch-size", "4", "--device", "cpu", "--tag", "t",
-                          "--eval-tasks", "ARC-Easy,SpellingBee", "--eval-max-problems", "2",
-                          "--eval-max-new-tokens", "4"])
+                          "--tasks", "ARC-Easy,SpellingBee", "--max-problems", "2",
+                          "--max-new-tokens", "4"])
     assert checkpoint.resolve("sft", "t")[1] == 2
     summary = json.loads((paths.eval_dir("sft", "t") / "sft.json").read_text())
     assert "cannot be downloaded" in summary["chat_eval"]["skipped"]["ARC-Easy"]
     assert set(summary["chat_eval"]["tasks"]) == {"SpellingBee"} and "without ARC-Easy" in summary["chat_eval"]["note"]
     assert summary["final_val_loss"] == out["final_val_loss"] is not None  # on the held-out line
+
+
+def test_a_second_variant_from_the_same_source_is_a_new_tag(tmp_path):
+    tiny_base()
+    extra = str(write_extra(tmp_path / "facts.jsonl"))
+    quick = ["--source", "base", "--extra", extra, "--mixture", "extra", "--device", "cpu", "--num-iterations", "2",
+             "--device-batch-size", "2", "--examples-per-step", "2", "--eval-every", "0", "--max-problems", "0"]
+    assert run_stage(sft, quick)["tag"] == "t"  # no --tag: the source's
+    with pytest.raises(UsageError, match=r"checkpoints/sft/t already holds step 2; pass --resume to continue it, "
+                                         r"or a new --tag"):
+        run_stage(sft, quick)
+    second = run_stage(sft, [*quick, "--tag", "v2"])  # base has no v2: its latest tag, t
+    third = run_stage(sft, [*quick, "--tag", "v3", "--source-tag", "t"])
+    assert second["source"] == third["source"] == "base/t/step 1"
+    assert checkpoint.list_tags("sft") == ["t", "v2", "v3"]
+    meta = checkpoint.read_meta(checkpoint.resolve("sft", "v2")[2])
+    assert meta["args"]["source_tag"] == "t" and meta["source"] == "base/t/step 1"
+    assert meta["data"] == f"--extra {extra}"  # the lineage the report shows

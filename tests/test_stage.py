@@ -69,3 +69,72 @@ def test_ctrl_c_finishes_the_step_saves_and_says_how_to_continue():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+class Clock:
+    """A wall clock the steps (and saves) advance by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_without_save_every_a_run_saves_by_the_clock(monkeypatch):
+    clock, events = Clock(), []
+    monkeypatch.setattr(stage, "monotonic", clock)
+
+    def take_step(s):
+        clock.now += 100  # 100 s per step: 5 minutes is 3 steps
+        events.append(("step", s))
+
+    stage.run_steps(0, 10, take_step, save_every=None, save_minutes=5, save_at=lambda s: events.append(("save", s)))
+    assert [s for kind, s in events if kind == "save"] == [3, 6, 9, 10]
+
+    events.clear()  # --save-every wins over the clock
+    stage.run_steps(0, 10, take_step, save_every=4, save_minutes=5, save_at=lambda s: events.append(("save", s)))
+    assert [s for kind, s in events if kind == "save"] == [4, 8, 10]
+
+    events.clear()  # a slow save stretches the interval, so saving stays a small share of the run
+
+    def slow_save(s):
+        clock.now += 50  # 19 x 50 s: the next save comes 950 s later, not 300 s
+        events.append(("save", s))
+
+    stage.run_steps(0, 25, take_step, save_every=None, save_minutes=5, save_at=slow_save)
+    assert [s for kind, s in events if kind == "save"] == [3, 13, 23, 25]
+
+
+def test_a_run_killed_after_a_periodic_save_resumes_from_it(tmp_path, monkeypatch):
+    """Pretraining without --save-every: killed at step 5 (no Ctrl-C, nothing saved on the way out),
+    the checkpoint the clock wrote just before (step 5) is where --resume starts; old ones are pruned."""
+    from test_pretrain import run, tiny_flags, write_corpus
+
+    from chatforge import paths
+    from chatforge.model import checkpoint
+    from chatforge.tokenizer import Tokenizer
+    from chatforge.train import loop
+
+    corpus = write_corpus(tmp_path, num_docs=100)
+    Tokenizer.train(iter(corpus.read_text().splitlines()), 384).save(paths.tokenizer_dir())
+    clock, real_step = Clock(), loop.optimizer_step
+    monkeypatch.setattr(stage, "monotonic", clock)
+
+    def ten_minute_step(*args, **kwargs):  # every step takes 10 minutes of wall clock
+        if args[6] == 5 and kill["armed"]:
+            raise RuntimeError("power cut")
+        clock.now += 600
+        return real_step(*args, **kwargs)
+
+    kill = {"armed": True}
+    monkeypatch.setattr(loop, "optimizer_step", ten_minute_step)
+    flags = tiny_flags(corpus, "--num-iterations", "8", "--eval-every", "0")
+    with pytest.raises(RuntimeError, match="power cut"):
+        run(*flags)
+    assert checkpoint.list_steps("base", "d2") == [3, 4, 5]  # one a step, the newest three kept
+    kill["armed"] = False
+    summary = run(*flags, "--resume")
+    assert summary["resumed_from_step"] == 5
+    assert checkpoint.list_steps("base", "d2") == [6, 7, 8]
+    assert "stories.jsonl" in checkpoint.read_meta(checkpoint.resolve("base", "d2")[2])["data"]

@@ -6,8 +6,12 @@ import random
 import pytest
 import torch
 
+from chatforge import paths
 from chatforge.cli import main
-from chatforge.tokenizer import load_token_bytes, load_tokenizer
+from chatforge.eval.samples import greedy_samples
+from chatforge.model import checkpoint
+from chatforge.runtime import init_runtime
+from chatforge.tokenizer import Tokenizer, load_token_bytes, load_tokenizer
 from chatforge.tokenizer_stage import SAMPLES, load_reference
 
 
@@ -30,14 +34,15 @@ def test_train_then_eval(tmp_path, chatforge_home, capsys):
     assert tok.vocab_size == 400
     assert torch.equal(load_token_bytes(), tok.token_bytes())
     assert tok.decode(tok.encode(docs[3])) == docs[3]
-    summary = json.loads((chatforge_home / "tokenizer" / "train.json").read_text())
+    summary = json.loads((chatforge_home / "tokenizer" / "corpus-400" / "train.json").read_text())
+    assert tok.name == summary["name"] == "corpus-400"  # named after the data and the vocabulary
     assert summary["vocab_size"] == 400 and summary["doc_cap"] == 5000
     assert 0 < summary["characters"] <= 100_000
 
     main(["tokenizer", "eval"])
     out = capsys.readouterr().out
     assert "ours (400)" in out and all(kind in out for kind in SAMPLES)
-    result = json.loads((chatforge_home / "tokenizer" / "eval.json").read_text())
+    result = json.loads((chatforge_home / "tokenizer" / "corpus-400" / "eval.json").read_text())
     for kind, text in SAMPLES.items():
         row = result["samples"][kind]
         assert row["bytes"] == len(text.encode("utf-8"))
@@ -97,3 +102,65 @@ def test_bench_runs_small(tmp_path, capsys):
           "--vocab-size", "300", "--threads", "2"])
     out = capsys.readouterr().out
     assert "train" in out and "MB/s" in out
+
+
+def pretrain(corpus, tag):
+    main(["pretrain", "--data", str(corpus), "--preset", "smoke", "--device", "cpu", "--max-seq-len", "32",
+          "--device-batch-size", "2", "--total-batch-size", "64", "--num-iterations", "2", "--eval-every", "0",
+          "--sample-every", "0", "--tag", tag])
+
+
+def test_retraining_the_tokenizer_never_breaks_an_old_checkpoint(tmp_path, capsys):
+    write_corpus(tmp_path / "corpus.txt")
+    train = ["tokenizer", "train", "--data", str(tmp_path / "corpus.txt"), "--max-chars", "1e5"]
+    main([*train, "--vocab-size", "400"])
+    pretrain(tmp_path / "corpus.txt", "old")
+    assert checkpoint.read_meta(checkpoint.resolve("base", "old")[2])["tokenizer"] == "corpus-400"
+
+    main([*train, "--vocab-size", "300"])  # another vocabulary: a new name, now the current one
+    assert load_tokenizer().name == "corpus-300"
+    old = checkpoint.load("base", "old")
+    assert old.tokenizer.name == "corpus-400" and old.tokenizer.vocab_size == 400
+    samples = greedy_samples(old.model, old.tokenizer, init_runtime("cpu", None), prompts=("abc",), max_new_tokens=4)
+    assert len(old.tokenizer.encode(samples[0]["completion"])) >= 1
+
+    pretrain(tmp_path / "corpus.txt", "new")
+    new = checkpoint.load("base", "new")
+    assert new.tokenizer.name == "corpus-300" and new.model.config.vocab_size == 300
+    capsys.readouterr()
+
+    # the name a checkpoint uses is never overwritten: given, it is refused; derived, it moves aside
+    with pytest.raises(SystemExit) as exc:
+        main([*train, "--vocab-size", "400", "--tokenizer-name", "corpus-400"])
+    assert exc.value.code == 2
+    assert "was used to train base/old" in capsys.readouterr().err
+    main([*train, "--vocab-size", "400"])
+    assert "saved as 'corpus-400-2'" in capsys.readouterr().out
+    assert checkpoint.load("base", "old").tokenizer.name == "corpus-400"
+
+
+def test_a_checkpoint_of_the_old_layout_keeps_its_tokenizer(tmp_path):
+    """Before names, the one tokenizer lived in tokenizer/ itself and checkpoints recorded none."""
+    from tiny_chat import save_tiny_checkpoint
+
+    old_tok, _ = save_tiny_checkpoint("base", "legacy")  # saves into tokenizer/, records no name
+    write_corpus(tmp_path / "corpus.txt")
+    main(["tokenizer", "train", "--data", str(tmp_path / "corpus.txt"), "--max-chars", "1e5", "--vocab-size", "300"])
+    assert load_tokenizer().name == "corpus-300"
+    loaded = checkpoint.load("base", "legacy")
+    assert loaded.tokenizer.name is None and loaded.tokenizer.vocab_size == old_tok.vocab_size
+    assert Tokenizer.load(paths.tokenizer_dir()).vocab_size == old_tok.vocab_size  # left where it was
+
+
+def test_a_missing_named_tokenizer_is_one_clear_error(tmp_path, capsys):
+    import shutil
+
+    write_corpus(tmp_path / "corpus.txt")
+    main(["tokenizer", "train", "--data", str(tmp_path / "corpus.txt"), "--max-chars", "1e5", "--vocab-size", "300",
+          "--tokenizer-name", "mine"])
+    pretrain(tmp_path / "corpus.txt", "t")
+    shutil.rmtree(paths.tokenizer_dir("mine"))
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "base", "--source", "base", "--tag", "t"])
+    assert exc.value.code == 2
+    assert "trained with tokenizer 'mine'" in capsys.readouterr().err

@@ -6,14 +6,14 @@ with `chatforge export`'s own writer, loaded back with `AutoModelForCausalLM`, a
 
 - logits: one prompt of --prompt-len random tokens through both models, in float32 and in the compute
   dtype (bf16 on a modern GPU): max and mean |difference|, and how often the argmax agrees;
-- generate at batch 1: greedy, exactly --new-tokens tokens (stops ignored) from the same prompt,
+- generate at batch 1: greedy, exactly --max-new-tokens tokens (stops ignored) from the same prompt,
   timed after one warm-up call each; tok/s = new tokens over the whole call, prefill included.
   Ours is the engine as `chatforge chat` runs it (static KV cache, CUDA graph, decode kernels);
   transformers' is `model.generate` with its default cache, in eager mode with SDPA attention.
 
     chatforge bench export --depth 20                        # random d20, bf16 on the GPU
     chatforge bench export --source sft --tag d20            # a trained checkpoint
-    chatforge bench export --depth 2 --vocab-size 512 --seq-len 128 --prompt-len 16 --new-tokens 8 \\
+    chatforge bench export --depth 2 --vocab-size 512 --max-seq-len 128 --prompt-len 16 --max-new-tokens 8 \\
         --device cpu                                         # a CPU check of the plumbing
 
 Needs transformers (the `dev` extra). Random weights get a synthetic byte-pair tokenizer of the
@@ -32,6 +32,7 @@ from types import SimpleNamespace
 import torch
 
 from chatforge.errors import UsageError
+from chatforge.flags import add_flag
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
 from chatforge.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -55,10 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (with --source)")
     parser.add_argument("--depth", type=int, default=20, help="random weights: model depth (the scaling dial)")
     parser.add_argument("--vocab-size", type=int, default=32768, help="random weights: vocabulary size")
-    parser.add_argument("--seq-len", type=int, default=2048, help="random weights: context length")
+    add_flag(parser, "--max-seq-len", "--seq-len", type=int, default=2048, help="random weights: context length")
     parser.add_argument("--window-pattern", default="L", help="random weights: S/L per layer, e.g. SSSL")
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens")
-    parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated at batch 1")
+    add_flag(parser, "--max-new-tokens", "--new-tokens", type=int, default=256, help="tokens generated at batch 1")
     add_runtime_arguments(parser)
 
 
@@ -73,7 +74,7 @@ def _model_and_tokenizer(args, rt):
     from chatforge.bench.infer import random_model
     from chatforge.model.scaling import derive
 
-    config = derive(args.depth, sequence_len=args.seq_len, vocab_size=args.vocab_size,
+    config = derive(args.depth, sequence_len=args.max_seq_len, vocab_size=args.vocab_size,
                     window_pattern=args.window_pattern).model_config()
     model = random_model(config, SimpleNamespace(device=rt.device, dtype=torch.float32))
     # GPT's init makes the head tiny (near-uniform logits), where any two models agree; a trained
@@ -107,15 +108,15 @@ def main(args: argparse.Namespace) -> dict:
     rt = init_runtime(args.device, args.dtype, seed=0)
     model, tokenizer = _model_and_tokenizer(args, rt)
     config = model.config
-    if args.prompt_len < 1 or args.new_tokens < 1 or args.prompt_len + args.new_tokens >= config.sequence_len:
-        raise UsageError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} must be positive and fit "
-                         f"the {config.sequence_len}-token context")
+    if args.prompt_len < 1 or args.max_new_tokens < 1 or args.prompt_len + args.max_new_tokens >= config.sequence_len:
+        raise UsageError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} must be positive "
+                         f"and fit the {config.sequence_len}-token context")
     prompt = torch.randint(0, tokenizer.vocab_size - len(SPECIAL_TOKENS), (1, args.prompt_len),
                            generator=torch.Generator().manual_seed(0)).to(rt.device)
     dtype_name = str(rt.dtype).replace("torch.", "")
     device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else rt.device.type
     result = {"device": device_name, "dtype": dtype_name, "n_layer": config.n_layer, "params": model.num_params(),
-              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+              "prompt_len": args.prompt_len, "new_tokens": args.max_new_tokens}
     with tempfile.TemporaryDirectory(prefix="chatforge-bench-export-") as tmp:
         folder = Path(tmp) / "export"
         remote = write_export(folder, model.state_dict(), config, tokenizer, {})
@@ -136,17 +137,17 @@ def main(args: argparse.Namespace) -> dict:
 
     engine = Engine(ours.fuse_for_inference(), tokenizer, rt.device, rt.dtype)
     ids = prompt[0].tolist()
-    ours_s, ours_out = _timed(lambda: engine.generate_batch([ids], max_tokens=args.new_tokens, temperature=0.0,
+    ours_s, ours_out = _timed(lambda: engine.generate_batch([ids], max_tokens=args.max_new_tokens, temperature=0.0,
                                                            use_tools=False, ignore_stops=True)[0].tokens, rt)
     mask = torch.ones_like(prompt)
-    hf_s, hf_out = _timed(lambda: hf.generate(prompt, attention_mask=mask, max_new_tokens=args.new_tokens,
+    hf_s, hf_out = _timed(lambda: hf.generate(prompt, attention_mask=mask, max_new_tokens=args.max_new_tokens,
                                               do_sample=False, eos_token_id=None)[0, args.prompt_len:].tolist(), rt)
     same = next((i for i, (a, b) in enumerate(zip(ours_out, hf_out)) if a != b), min(len(ours_out), len(hf_out)))
-    result.update({"chatforge_tok_s": args.new_tokens / ours_s, "transformers_tok_s": args.new_tokens / hf_s,
+    result.update({"chatforge_tok_s": args.max_new_tokens / ours_s, "transformers_tok_s": args.max_new_tokens / hf_s,
                    "greedy_tokens_equal_before_first_difference": same})
 
     print0(f"bench export: {config.n_layer} layers, {result['params'] / 1e6:.1f}M params, {device_name}, {dtype_name}, "
-           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, torch {torch.__version__}, "
+           f"prompt {args.prompt_len}, {args.max_new_tokens} new tokens, torch {torch.__version__}, "
            f"{'remote code' if remote else 'built-in NanoChat class'}")
     for key in dict.fromkeys(("float32", dtype_name)):
         r = result[key]

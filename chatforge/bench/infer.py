@@ -1,7 +1,7 @@
 """`chatforge bench infer`: time to first token, decode speed and memory-bandwidth use of the engine.
 
 Random weights and random prompts (no checkpoint, no tokenizer needed): each batch size gets B
-different prompts of --prompt-len tokens, and every row generates exactly --new-tokens tokens
+different prompts of --prompt-len tokens, and every row generates exactly --max-new-tokens tokens
 (stop tokens are ignored, the tool is off). Reported per batch size:
 
 - TTFT: from the call until every row has its first token (prefill of all B prompts included);
@@ -13,13 +13,13 @@ different prompts of --prompt-len tokens, and every row generates exactly --new-
   traffic is somewhat higher than the bytes counted here.)
 
     chatforge bench infer --depth 20                         # prompt 512, 256 new, batch 1,8,32,128
-    chatforge bench infer --depth 20 --compile               # CUDA graph around a compiled step
+    chatforge bench infer --depth 20 --compile on            # CUDA graph around a compiled step
 
---compile fuses the small element-wise kernels between the products (norms, rotary, residuals);
+--compile on fuses the small element-wise kernels between the products (norms, rotary, residuals);
 without it they run as eager kernels inside the same CUDA graph. The Triton decode kernels are used
 either way where Triton is installed (CHATFORGE_DECODE_KERNELS=none to compare against cuBLAS/cuDNN).
-    chatforge bench infer --depth 2 --head-dim 32 --vocab-size 512 --seq-len 128 --prompt-len 16 \\
-        --new-tokens 8 --batch-sizes 1,2 --device cpu        # a CPU check of the plumbing
+    chatforge bench infer --depth 2 --head-dim 32 --vocab-size 512 --max-seq-len 128 --prompt-len 16 \\
+        --max-new-tokens 8 --batch-sizes 1,2 --device cpu        # a CPU check of the plumbing
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import time
 import torch
 
 from chatforge.errors import UsageError
+from chatforge.flags import add_compile_flag, add_flag
 from chatforge.infer.engine import Engine
 from chatforge.model.gpt import GPT
 from chatforge.model.scaling import derive
@@ -87,17 +88,16 @@ def random_model(config, rt) -> GPT:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=20, help="model depth (the scaling dial)")
     parser.add_argument("--prompt-len", type=int, default=512, help="tokens per prompt")
-    parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per row")
+    add_flag(parser, "--max-new-tokens", "--new-tokens", type=int, default=256, help="tokens generated per row")
     parser.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated rows per batch")
     parser.add_argument("--vocab-size", type=int, default=32768)
-    parser.add_argument("--seq-len", type=int, default=2048, help="the model's context length")
+    add_flag(parser, "--max-seq-len", "--seq-len", type=int, default=2048, help="the model's context length")
     parser.add_argument("--head-dim", type=int, default=None, help="attention head size (default 128)")
     parser.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for GQA (default: all)")
     parser.add_argument("--window-pattern", default="L", help="S/L per layer, e.g. SSSL")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("--top-k", type=int, default=50, help="top-k filter while sampling")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="torch.compile the decode step (CUDA only; default off, see the module docstring)")
+    add_compile_flag(parser, "the decode step", "off (on compiles on CUDA only; see the module docstring)")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                         help="capture the decode step in a CUDA graph (CUDA only; default on)")
     parser.add_argument("--profile", action="store_true",
@@ -117,55 +117,41 @@ def _batch_sizes(text: str) -> list[int]:
 
 def main(args: argparse.Namespace) -> list[dict]:
     sizes = _batch_sizes(args.batch_sizes)
-    if args.prompt_len < 1 or args.new_tokens < 2:
-        raise UsageError("--prompt-len must be at least 1 and --new-tokens at least 2")
-    if args.prompt_len + args.new_tokens > args.seq_len:
-        raise UsageError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceed --seq-len "
-                         f"{args.seq_len}; raise --seq-len or ask for fewer tokens")
+    if args.prompt_len < 1 or args.max_new_tokens < 2:
+        raise UsageError("--prompt-len must be at least 1 and --max-new-tokens at least 2")
+    if args.prompt_len + args.max_new_tokens > args.max_seq_len:
+        raise UsageError(f"--prompt-len {args.prompt_len} + --max-new-tokens {args.max_new_tokens} exceed "
+                         f"--max-seq-len {args.max_seq_len}; raise --max-seq-len or ask for fewer tokens")
     rt = init_runtime(args.device, args.dtype, seed=0)
     cuda = rt.device.type == "cuda"
-    s = derive(args.depth, sequence_len=args.seq_len, vocab_size=args.vocab_size, head_dim=args.head_dim,
+    s = derive(args.depth, sequence_len=args.max_seq_len, vocab_size=args.vocab_size, head_dim=args.head_dim,
                n_kv_head=args.n_kv_head, window_pattern=args.window_pattern)
     config = s.model_config()
     engine = Engine(random_model(config, rt), RandomVocabulary(args.vocab_size), rt.device, rt.dtype,
-                    compile=args.compile and cuda, cuda_graph=args.cuda_graph and cuda)
+                    compile=args.compile == "on" and cuda, cuda_graph=args.cuda_graph and cuda)
     elem = torch.finfo(rt.dtype).bits // 8
     weight_bytes = (s.num_params - config.vocab_size * config.n_embd) * elem  # the embedding is a lookup
     kv_per_token = 2 * config.n_layer * config.n_kv_head * config.head_dim * elem
     bandwidth = peak_bandwidth(rt.device)
     device_name = torch.cuda.get_device_name(rt.device) if cuda else rt.device.type
     print0(f"bench infer: depth {s.depth}, {s.num_params / 1e6:.1f}M params, vocab {config.vocab_size}, "
-           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, {str(rt.dtype).replace('torch.', '')}, "
+           f"prompt {args.prompt_len}, {args.max_new_tokens} new tokens, {str(rt.dtype).replace('torch.', '')}, "
            f"compile {engine.compile}, cuda graph {engine.cuda_graph}, on {device_name}")
     gen = torch.Generator().manual_seed(0)
-    kw = dict(max_tokens=args.new_tokens, temperature=args.temperature, top_k=args.top_k, use_tools=False,
+    kw = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, use_tools=False,
               ignore_stops=True, seed=0)
     results = []
     for B in sizes:
         prompts = torch.randint(0, engine.tokenizer.first_special, (B, args.prompt_len), generator=gen).tolist()
         try:
-            for i, _ in enumerate(engine.generate(prompts, **kw)):  # warm-up: compile and graph capture
-                if i == 2:
-                    break
-            rt.synchronize()
-            start = time.perf_counter()
-            first = None
-            steps = 0
-            for _ in engine.generate(prompts, **kw):
-                steps += 1
-                if first is None:
-                    first = time.perf_counter()
-            rt.synchronize()
-            end = time.perf_counter()
+            ttft, step_time, steps, total = time_generate(engine, prompts, kw, rt)
         except torch.OutOfMemoryError:
             raise UsageError(f"out of GPU memory at batch {B}; leave it out of --batch-sizes") from None
-        ttft = first - start
-        step_time = (end - first) / (steps - 1)
         gpu_step = _time_decode_step(engine, args.prompt_len) if args.profile and cuda else None
-        bytes_per_step = weight_bytes + kv_per_token * B * (args.prompt_len + args.new_tokens / 2)
+        bytes_per_step = weight_bytes + kv_per_token * B * (args.prompt_len + args.max_new_tokens / 2)
         frac = bytes_per_step / step_time / bandwidth if bandwidth else None
         results.append(dict(batch=B, ttft_s=ttft, decode_ms_per_step=1000 * step_time, tokens_per_s=B / step_time,
-                            end_to_end_tokens_per_s=B * steps / (end - start), bandwidth_fraction=frac,
+                            end_to_end_tokens_per_s=B * steps / total, bandwidth_fraction=frac,
                             depth=s.depth, params=s.num_params, device=device_name, gpu_step_ms=gpu_step))
     print0(f"{device_name}, torch {torch.__version__}")
     print0("| batch | TTFT | decode ms/step | tok/s | tok/s incl. prefill | bandwidth used |")
@@ -178,6 +164,25 @@ def main(args: argparse.Namespace) -> list[dict]:
         print0("decode step on the GPU alone (graph replays back to back, sampling included, no host work): " +
                ", ".join(f"batch {r['batch']} {r['gpu_step_ms']:.2f} ms" for r in results))
     return results
+
+
+def time_generate(engine, prompts: list[list[int]], kw: dict, rt) -> tuple[float, float, int, float]:
+    """(first-token seconds, decode seconds per step, steps, total seconds) of one `generate` call,
+    after a short warm-up call (compile and graph capture stay out of the figures)."""
+    for i, _ in enumerate(engine.generate(prompts, **kw)):
+        if i == 2:
+            break
+    rt.synchronize()
+    start = time.perf_counter()
+    first = None
+    steps = 0
+    for _ in engine.generate(prompts, **kw):
+        steps += 1
+        if first is None:
+            first = time.perf_counter()
+    rt.synchronize()
+    end = time.perf_counter()
+    return first - start, (end - first) / (steps - 1), steps, end - start
 
 
 @torch.inference_mode()

@@ -1,6 +1,6 @@
 """`chatforge bench loader`: tokens/s of the pretraining loader alone (read, tokenize, pack), no model.
 
-    chatforge bench loader --data ../shared/data/pretrain/docs --seq-len 2048 --batch-size 32
+    chatforge bench loader --data DIR/pretrain/docs --max-seq-len 2048 --batch-size 32
     chatforge bench loader --data ... --cache /tmp/tokens     # also from a pre-tokenized cache
 
 Compare the figure with what training consumes per rank: batch * seq_len tokens per step divided by
@@ -14,6 +14,7 @@ import time
 
 from chatforge.data.corpus import CORPORA, open_corpus
 from chatforge.data.loader import PackedLoader
+from chatforge.flags import add_flag
 from chatforge.runtime import print0
 
 
@@ -22,7 +23,7 @@ def add_arguments(parser) -> None:
                         "(default: the downloaded shards of --corpus)")
     parser.add_argument("--corpus", default="fineweb-edu", choices=CORPORA)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the trained one)")
-    parser.add_argument("--seq-len", type=int, default=2048)
+    add_flag(parser, "--max-seq-len", "--seq-len", type=int, default=2048, help="tokens per row (default 2048)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: up to 8)")
     parser.add_argument("--batches", type=int, default=50, help="batches to time after the first (default 50)")
@@ -62,11 +63,11 @@ def main(args) -> None:
         cache = build_token_cache(corpus, tokenizer, args.cache, splits=("train",), num_threads=args.threads)
         print0(f"token cache ready in {time.perf_counter() - start:.1f}s: {args.cache}")
         sources.append(("token cache (memmap)", cache))
-    print0(f"loader bench: {corpus}, vocab {tokenizer.vocab_size}, seq_len {args.seq_len}, "
+    print0(f"loader bench: {corpus}, vocab {tokenizer.vocab_size}, seq_len {args.max_seq_len}, "
            f"batch {args.batch_size}, threads {args.threads or 'default'}")
     print0(f"{'source':<28} {'batches':>8} {'seconds':>8} {'tokens/s':>12} {'dropped':>8} {'splits/row':>10}")
     for name, source in sources:
-        loader = PackedLoader(source, tokenizer, args.batch_size, args.seq_len, num_threads=args.threads,
+        loader = PackedLoader(source, tokenizer, args.batch_size, args.max_seq_len, num_threads=args.threads,
                               buffer_docs=args.buffer_docs)
         r = time_loader(loader, args.batches)
         print0(f"{name:<28} {r['batches']:>8} {r['seconds']:>8.2f} {r['tokens_per_s']:>12,.0f} "

@@ -1,23 +1,39 @@
-"""`chatforge bench serve`: requests/s and time to first token of the server under concurrent load.
+"""`chatforge bench serve`: tokens/s and time to first token of the server under concurrent load,
+beside the engine's own speed at the same batch, and where the server's time went.
 
-Starts `chatforge serve` (a separate process, so the clients never share its GIL) on a free
-loopback port with a checkpoint from the base directory, then runs --requests streaming chat
-requests from --concurrency client threads at once (each request a different short prompt,
-greedy, --max-tokens long; stop tokens still end a reply, so replies may be shorter). Reported:
+Starts a server in a separate process (so the clients never share its GIL) on a free loopback
+port: `chatforge serve` on a checkpoint (--source/--tag), or with --depth D a random-weight model
+of that depth (bench/random_server.py: no checkpoint or tokenizer needed, every reply runs to
+--max-new-tokens). For each --streams level it sends --requests streaming chat requests (a different
+short prompt each, greedy, --max-new-tokens long) from that many clients at once. The clients are raw
+sockets in several processes that only look for the first content chunk and the usage chunk, so
+they stay cheap; the table says how much CPU they used, to show they were not the bottleneck.
 
-- requests/s: completed requests over the wall time of the whole run;
-- TTFT p50 / p90: from sending a request to its first content chunk (queueing included);
-- latency p50 / p90 and completion tokens/s over all requests (from the usage chunks).
+Reported per level: requests/s; completion tokens/s over the run's wall time; the engine's own
+decode tokens/s at batch = streams (`bench infer`'s measurement on the same model and prompts,
+after the server has stopped; --no-engine-baseline skips it) and the server's share of it;
+TTFT p50 / p90 (from sending a request to its first content chunk, queueing included); latency.
+Then the server's time per phase over each level (its /health "timing" before and after), per
+generated token and as a share of the wall time.
 
-    chatforge bench serve --source sft --concurrency 32 --requests 128 --max-tokens 128
-    chatforge bench serve --device cpu --concurrency 4 --requests 8 --max-tokens 8   # CPU plumbing check
+    chatforge bench serve --depth 20 --streams 1,8,32,128 --max-new-tokens 128 --compile on   # GPU, no checkpoint
+    chatforge bench serve --source sft --streams 32 --requests 128 --max-new-tokens 128        # a checkpoint
+    chatforge bench serve --depth 2 --vocab-size 512 --max-seq-len 256 --device cpu --streams 1,8 --max-new-tokens 32
+
+With --soak it runs the soak instead (bench/soak.py: clients that leave, abandon and misbehave for
+--duration seconds, then slots, queue, connections and RSS before and after; exit 1 if one fails):
+
+    chatforge bench serve --soak --duration 180 --streams 64 --max-new-tokens 128 --source sft
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
+import math
+import multiprocessing
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,21 +42,43 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from chatforge.errors import UsageError
+from chatforge.flags import add_compile_flag, add_flag
 from chatforge.runtime import print0
 
 TOPICS = "the sky,a cat,rivers,prime numbers,bread,the moon,trains,music,chess,rain,maps,bees".split(",")
+FIRST_CONTENT = re.compile(rb'"content": "[^"]')  # the role chunk's content is ""
+COMPLETION_TOKENS = re.compile(rb'"completion_tokens": (\d+)')
+STREAMS_PER_CLIENT_PROCESS = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default="sft", help="checkpoint stage to serve (default: sft)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the most recent)")
-    parser.add_argument("--device", default=None, help="passed to chatforge serve (default: auto)")
-    parser.add_argument("--concurrency", type=int, default=32, help="clients streaming at once (default: 32)")
-    parser.add_argument("--requests", type=int, default=128, help="requests in all (default: 128)")
-    parser.add_argument("--max-tokens", type=int, default=128, help="reply length cap per request (default: 128)")
-    parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default: 32)")
-    parser.add_argument("--continuous-batching", action="store_true", help="start the server with it")
-    parser.add_argument("--start-timeout", type=float, default=300, help="seconds to wait for the server to start")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="serve random weights of this depth instead of a checkpoint (speed only)")
+    parser.add_argument("--vocab-size", type=int, default=32768, help="with --depth: the vocabulary size")
+    add_flag(parser, "--max-seq-len", "--seq-len", type=int, default=2048, help="with --depth: the model's context")
+    parser.add_argument("--device", default=None, help="passed to the server (default: auto)")
+    parser.add_argument("--streams", "--concurrency", dest="streams", default="32",
+                        help="clients streaming at once; a comma-separated list runs each level (default: 32)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per level (default: 4 x streams, at least 16)")
+    add_flag(parser, "--max-new-tokens", "--max-tokens", type=int, default=128,
+             help="reply length cap per request (default: 128)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="the server's --max-batch (default: the largest --streams, at least 32)")
+    parser.add_argument("--scheduling", choices=("continuous", "batch"), default="continuous",
+                        help="the server's scheduling (default: continuous)")
+    parser.add_argument("--continuous-batching", dest="scheduling", action="store_const", const="continuous",
+                        help=argparse.SUPPRESS)  # the default now; older command lines still run
+    add_compile_flag(parser, "the decode step", auto="on with --depth on CUDA, else off")
+    parser.add_argument("--engine-baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the engine alone at each batch (default: on)")
+    parser.add_argument("--client-processes", type=int, default=None,
+                        help=f"processes the clients run in (default: one per {STREAMS_PER_CLIENT_PROCESS} streams)")
+    parser.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for the server to start")
+    parser.add_argument("--soak", action="store_true", help="run the soak instead (see bench/soak.py)")
+    parser.add_argument("--duration", type=float, default=180, help="seconds the soak lasts (default: 180)")
 
 
 def _free_port() -> int:
@@ -49,31 +87,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _messages(index: int) -> list[dict]:
+    return [{"role": "user", "content": f"Tell me about {TOPICS[index % len(TOPICS)]} ({index})."}]
+
+
 def _one_request(port: int, index: int, max_tokens: int) -> dict:
-    """One streaming request: TTFT, latency and completion tokens."""
-    body = {"messages": [{"role": "user", "content": f"Tell me about {TOPICS[index % len(TOPICS)]} ({index})."}],
-            "temperature": 0, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    """One streaming request over a raw socket: TTFT, latency and completion tokens."""
+    body = json.dumps({"messages": _messages(index), "temperature": 0, "max_tokens": max_tokens, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     start = time.perf_counter()
-    ttft, tokens = None, 0
-    try:
-        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        if response.status != 200:
-            raise RuntimeError(f"request {index}: HTTP {response.status}: {response.read()[:200]!r}")
-        for raw in response:  # ends when the server closes the stream after [DONE]
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if ttft is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+    ttft, seen, tail = None, b"", b""
+    with socket.create_connection(("127.0.0.1", port), timeout=600) as sock:
+        sock.sendall(head + body)
+        while True:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            if not seen:
+                seen = chunk[:64]
+            if ttft is None and FIRST_CONTENT.search(tail + chunk):
                 ttft = time.perf_counter() - start
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    finally:
-        conn.close()
-    return {"ttft": ttft if ttft is not None else time.perf_counter() - start,
-            "latency": time.perf_counter() - start, "tokens": tokens}
+            tail = (tail + chunk)[-512:]  # the usage chunk is among the last bytes
+    end = time.perf_counter()
+    if not seen.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"request {index}: {seen.splitlines()[0] if seen else b'no answer'!r}")
+    counts = COMPLETION_TOKENS.findall(tail)
+    return {"ttft": ttft if ttft is not None else end - start, "latency": end - start,
+            "tokens": int(counts[-1]) if counts else 0, "start": start, "end": end}
+
+
+def _client_process(port: int, indices: list[int], streams: int, max_tokens: int) -> tuple[list[dict], float]:
+    """Requests `indices` from `streams` threads; (results, this process's CPU seconds)."""
+    cpu = time.process_time()
+    with ThreadPoolExecutor(max_workers=streams) as pool:
+        results = list(pool.map(lambda i: _one_request(port, i, max_tokens), indices))
+    return results, time.process_time() - cpu
+
+
+def _run_level(port: int, streams: int, requests: int, max_tokens: int, processes: int) -> dict:
+    processes = max(1, min(processes, streams))
+    shares = [(list(range(p, requests, processes)), streams // processes + (p < streams % processes))
+              for p in range(processes)]
+    ctx = multiprocessing.get_context("fork")  # the clients need nothing but sockets; forking is instant
+    with ctx.Pool(processes) as pool:
+        outs = pool.starmap(_client_process, [(port, idx, s, max_tokens) for idx, s in shares if idx])
+    results = [r for rs, _ in outs for r in rs]
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    return dict(streams=streams, requests=requests, wall=wall, tokens=tokens, client_cpu=sum(c for _, c in outs),
+                processes=processes, ttft=[r["ttft"] for r in results], latency=[r["latency"] for r in results])
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -81,17 +145,32 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
-def _start_server(args, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "chatforge", "serve", "--source", args.source, "--port", str(port),
-               "--max-batch", str(args.max_batch), "--max-queue", str(max(args.requests, 1))]
-    if args.continuous_batching:
-        command.append("--continuous-batching")
+def _timing(port: int) -> dict:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    return json.loads(data.partition(b"\r\n\r\n")[2]).get("timing", {})
+
+
+def _server_command(args, port: int, max_batch: int, max_queue: int) -> list[str]:
+    common = ["--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_queue),
+              "--scheduling", args.scheduling]
+    if args.device:
+        common += ["--device", args.device]
+    if args.depth is not None:
+        return [sys.executable, "-m", "chatforge.bench.random_server", "--depth", str(args.depth), "--vocab-size",
+                str(args.vocab_size), "--max-seq-len", str(args.max_seq_len), "--compile", args.compile, *common]
+    command = [sys.executable, "-m", "chatforge", "serve", "--source", args.source, *common]
     if args.tag:
         command += ["--tag", args.tag]
-    if args.device:
-        command += ["--device", args.device]
+    return command + ["--compile", "on" if args.compile == "on" else "off"]
+
+
+def _start_server(command: list[str], timeout: float) -> subprocess.Popen:
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + args.start_timeout
+    deadline = time.monotonic() + timeout
     lines = []
     for line in proc.stdout:  # bounded: the server prints "listening on" or exits
         lines.append(line)
@@ -102,34 +181,104 @@ def _start_server(args, port: int) -> subprocess.Popen:
         if time.monotonic() > deadline:
             break
     proc.kill()
-    raise UsageError("chatforge serve did not start; its output was:\n" + "".join(lines[-20:]).rstrip())
+    raise UsageError("the server did not start; its output was:\n" + "".join(lines[-20:]).rstrip())
+
+
+def engine_baseline(args, levels: list[int]) -> dict[int, float]:
+    """The engine's decode tokens/s at batch = each level, on the model the server ran and the
+    bench's own prompts (`bench infer`'s measurement: every row generates --max-new-tokens)."""
+    from chatforge.bench.infer import time_generate
+    from chatforge.conversation import render_for_completion
+    from chatforge.infer.engine import Engine
+    from chatforge.runtime import init_runtime
+
+    rt = init_runtime(args.device, None, announce=False)
+    if args.depth is not None:
+        from chatforge.bench.random_server import random_engine
+        engine = random_engine(argparse.Namespace(**vars(args), dtype=None))
+    else:
+        engine = Engine.from_checkpoint(args.source, tag=args.tag, device=rt.device, compile=args.compile == "on")
+    kw = dict(max_tokens=args.max_new_tokens, temperature=0.0, use_tools=False, ignore_stops=True)
+    speeds = {}
+    for B in levels:
+        prompts = [render_for_completion(engine.tokenizer, {"messages": _messages(i)}) for i in range(B)]
+        _, step_time, _, _ = time_generate(engine, prompts, kw, rt)
+        speeds[B] = B / step_time
+    return speeds
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise UsageError(f"--streams {text!r} must be positive integers separated by commas, e.g. 1,8,32,128")
+    return levels
+
+
+def _soak(port: int, args, clients: int, max_batch: int) -> int:
+    from chatforge.bench.soak import print_report, run_soak
+
+    print0(f"bench serve --soak: {clients} clients for {args.duration:g}s, max_tokens {args.max_new_tokens}, "
+           f"source {args.source}, device {args.device or 'auto'}, max-batch {max_batch}")
+    report = run_soak(f"http://127.0.0.1:{port}", clients=clients, duration=args.duration,
+                      max_tokens=args.max_new_tokens)
+    print_report(report)
+    return 1 if report.failures() else 0
 
 
 def main(args) -> int:
-    for flag in ("concurrency", "requests", "max_tokens"):
-        if getattr(args, flag) < 1:
+    levels = _levels(args.streams)
+    for flag in ("requests", "max_new_tokens", "max_batch", "client_processes"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
+    max_batch = args.max_batch or max(32, *levels)
+    requests = {s: args.requests or max(16, 4 * s) for s in levels}
     port = _free_port()
-    proc = _start_server(args, port)
+    proc = _start_server(_server_command(args, port, max_batch, max(requests.values())), args.start_timeout)
+    runs = []
     try:
-        _one_request(port, 0, args.max_tokens)  # warm up (CUDA graphs, allocator) outside the timing
-        start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-            results = list(pool.map(lambda i: _one_request(port, i, args.max_tokens), range(args.requests)))
-        wall = time.perf_counter() - start
+        if args.soak:
+            return _soak(port, args, max(levels), max_batch)
+        _run_level(port, 1, 1, args.max_new_tokens, 1)  # warm up (CUDA graphs, allocator) outside the timing
+        for s in levels:
+            processes = args.client_processes or math.ceil(s / STREAMS_PER_CLIENT_PROCESS)
+            before = _timing(port)
+            run = _run_level(port, s, requests[s], args.max_new_tokens, min(processes, max(1, os.cpu_count() // 2)))
+            after = _timing(port)
+            run["timing"] = {k: {"s": v["s"] - before.get(k, {}).get("s", 0.0), "n": v["n"] - before.get(k, {}).get("n", 0)}
+                             for k, v in after.items()}
+            runs.append(run)
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    ttft = [r["ttft"] for r in results]
-    latency = [r["latency"] for r in results]
-    tokens = sum(r["tokens"] for r in results)
-    print0(f"bench serve: {args.requests} requests, {args.concurrency} concurrent, max_tokens {args.max_tokens}, "
-           f"source {args.source}, device {args.device or 'auto'}, max-batch {args.max_batch}, "
-           f"continuous batching {'on' if args.continuous_batching else 'off'}")
-    print0(f"{'requests/s':>12} {'TTFT p50':>10} {'TTFT p90':>10} {'lat p50':>9} {'lat p90':>9} {'tok/s':>9}")
-    print0(f"{args.requests / wall:12.2f} {_percentile(ttft, 0.5) * 1e3:8.0f}ms {_percentile(ttft, 0.9) * 1e3:8.0f}ms "
-           f"{_percentile(latency, 0.5):8.2f}s {_percentile(latency, 0.9):8.2f}s {tokens / wall:9.0f}")
+    baseline = engine_baseline(args, levels) if args.engine_baseline else {}
+    model = f"random weights depth {args.depth}" if args.depth is not None else f"source {args.source}"
+    print0(f"bench serve: {model}, device {args.device or 'auto'}, max_tokens {args.max_new_tokens}, "
+           f"max-batch {max_batch}, scheduling {args.scheduling}, compile {args.compile}")
+    print0("| streams | requests | req/s | tok/s | engine tok/s | server/engine | TTFT p50 / p90 | latency p50 | "
+           "client CPU |")
+    print0("|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        tok_s = r["tokens"] / r["wall"]
+        engine = baseline.get(r["streams"])
+        ratio = f"{100 * tok_s / engine:.0f}%" if engine else "n/a"
+        engine_text = f"{engine:,.0f}" if engine else "n/a"
+        print0(f"| {r['streams']} | {r['requests']} | {r['requests'] / r['wall']:.2f} | {tok_s:,.0f} | {engine_text} | "
+               f"{ratio} | {_percentile(r['ttft'], 0.5) * 1e3:,.0f} / {_percentile(r['ttft'], 0.9) * 1e3:,.0f} ms | "
+               f"{_percentile(r['latency'], 0.5):.2f} s | {100 * r['client_cpu'] / (r['wall'] * r['processes']):.0f}% "
+               f"of {r['processes']} |")
+    for r in runs:
+        print0(f"\nwhere the server's time went at {r['streams']} streams ({r['tokens']:,} tokens in {r['wall']:.2f} s; "
+               "phases of different threads overlap):")
+        print0("| phase | seconds | µs per token | share of wall |")
+        print0("|---|---|---|---|")
+        for name, v in sorted(r["timing"].items(), key=lambda kv: -kv[1]["s"]):
+            if v["n"] > 0:
+                print0(f"| {name} | {v['s']:.3f} | {1e6 * v['s'] / max(r['tokens'], 1):.1f} | "
+                       f"{100 * v['s'] / r['wall']:.0f}% |")
     return 0

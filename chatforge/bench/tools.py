@@ -4,14 +4,14 @@ Two tables:
 
 1. The sandbox: latency of calculator-sized calls one after another (p50/p90/p99, the figure a row
    that calls the tool waits), and calls/s with many in flight at once.
-2. Decoding with tool calls: random weights (as `bench infer`), B rows each generating --new-tokens
+2. Decoding with tool calls: random weights (as `bench infer`), B rows each generating --max-new-tokens
    tokens; in --tool-rate of the rows the model is made to write one calculator call at a random
    point of its reply (its logits are biased toward the call's tokens, so the step costs what a real
    one does), the engine runs it in the sandbox and forces the output in, as for a trained model. The
    same batch without calls is the reference: the ratio is what tool use costs the batch.
 
-    chatforge bench tools --depth 12 --batch-size 128 --tool-rate 0.3 --compile      # one GPU
-    chatforge bench tools --depth 2 --batch-size 8 --new-tokens 64 --seq-len 256 --prompt-len 32 \\
+    chatforge bench tools --depth 12 --batch-size 128 --tool-rate 0.3 --compile on   # one GPU
+    chatforge bench tools --depth 2 --batch-size 8 --max-new-tokens 64 --max-seq-len 256 --prompt-len 32 \\
         --vocab-size 512 --device cpu                                                 # a CPU run
 """
 
@@ -25,6 +25,7 @@ import torch
 
 from chatforge.bench.infer import RandomVocabulary, random_model
 from chatforge.errors import UsageError
+from chatforge.flags import add_compile_flag, add_flag
 from chatforge.infer.engine import Engine
 from chatforge.infer.sandbox import sandbox_status, shared
 from chatforge.model.scaling import derive
@@ -39,11 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="rows decoding together")
     parser.add_argument("--tool-rate", type=float, default=0.3, help="share of rows that call the tool once")
     parser.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt")
-    parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per row")
+    add_flag(parser, "--max-new-tokens", "--new-tokens", type=int, default=256, help="tokens generated per row")
     parser.add_argument("--vocab-size", type=int, default=32768)
-    parser.add_argument("--seq-len", type=int, default=2048, help="the model's context length")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="torch.compile the decode step (CUDA only)")
+    add_flag(parser, "--max-seq-len", "--seq-len", type=int, default=2048, help="the model's context length")
+    add_compile_flag(parser, "the decode step", "off (on compiles on CUDA only)")
     add_runtime_arguments(parser)
 
 
@@ -127,11 +127,12 @@ def decode_with_tools(engine, scripted, B: int, rate: float, prompt_len: int, ne
 def main(args: argparse.Namespace) -> dict:
     if not 0 <= args.tool_rate <= 1:
         raise UsageError(f"--tool-rate {args.tool_rate} must be between 0 and 1")
-    if args.batch_size < 1 or args.calls < 1 or args.new_tokens < 2 * len(CALL) or args.prompt_len < 1:
-        raise UsageError(f"--batch-size and --calls must be positive, --prompt-len at least 1 and --new-tokens "
+    if args.batch_size < 1 or args.calls < 1 or args.max_new_tokens < 2 * len(CALL) or args.prompt_len < 1:
+        raise UsageError(f"--batch-size and --calls must be positive, --prompt-len at least 1 and --max-new-tokens "
                          f"at least {2 * len(CALL)} (room for a call in the first half of a reply)")
-    if args.prompt_len + args.new_tokens + 64 > args.seq_len:
-        raise UsageError(f"--prompt-len + --new-tokens (+64 for the tool's output) exceed --seq-len {args.seq_len}")
+    if args.prompt_len + args.max_new_tokens + 64 > args.max_seq_len:
+        raise UsageError(f"--prompt-len + --max-new-tokens (+64 for the tool's output) exceed --max-seq-len "
+                         f"{args.max_seq_len}")
     ok, line = sandbox_status()
     print0(f"bench tools: sandbox {line}")
     if not ok:
@@ -139,13 +140,13 @@ def main(args: argparse.Namespace) -> dict:
     latency = sandbox_latency(args.calls)
     rt = init_runtime(args.device, args.dtype, seed=0)
     cuda = rt.device.type == "cuda"
-    s = derive(args.depth, sequence_len=args.seq_len, vocab_size=args.vocab_size)
+    s = derive(args.depth, sequence_len=args.max_seq_len, vocab_size=args.vocab_size)
     vocab = RandomVocabulary(args.vocab_size)
-    scripted = ScriptedCalls(random_model(s.model_config(), rt), args.batch_size, args.seq_len + 1,
+    scripted = ScriptedCalls(random_model(s.model_config(), rt), args.batch_size, args.max_seq_len + 1,
                              vocab.first_special)
-    engine = Engine(scripted, vocab, rt.device, rt.dtype, compile=args.compile and cuda)
+    engine = Engine(scripted, vocab, rt.device, rt.dtype, compile=args.compile == "on" and cuda)
     decode = decode_with_tools(engine, scripted, args.batch_size, args.tool_rate, args.prompt_len,
-                               args.new_tokens, vocab)
+                               args.max_new_tokens, vocab)
     device = torch.cuda.get_device_name(rt.device) if cuda else "CPU"
     print0(f"{device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     print0("| sandbox | p50 | p90 | p99 | calls/s with many in flight |")
@@ -153,7 +154,7 @@ def main(args: argparse.Namespace) -> dict:
     print0(f"| one call at a time | {latency['p50_ms']:.1f} ms | {latency['p90_ms']:.1f} ms | "
            f"{latency['p99_ms']:.1f} ms | {latency['calls_per_s']:,.0f} ({latency['parallel']} at once) |")
     base, tools = decode["no tools"], decode["tools"]
-    print0(f"| decode, depth {s.depth}, batch {args.batch_size}, {args.new_tokens} new tokens | tokens/s | "
+    print0(f"| decode, depth {s.depth}, batch {args.batch_size}, {args.max_new_tokens} new tokens | tokens/s | "
            "tool calls | host blocked on tools |")
     print0("|---|---|---|---|")
     print0(f"| no tool calls | {base['tokens_per_s']:,.0f} | 0 | - |")

@@ -3,7 +3,7 @@
     chatforge data download -n 8                      # shards 0..7 plus the validation shard
     chatforge data download -n 240 --corpus climbmix  # NVIDIA ClimbMix instead of FineWeb-Edu
     chatforge data download --url http://mirror/x     # another server laid out like the hub
-    chatforge data download --data-dir /mnt/shards    # copy from a local folder (offline machines)
+    chatforge data download --from /mnt/shards        # copy from a local folder (offline machines)
 
 Shards land in `data/<corpus>/shard_00000.parquet ...` under the base directory; the corpus' last
 shard (1822 for FineWeb-Edu, 6542 for ClimbMix) is the validation split and is always fetched.
@@ -35,6 +35,7 @@ from typing import Callable
 
 from chatforge import paths
 from chatforge.errors import DownloadError, UsageError
+from chatforge.flags import add_flag
 from chatforge.progress import Progress
 from chatforge.runtime import print0
 
@@ -225,8 +226,8 @@ def download_shards(corpus: str = "fineweb-edu", n: int | None = 8, base_url: st
         source_dir = root / corpus if (root / corpus).is_dir() else root
         missing = [shard_name(i) for i in indices if not (source_dir / shard_name(i)).is_file()]
         if missing:
-            raise DownloadError(f"--data-dir {source_dir}: {len(missing)} of {len(indices)} shards are "
-                                f"missing (first: {missing[0]}); put them there or drop --data-dir")
+            raise DownloadError(f"--from {source_dir}: {len(missing)} of {len(indices)} shards are "
+                                f"missing (first: {missing[0]}); put them there or drop --from")
     todo = [i for i in indices if not (out_dir / shard_name(i)).exists()]
     where = source_dir or base_url
     print0(f"{corpus}: {len(indices)} shards wanted, {len(indices) - len(todo)} already in {out_dir}, "
@@ -274,8 +275,9 @@ def add_arguments(parser) -> None:
                         help="which pretraining corpus (default fineweb-edu)")
     parser.add_argument("--url", default=None,
                         help=f"base URL of a server laid out like the hub (default: ${URL_ENV} or the hub)")
-    parser.add_argument("--data-dir", default=None,
-                        help="copy shards from this local folder (DIR/<corpus>/ or DIR/) instead of downloading")
+    # the shards' source, not task data: --data-dir elsewhere means task and eval files
+    add_flag(parser, "--from", "--data-dir", dest="from_dir", default=None, metavar="DIR",
+             help="copy shards from this local folder (DIR/<corpus>/ or DIR/) instead of downloading")
     parser.add_argument("--val-shard", type=int, default=None,
                         help="index of the validation shard (default: the corpus' last, 1822 / 6542)")
     parser.add_argument("--workers", type=int, default=4, help="files fetched at the same time (default 4)")
@@ -287,7 +289,7 @@ def main(args) -> None:
         raise UsageError("--workers and --retries must be at least 1")
     if args.val_shard is not None and args.val_shard < 0:
         raise UsageError("--val-shard must be a shard index (0 or more)")
-    files = download_shards(args.corpus, args.num_shards, base_url=args.url, data_dir=args.data_dir,
+    files = download_shards(args.corpus, args.num_shards, base_url=args.url, data_dir=args.from_dir,
                             val_shard=args.val_shard, workers=args.workers, retries=args.retries)
     total = sum(f.stat().st_size for f in files)
     print0(f"{len(files)} shards ({total / 1e6:,.1f} MB) in {files[0].parent}; the last one "

@@ -1,7 +1,7 @@
 """`chatforge eval base`: CORE, train/val bits per byte and a few greedy samples of a base model.
 
     chatforge eval base                                   # latest base checkpoint, every CORE task
-    chatforge eval base --max-per-task 100 --eval-bundle ../shared/data/eval/core
+    chatforge eval base --max-problems 100 --data-dir DIR    # DIR/eval/core: a local CORE bundle
     torchrun --nproc_per_node=8 -m chatforge eval base    # items and batches split over 8 GPUs
 
 Writes, under <base>/eval/<source>/<tag>/: core.json (per-task accuracy, centered accuracy, CORE,
@@ -124,8 +124,8 @@ def print_core_table(result: dict) -> None:
 
 def main(args) -> int:
     skip = parse_skip(args.skip)
-    if args.max_per_task is not None and args.max_per_task < 1:
-        raise UsageError("--max-per-task must be at least 1")
+    if args.max_problems is not None and args.max_problems < 1:
+        raise UsageError("--max-problems must be at least 1")
     runtime = init_runtime(args.device, args.dtype)
     model, tokenizer, tag, step = load_for_eval(args, runtime)
     common = {"source": args.source, "tag": tag, "step": step, "args": vars(args), **provenance()}
@@ -134,10 +134,10 @@ def main(args) -> int:
         print0(f"bits per byte: skipped ({no_bpb}); CORE and samples still run")
     core_result = None
     if "core" not in skip:
-        bundle = core.resolve_bundle(args.eval_bundle)
-        labels = [s.strip() for s in args.core_tasks.split(",")] if args.core_tasks else None
+        bundle = core.resolve_bundle(args.data_dir)
+        labels = [s.strip() for s in args.tasks.split(",")] if args.tasks else None
         with runtime.autocast():
-            result = core.evaluate_core(model, tokenizer, bundle, runtime.device, args.max_per_task,
+            result = core.evaluate_core(model, tokenizer, bundle, runtime.device, args.max_problems,
                                         model.config.sequence_len, args.batch_tokens, runtime.rank,
                                         runtime.world_size, labels)
         print_core_table(result)

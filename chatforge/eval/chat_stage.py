@@ -2,7 +2,7 @@
 
     chatforge eval chat --source sft                        # all tasks
     chatforge eval chat --source sft -a ARC-Easy,GSM8K --max-problems 100
-    chatforge eval chat --data-dir ../shared/data           # task files from a local folder
+    chatforge eval chat --data-dir DIR                      # task files from your data folder
     torchrun --nproc_per_node=8 -m chatforge eval chat --source rl -a GSM8K
 
 Tasks: ARC-Easy, ARC-Challenge, MMLU (categorical: the answer letter with the highest logit),

@@ -16,7 +16,7 @@ How an item is scored (every choice is a (context, continuation) pair; only cont
 
 Choices made and why:
 - Few-shot examples are drawn with a generator seeded by the item's index, never the item itself,
-  so a run is reproducible and `--max-per-task` changes which items run, not their prompts.
+  so a run is reproducible and `--max-problems` changes which items run, not their prompts.
 - The tokens scored are found by encoding the context and the whole text and taking their common
   prefix: BPE may merge the delimiter's trailing space into the continuation's first word, and the
   tokens after the shared prefix are then exactly the ones that spell the continuation.
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from chatforge import paths
 from chatforge.errors import DataError, DownloadError, UsageError
+from chatforge.flags import add_flag
 from chatforge.progress import Progress
 from chatforge.runtime import print0
 from chatforge.tasks.base import read_records
@@ -52,7 +53,7 @@ BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip
 BUNDLE_ENV = "CHATFORGE_EVAL_BUNDLE"  # a local bundle folder
 BUNDLE_URL_ENV = "CHATFORGE_EVAL_BUNDLE_URL"  # where to download the zip from instead of BUNDLE_URL
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
-SHUFFLE_SEED = 1337  # order of items before --max-per-task takes the first N
+SHUFFLE_SEED = 1337  # order of items before --max-problems takes the first N
 FEWSHOT_SEED = 1234  # the few-shot draw for item i uses FEWSHOT_SEED + i
 
 
@@ -94,7 +95,8 @@ class TaskResult:
 
 
 def resolve_bundle(path: str | Path | None = None, url: str | None = None) -> Path:
-    """The bundle folder: --eval-bundle, then $CHATFORGE_EVAL_BUNDLE, then a cached download.
+    """The bundle folder: --data-dir (the bundle or a data folder with eval/core), then
+    $CHATFORGE_EVAL_BUNDLE, then a cached download.
 
     The download comes from `url`, else $CHATFORGE_EVAL_BUNDLE_URL (a mirror), else BUNDLE_URL, and
     is extracted into `<base>/eval_bundle`; later calls use that folder and fetch nothing.
@@ -102,9 +104,10 @@ def resolve_bundle(path: str | Path | None = None, url: str | None = None) -> Pa
     if path is None and os.environ.get(BUNDLE_ENV):
         path = os.environ[BUNDLE_ENV]
     if path is not None:
-        root = _bundle_root(Path(path).expanduser())
+        folder = Path(path).expanduser()
+        root = _bundle_root(folder) or _bundle_root(folder / "eval" / "core")
         if root is None:
-            raise DataError(f"eval bundle {path} has no core.yaml; point --eval-bundle (or {BUNDLE_ENV}) "
+            raise DataError(f"eval bundle {path} has no core.yaml; point --data-dir (or {BUNDLE_ENV}) "
                             "at the folder holding core.yaml, eval_meta_data.csv and eval_data/")
         return root
     cache = paths.eval_bundle_dir()
@@ -114,7 +117,7 @@ def resolve_bundle(path: str | Path | None = None, url: str | None = None) -> Pa
     from chatforge.data.download import download_file
 
     url = url or os.environ.get(BUNDLE_URL_ENV) or BUNDLE_URL
-    advice = (f"set {BUNDLE_URL_ENV} to a mirror of eval_bundle.zip, or pass --eval-bundle "
+    advice = (f"set {BUNDLE_URL_ENV} to a mirror of eval_bundle.zip, or pass --data-dir "
               f"(or set {BUNDLE_ENV}) with a local folder")
     zip_path = cache.with_name("eval_bundle.zip")
     tmp = cache.with_name(".eval_bundle.extracting")
@@ -420,12 +423,12 @@ def evaluate_core(model, tokenizer, bundle: Path, device, max_per_task: int | No
 
 
 def add_core_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-per-task", type=int, default=None,
-                        help="score at most N items per CORE task (a quick run); default all")
-    parser.add_argument("--eval-bundle", default=None,
-                        help=f"local CORE bundle folder (default: ${BUNDLE_ENV}, else download "
-                             f"${BUNDLE_URL_ENV} or {BUNDLE_URL})")
-    parser.add_argument("--core-tasks", default=None,
-                        help="comma-separated CORE task labels to run (default: all present)")
+    add_flag(parser, "--max-problems", "--max-per-task", type=int, default=None,
+             help="score at most N items per CORE task (a quick run); default all")
+    add_flag(parser, "--data-dir", "--eval-bundle", default=None,
+             help=f"local CORE bundle: its folder, or a data folder holding eval/core (default: ${BUNDLE_ENV}, "
+                  f"else download ${BUNDLE_URL_ENV} or {BUNDLE_URL})")
+    add_flag(parser, "--tasks", "--core-tasks", default=None,
+             help="comma-separated CORE task labels to run (default: all present)")
     parser.add_argument("--batch-tokens", type=int, default=16384,
                         help="padded tokens per forward when scoring (lower it if memory runs out)")

@@ -293,7 +293,7 @@ class Engine:
         if num_samples < 1:
             raise UsageError(f"num_samples {num_samples} must be at least 1")
         if max_tokens < 1:
-            raise UsageError(f"--max-tokens {max_tokens} must be at least 1")
+            raise UsageError(f"--max-new-tokens {max_tokens} must be at least 1")
         context = self.config.sequence_len
         for i, p in enumerate(prompts):
             if len(p) == 0:

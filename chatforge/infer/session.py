@@ -3,51 +3,88 @@
 `Engine.generate` decodes a fixed set of prompts to the end; a server that used only that would
 make a request arriving mid-batch wait for the whole batch, and a cancelled request's row would
 decode on until its batch ended. A `DecodeSession` instead owns `capacity` rows of one static KV
-cache (sized to the model's context, so any prompt fits); `admit` prefills a prompt into the lowest
-free slots between steps, `release` frees slots at once, and `step` decodes the occupied rows by one
-token.
+cache (sized to the model's context, so any prompt fits); `admit` takes the lowest free slots for a
+prompt, `release` frees slots at once, and `step` prefills what was admitted and decodes the
+occupied rows by one token.
+
+Prefill is interleaved with decoding so that an arriving prompt never freezes the running streams
+for long: each step prefills at most `prefill_chunk` prompt tokens (512 by default) before its
+decode step. Prompts admitted since the last step that fit in that budget are prefilled together,
+right-padded to the longest, in one forward (the padding's keys/values land past each row's length,
+where the row's own decode overwrites them before attending); a longer prompt is prefilled in
+chunks of the budget over as many steps into a cache of its own, then copied into its slots. A
+prompt's first token comes out of the step that finished its prefill. `prefill_chunk=None` prefills
+every admitted prompt whole at the next step (the unchunked reference the tests compare against).
 
 A step only runs the first R rows, R the smallest power of two that covers every occupied slot:
 each R gets its own captured forward + sampling over views of the same cache, so one request alone
 decodes as fast as through `generate` (batch 1 is the fastest shape by far on a GPU), and a session
 opened for one request still has room for 31 more. Slots are taken lowest first, so R stays small.
 
-How it stays correct with the host a step behind the GPU (see engine.py): `admit` and `release`
+How it stays correct with the host a step behind the GPU (see engine.py): prefill and `release`
 only enqueue device work after the step already in flight, on the same stream, so they overwrite
 whatever that step wrote for the slot (its cache rows, its length, its sampled id), and a freed or
 newly admitted slot's output from a step launched before the change is ignored on the host. Free
-slots inside the R rows decode junk at position 0 (their length is reset before every step), as
-finished rows do in `generate`. Per-row limits (max_tokens, stop strings) work as in `generate`;
-all rows share the session's temperature/top-k/top-p, but each admission has its own seed (noise is
-keyed by row and position), so a seeded request gets the same tokens here as alone through
-`generate`. A row whose tool call runs waits alone, as in `generate`. One engine runs one session
-(or one `generate`) at a time.
+slots (and slots still being prefilled) inside the R rows decode junk at position 0 (their length
+is reset before every step), as finished rows do in `generate`. Per-row limits (max_tokens, stop
+strings) work as in `generate`; all rows share the session's temperature/top-k/top-p, but each
+admission has its own seed (noise is keyed by row and position), so a seeded request gets the same
+tokens here as alone through `generate`. A row whose tool call runs waits alone, as in `generate`.
+One engine runs one session (or one `generate`) at a time.
+
+Where the time goes is added to `timing` (infer/timing.py): prefill, the decode launch, the wait
+for the GPU, the engine's bookkeeping, and on CUDA the GPU's own time for decode and prefill
+(events read a step later, so measuring never stalls the pipeline).
 """
 
 from __future__ import annotations
 
 import random
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
 from chatforge.errors import UsageError
-from chatforge.infer.engine import CACHE_ROUND, Engine, StepToken, _Row
+from chatforge.infer.engine import CACHE_ROUND, PREFILL_GROUP, Engine, StepToken, _Row
 from chatforge.infer.sampling import check_sampling_args, row_keys, sample_next
+from chatforge.infer.timing import TimeSpent
 
-TOOL_POLL = 0.005  # seconds a step waits for a tool when every row waits, before it returns to admit
+TOOL_POLL = 0.005   # seconds a step waits for a tool when every row waits, before it returns to admit
+PREFILL_CHUNK = 512  # most prompt tokens prefilled per step, so running streams wait one chunk at most
+
+
+@dataclass
+class _Admission:
+    """A prompt admitted but not yet (fully) prefilled; its slots are taken meanwhile."""
+    prompt: list[int]
+    slots: list[int]
+    max_tokens: int
+    stops: tuple
+    seed: int
+    done: int = 0                  # prompt tokens already prefilled (into `cache`)
+    cache: object = None           # this prompt's own KVCache while it is prefilled in chunks
+    released: set = field(default_factory=set)
 
 
 class DecodeSession:
     @torch.inference_mode()
     def __init__(self, engine: Engine, capacity: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, use_tools: bool = True):
+                 top_p: float | None = None, use_tools: bool = True, prefill_chunk: int | None = PREFILL_CHUNK,
+                 timing: TimeSpent | None = None):
         from chatforge.model.gpt import KVCache
 
         if capacity < 1:
             raise UsageError(f"a decode session needs at least one slot (got {capacity})")
+        if prefill_chunk is not None and prefill_chunk < 2:
+            raise UsageError(f"the prefill chunk must be at least 2 tokens (got {prefill_chunk})")
         check_sampling_args(temperature, top_k, top_p)
         self.engine, self.capacity, self.use_tools = engine, capacity, use_tools
         self.sampling = (temperature, top_k, top_p)
+        self.prefill_chunk = prefill_chunk
+        self.timing = timing or TimeSpent()
         device = engine.device
         max_len = -(-(engine.config.sequence_len + 1) // CACHE_ROUND) * CACHE_ROUND  # +1: the scratch slot
         self.cache = KVCache(engine.config, capacity, max_len, device, engine.dtype)
@@ -56,59 +93,138 @@ class DecodeSession:
         self.keys = torch.zeros(capacity, dtype=torch.long, device=device)      # each slot's noise key
         self.steps: dict[int, object] = {}  # R -> the step over the first R rows
         self.rows: list[_Row | None] = [None] * capacity
+        self.admitted: deque[_Admission] = deque()  # waiting for (the rest of) their prefill, oldest first
+        self.reserved: set[int] = set()             # their slots
         self.stop_set = {engine.assistant_end, engine.bos}
         self.cuda = device.type == "cuda"
         self.host_ids = torch.empty(capacity, dtype=torch.long, pin_memory=self.cuda)
         self.arrived = torch.cuda.Event() if self.cuda else None
+        self.gpu_marks: list = []  # (phase, start event, end event) not read yet
 
     # ---- rows joining and leaving -----------------------------------------------------------------
 
     def free_slots(self) -> int:
-        return sum(row is None for row in self.rows)
+        return sum(row is None for row in self.rows) - len(self.reserved)
 
     def active(self) -> bool:
-        return any(row is not None for row in self.rows)
+        return bool(self.reserved) or any(row is not None for row in self.rows)
 
-    @torch.inference_mode()
     def admit(self, prompt: list[int], num_samples: int = 1, max_tokens: int = 256,
               stop_strings: tuple[str, ...] = (), seed: int | None = None) -> list[int]:
-        """Prefill `prompt` into `num_samples` free slots; their first tokens come out of the next
-        `step`. Returns the slots (a StepToken's `row` names its slot). With a seed, the samples are
-        those `Engine.generate(..., seed=seed)` draws for this prompt."""
-        e = self.engine
-        [prompt] = e._check_prompts([prompt], num_samples, max_tokens)
-        free = [i for i, row in enumerate(self.rows) if row is None][:num_samples]  # lowest first: R stays small
-        if len(free) < num_samples:
+        """Take `num_samples` free slots for `prompt`; the next steps prefill it and its first tokens
+        come out of the step that finishes that. Returns the slots (a StepToken's `row` names its
+        slot). With a seed, the samples are those `Engine.generate(..., seed=seed)` draws."""
+        [prompt] = self.engine._check_prompts([prompt], num_samples, max_tokens)
+        free = [i for i, row in enumerate(self.rows) if row is None and i not in self.reserved][:num_samples]
+        if len(free) < num_samples:  # lowest first: R stays small
             raise UsageError(f"{num_samples} rows asked of a session with {len(free)} free slots")
-        logits = e._prefill_rows(self.cache, [prompt], num_samples, free)
-        index = torch.tensor(free, device=e.device)
-        self.keys[index] = row_keys(seed if seed is not None else random.getrandbits(63), num_samples, e.device)
-        first = sample_next(logits, *self.sampling, keys=self.keys[index], positions=self.cache.lengths[index])
-        self.next_ids[index] = first
-        self.static_in[index] = first
-        stops = tuple(s for s in stop_strings if s)
-        for i in free:
-            self.rows[i] = _Row(len(prompt), max_tokens, stops)
+        self.admitted.append(_Admission(prompt, free, max_tokens, tuple(s for s in stop_strings if s),
+                                        seed if seed is not None else random.getrandbits(63)))
+        self.reserved.update(free)
         return free
 
     def release(self, slots: list[int]) -> None:
         """Stop these slots now (a cancelled request); they are free for the next `admit`."""
         for i in slots:
+            if i in self.reserved:
+                self.reserved.discard(i)
+                for a in self.admitted:
+                    if i in a.slots:
+                        a.released.add(i)
+                self.admitted = deque(a for a in self.admitted if len(a.released) < len(a.slots))
+                continue
             if self.rows[i] is not None and self.rows[i].tool is not None:
                 self.rows[i].tool.cancel()  # a call not started yet is dropped; a running one just ends
             self.rows[i] = None
+
+    # ---- prefill ---------------------------------------------------------------------------------
+
+    def _prefill(self) -> None:
+        """Prefill up to `prefill_chunk` tokens of the admitted prompts, oldest first: the fresh ones
+        that fit together in one padded forward, else one chunk of the oldest."""
+        budget = self.prefill_chunk or float("inf")
+        group = []
+        while self.admitted and len(group) < PREFILL_GROUP:
+            a = self.admitted[0]
+            if a.done or len(a.prompt) > budget:
+                break
+            group.append(self.admitted.popleft())
+            budget -= len(a.prompt)
+        if group:
+            self._prefill_together(group)
+        elif self.admitted:
+            a = self.admitted[0]
+            self._prefill_chunk(a, int(min(budget, len(a.prompt) - a.done)))
+
+    def _forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        e = self.engine
+        with e._autocast():
+            return e.model(ids, kv_cache=cache)  # (G, T, V)
+
+    def _prefill_together(self, group: list[_Admission]) -> None:
+        from chatforge.model.gpt import KVCache
+
+        e = self.engine
+        lengths = [len(a.prompt) for a in group]
+        T = max(lengths)
+        ids = torch.tensor([a.prompt + [0] * (T - len(a.prompt)) for a in group], device=e.device)
+        small = KVCache(e.config, len(group), T, e.device, e.dtype)
+        logits = self._forward(ids, small)
+        last = torch.tensor(lengths, device=e.device)
+        small.lengths.copy_(last)  # the padding's keys/values lie past each row's length
+        logits = logits[torch.arange(len(group), device=e.device), last - 1]  # (G, V)
+        for g, a in enumerate(group):
+            self._start_rows(a, small, g, logits[g:g + 1])
+
+    def _prefill_chunk(self, a: _Admission, size: int) -> None:
+        from chatforge.model.gpt import KVCache
+
+        e = self.engine
+        if len(a.prompt) - a.done - size == 1:
+            size += 1  # never leave a one-token chunk: a one-token forward takes the decode path
+        if a.cache is None:
+            a.cache = KVCache(e.config, 1, len(a.prompt), e.device, e.dtype)
+        ids = torch.tensor([a.prompt[a.done:a.done + size]], device=e.device)
+        logits = self._forward(ids, a.cache)[:, -1]
+        a.done += size
+        if a.done == len(a.prompt):
+            self.admitted.popleft()
+            self._start_rows(a, a.cache, 0, logits)
+
+    def _start_rows(self, a: _Admission, small, src: int, logits: torch.Tensor) -> None:
+        """Copy a prefilled prompt (row `src` of `small`) into its live slots and sample their first tokens."""
+        e = self.engine
+        samples = [j for j, slot in enumerate(a.slots) if slot not in a.released]
+        slots = [a.slots[j] for j in samples]
+        self.cache.copy_rows(small, [src] * len(slots), slots)
+        index = torch.tensor(slots, device=e.device)
+        self.keys[index] = row_keys(a.seed, len(a.slots), e.device)[samples]
+        logits = e._mask_padding(logits.float()[[0] * len(slots)])  # a copy per sample: sampling works in place
+        first = sample_next(logits, *self.sampling, keys=self.keys[index], positions=self.cache.lengths[index])
+        self.next_ids[index] = first
+        self.static_in[index] = first
+        for i in slots:
+            self.reserved.discard(i)
+            self.rows[i] = _Row(len(a.prompt), a.max_tokens, a.stops)
 
     # ---- decoding --------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[StepToken]:
-        """Launch the next decode step, then return the tokens the previous one (or an admission)
-        produced for the occupied slots, in slot order. Nothing to do without occupied slots."""
+        """Prefill (part of) what was admitted, launch the next decode step, then return the tokens
+        the previous one (or a finished prefill) produced for the occupied slots, in slot order.
+        Nothing to do without occupied slots."""
         if not self.active():
             return []
-        e = self.engine
+        e, timing = self.engine, self.timing
+        if self.admitted:
+            start = time.perf_counter()
+            with self._gpu_mark("gpu prefill"):
+                self._prefill()
+            timing.add("prefill (host)", time.perf_counter() - start)
+        start = time.perf_counter()
         live = {i: row for i, row in enumerate(self.rows) if row is not None}  # the slots copied below
-        if not e._wait_for_tools(live, timeout=TOOL_POLL):  # every row still waits: let the caller admit
+        if not live or not e._wait_for_tools(live, timeout=TOOL_POLL):  # nothing can step: let the caller admit
             return []
         self.host_ids.copy_(self.next_ids, non_blocking=self.cuda)
         if self.cuda:
@@ -122,12 +238,40 @@ class DecodeSession:
         if R not in self.steps:
             self.steps[R] = e._session_step(self.cache.head(R), self.static_in[:R], self.next_ids[:R],
                                             self.keys[:R], self.sampling)
-        self.steps[R]()
+        launched = time.perf_counter()
+        with self._gpu_mark("gpu decode"):
+            self.steps[R]()
+        waited = time.perf_counter()
         if self.cuda:
             self.arrived.synchronize()
         host = self.host_ids.tolist()
+        arrived = time.perf_counter()
         out = e._account(live, host, forced, self.stop_set, self.use_tools)
         for t in out:
             if t.done:
                 self.rows[t.row] = None
+        end = time.perf_counter()
+        # on CPU the launch is the forward itself; on CUDA the forward shows as the wait (when the
+        # host is ahead) and as "gpu decode"
+        timing.add("decode launch", waited - launched)
+        timing.add("wait for GPU", arrived - waited)
+        timing.add("engine bookkeeping", (launched - start) + (end - arrived), len(out))
+        self._read_gpu_marks()
         return out
+
+    @contextmanager
+    def _gpu_mark(self, phase: str):
+        """On CUDA, events around the work enqueued in the block; read once they have passed."""
+        if not self.cuda:
+            yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.gpu_marks.append((phase, start, end))
+
+    def _read_gpu_marks(self) -> None:
+        while self.gpu_marks and self.gpu_marks[0][2].query():
+            phase, start, end = self.gpu_marks.pop(0)
+            self.timing.add(phase, start.elapsed_time(end) / 1e3)

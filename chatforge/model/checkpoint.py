@@ -5,8 +5,9 @@ Layout under the base directory (see ARCHITECTURE.md):
     checkpoints/<stage>/<tag>/step_000123/
         model.pt          the model's state dict (written by rank 0)
         optim_rank{r}.pt  rank r's optimizer state (the sharded optimizer keeps one shard per rank)
-        meta.json         model_config, step, vocab_size, world_size, per-rank loader state and RNG,
-                          metrics, args
+        meta.json         model_config, step, vocab_size, tokenizer (the name of the one it was
+                          trained with; absent: the unnamed one of the old layout), world_size,
+                          per-rank loader state and RNG, metrics, args
 
 Every rank writes into a hidden temporary folder `.tmp-step_000123`; after a barrier rank 0 renames
 it to `step_000123`. The rename is the commit: a folder named `step_*` is complete by construction,
@@ -34,7 +35,7 @@ import torch.distributed as dist
 from chatforge import paths
 from chatforge.errors import CheckpointError
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.tokenizer import load_tokenizer
+from chatforge.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 STAGES = ("base", "mid", "sft", "rl")
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -113,11 +114,13 @@ def _clean_state_dict(state: dict) -> dict:
 def save_checkpoint(stage: str, tag: str, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, *, model_config: dict, vocab_size: int,
                     loader_state=None, metrics: dict | None = None, args: dict | None = None,
-                    extra: dict | None = None, keep_last: int | None = None) -> Path:
+                    extra: dict | None = None, keep_last: int | None = None,
+                    tokenizer_name: str | None = None) -> Path:
     """Write one complete checkpoint; every rank must call this (it gathers and synchronises).
 
     `loader_state` is this rank's loader state; meta.json keeps all ranks' states as a list.
     `keep_last` deletes all but the newest K complete steps of this stage/tag after the save.
+    `tokenizer_name` is the tokenizer the model was trained with (None: the old layout's unnamed one).
     Returns the final folder.
     """
     rank = dist.get_rank() if _dist_ready() else 0
@@ -147,6 +150,7 @@ def save_checkpoint(stage: str, tag: str, step: int, model: torch.nn.Module,
             "step": step,
             "model_config": model_config,
             "vocab_size": vocab_size,
+            "tokenizer": tokenizer_name,
             "world_size": world_size,
             "has_optimizer": optimizer is not None,
             "loader_state": loader_states,
@@ -268,6 +272,34 @@ def read_meta(folder: Path) -> dict:
         raise CheckpointError(f"cannot read {folder / 'meta.json'} ({exc}); pick another --step or retrain") from None
 
 
+def checkpoints_using_tokenizer(name: str) -> list[str]:
+    """'stage/tag' of every checkpoint on disk trained with the tokenizer called `name`."""
+    users = []
+    for stage in STAGES:
+        for tag in list_tags(stage):
+            folders = [paths.stage_checkpoints_dir(stage) / tag / step_dir_name(s) for s in list_steps(stage, tag)]
+            if any(_recorded_tokenizer(folder) == name for folder in folders):
+                users.append(f"{stage}/{tag}")
+    return users
+
+
+def free_tokenizer_name(stem: str) -> str:
+    """`stem`, or the first of stem-2, stem-3 ... that no checkpoint was trained with: a name under
+    which a new tokenizer can be saved without breaking a checkpoint."""
+    name, n = stem, 1
+    while checkpoints_using_tokenizer(name):
+        n += 1
+        name = f"{stem}-{n}"
+    return name
+
+
+def _recorded_tokenizer(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "meta.json").read_text(encoding="utf-8")).get("tokenizer")
+    except (OSError, ValueError):
+        return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -326,6 +358,28 @@ def load_model_state(model: torch.nn.Module, state: dict, where: Path | str) -> 
         raise CheckpointError(f"checkpoint {where} does not fit this model ({detail}); use a matching --tag") from None
 
 
+def checkpoint_tokenizer(meta: dict, folder: Path):
+    """The tokenizer a checkpoint was trained with: the one its meta names, or for a checkpoint that
+    names none (written before tokenizers had names) the unnamed one of the old layout, else the
+    current one. Its vocabulary must match the checkpoint's (a CheckpointError otherwise)."""
+    name = meta.get("tokenizer")
+    directory = paths.tokenizer_dir(name, create=False)
+    if name and not (directory / TOKENIZER_FILE).is_file():
+        raise CheckpointError(f"checkpoint {folder} was trained with tokenizer {name!r} but {directory} is gone; "
+                              "restore that folder or retrain the model")
+    if name or (directory / TOKENIZER_FILE).is_file():
+        tokenizer = load_tokenizer(directory, name)
+    else:
+        tokenizer = load_tokenizer()
+        directory = paths.tokenizer_dir(tokenizer.name, create=False)
+    saved_vocab = meta.get("vocab_size")
+    if saved_vocab not in (None, tokenizer.vocab_size):
+        raise CheckpointError(
+            f"checkpoint {folder} was trained with a {saved_vocab}-token tokenizer but {directory} "
+            f"holds a {tokenizer.vocab_size}-token one; restore the matching tokenizer or retrain the model")
+    return tokenizer
+
+
 @dataclass
 class Loaded:
     """What `load` returns: a model with the checkpoint's weights, the tokenizer it was trained with,
@@ -345,8 +399,8 @@ def load(stage: str, tag: str | None = None, step: int | None = None, *, device:
     """The one way from a checkpoint to a model, for every stage, the engine, eval and serve.
 
     Rebuilds the GPT from the checkpoint's config (`max_seq_len` overrides its context, e.g. to
-    fine-tune on longer rows), loads the weights, checks the tokenizer in the base directory against
-    the one the checkpoint was trained with (a CheckpointError otherwise), and reads this rank's
+    fine-tune on longer rows), loads the weights and the tokenizer the checkpoint was trained with
+    (`checkpoint_tokenizer`), and reads this rank's
     optimizer shard when `optimizer` is set (training resumes). `dtype` None keeps the weights as
     trained (fp32 masters); a float dtype casts the parameters, e.g. bf16 for inference on a GPU.
     The model is in eval mode.
@@ -354,12 +408,7 @@ def load(stage: str, tag: str | None = None, step: int | None = None, *, device:
     tag, step, folder = resolve(stage, tag, step)
     ckpt = load_checkpoint(stage, tag, step, device=device, rank=rank, load_optimizer=optimizer)
     meta = ckpt["meta"]
-    tokenizer = load_tokenizer()
-    saved_vocab = meta.get("vocab_size")
-    if saved_vocab not in (None, tokenizer.vocab_size):
-        raise CheckpointError(
-            f"checkpoint {folder} was trained with a {saved_vocab}-token tokenizer but {paths.tokenizer_dir()} "
-            f"holds a {tokenizer.vocab_size}-token one; restore the matching tokenizer or retrain the model")
+    tokenizer = checkpoint_tokenizer(meta, folder)
     try:
         config = GPTConfig(**{**meta["model_config"], **({"sequence_len": max_seq_len} if max_seq_len else {})})
     except (KeyError, TypeError) as exc:

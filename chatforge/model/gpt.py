@@ -24,7 +24,8 @@ Precision: every parameter is fp32 (the optimizer's master copy). On CUDA the tr
 the forward under autocast (bf16); the embedding output is cast to the autocast dtype right away so
 the residual stream is bf16 too. We do not store the embedding table itself in bf16: AdamW updates
 of ~1e-4 relative size vanish in bf16's 8-bit mantissa, and the table is small next to activations.
-Logits are always returned in fp32.
+Logits are always returned in fp32. A training loss (targets, grad on) never forms them whole:
+`model/fused_loss.py` runs the head, soft-cap and cross-entropy chunk by chunk, forward and backward.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from chatforge.errors import UsageError
 from chatforge.model import attention
 from chatforge.model.attention import linear
+from chatforge.model.fused_loss import linear_softcap_cross_entropy
 
 # Rotary tables cover this many times sequence_len, so generation may run past the training length.
 ROTARY_MARGIN = 10
@@ -219,6 +221,10 @@ class GPT(nn.Module):
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.kernels: frozenset = frozenset()
+        # training losses go through model/fused_loss.py (no full fp32 logits); False = the plain path,
+        # kept for comparison (`chatforge bench train --loss plain`). loss_chunk_rows: None = by size.
+        self.fused_loss = True
+        self.loss_chunk_rows: int | None = None
         self.rotary_len = config.sequence_len * ROTARY_MARGIN
         cos, sin = rotary_tables(config.head_dim, self.rotary_len)
         # not saved in checkpoints: recomputed by init_weights() (call it after `to_empty`)
@@ -297,6 +303,9 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache, step)
         x = norm(x)
+        if targets is not None and self._fused_loss_applies(kv_cache, loss_reduction):
+            return linear_softcap_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T),
+                                                self.config.softcap, loss_reduction, self.loss_chunk_rows)
         logits = linear(x, self.lm_head, self.kernels).float()  # (B, T, V)
         if self.config.softcap > 0:
             logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
@@ -307,6 +316,13 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def _fused_loss_applies(self, kv_cache, loss_reduction: str) -> bool:
+        """Training only: grad on, a scalar loss, no cache, and a head that is a plain Linear (anything
+        else, e.g. a swapped-in kernel, knows its own matmul). Evaluation and per-token losses ("none")
+        keep the plain path, so their numbers do not move."""
+        return (self.fused_loss and kv_cache is None and loss_reduction in ("mean", "sum")
+                and torch.is_grad_enabled() and type(self.lm_head) is nn.Linear and not self.kernels)
 
 
 @dataclass

@@ -91,6 +91,22 @@ class MuonAdamW(torch.optim.Optimizer):
 
     # ---- this rank's shard of the state
 
+    def pending_state_bytes(self) -> int:
+        """Bytes of state this rank allocates at its first step that it does not hold yet (0 once
+        stepped or loaded): Muon's momentum for the matrices it owns, AdamW's two moments of its shard.
+        The auto device batch (train/autobatch.py) holds this much aside while it measures."""
+        if self.state:
+            return 0
+        _, world = _world()
+        total = 0
+        for group in self.param_groups:
+            params = group["params"]
+            if group["kind"] == "muon":
+                total += -(-len(params) // world) * params[0].numel() * params[0].element_size()
+            else:
+                total += sum(2 * -(-p.numel() // world) * p.element_size() for p in params)
+        return total
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["sharding"] = dict(zip(("rank", "world_size"), _world()))

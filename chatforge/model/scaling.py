@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -115,6 +115,16 @@ class Scaling:
         warning = self.passes_warning()
         return "derived from --depth:\n" + "\n".join(lines) + (f"\n{warning}" if warning else "")
 
+    def with_device_batch(self, rows: int, reason: str) -> "Scaling":
+        """The same run with `rows` per micro-batch (chosen after derive(), e.g. by the auto search):
+        the total batch stays, the accumulation steps follow."""
+        micro = rows * self.sequence_len * self.world_size
+        if self.total_batch_size % micro:
+            raise UsageError(f"a device batch of {rows} rows x {self.sequence_len} x {self.world_size} rank(s) does not "
+                             f"divide the total batch {self.total_batch_size:,}; give --device-batch-size")
+        return replace(self, device_batch_size=rows, grad_accum_steps=self.total_batch_size // micro,
+                       sources={**self.sources, "device_batch_size": reason})
+
     def passes_warning(self) -> str | None:
         """One line when the run reads its data more than MANY_PASSES times, with the step count that would not."""
         if self.passes is None or self.passes <= MANY_PASSES:
@@ -159,11 +169,14 @@ def _budget(depth: int, head_dim: int, sequence_len: int, vocab_size: int, ratio
     return int(ratio * _count(cfg)[1])
 
 
-def derive(depth: int, *, device: str | None = None, data_tokens: int | None = None, **overrides) -> Scaling:
+def derive(depth: int, *, device: str | None = None, data_tokens: int | None = None,
+           given_by: dict[str, str] | None = None, **overrides) -> Scaling:
     """All values for a model of `depth` layers; keyword overrides (None = not given) win over the rules.
 
     `device` is the device type the run trains on ("cuda", "cpu", "mps"; None derives as for CUDA)
     and `data_tokens` the size of the corpus's train split (None: unknown, derived as if unlimited).
+    `given_by` names where an override came from when that is not its flag (pretrain's vocabulary
+    comes from the tokenizer, its world size from torchrun), so the table credits the right source.
     """
     unknown = set(overrides) - set(FLAGS)
     if unknown:
@@ -173,7 +186,7 @@ def derive(depth: int, *, device: str | None = None, data_tokens: int | None = N
 
     def pick(name, rule, value):
         if name in given:
-            src[name] = f"{FLAGS[name]} (given)"
+            src[name] = (given_by or {}).get(name) or f"{FLAGS[name]} (given)"
             return given[name]
         src[name] = rule
         return value

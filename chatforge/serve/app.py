@@ -2,11 +2,13 @@
 
     chatforge serve                                   # latest sft checkpoint, http://127.0.0.1:8000
     chatforge serve --source rl --port 8080 --api-key secret
-    chatforge serve --host 0.0.0.0 --cors-origin https://my.site   # reachable from elsewhere
+    chatforge serve --host 0.0.0.0 --api-key secret --cors-origin https://my.site   # reachable from elsewhere
 
 One engine replica per GPU (all visible GPUs unless --replicas), or one on CPU, behind one request
-queue (serve/workers.py): concurrent requests with the same sampling settings are decoded together
-in one batch, the others wait their turn; a client that disconnects frees its place.
+queue (serve/workers.py): concurrent requests with the same sampling settings are decoded together,
+joining the running decode at its next step (--scheduling batch: whole batches), the others wait
+their turn; a client that disconnects, streaming or not, frees its place in the queue at once and
+its slot at the next decode step.
 
 ## The API
 
@@ -19,7 +21,8 @@ in one batch, the others wait their turn; a client that disconnects frees its pl
   own, e.g. `chatforge-sft-d20`, or the stable alias `chatforge`, which names whatever this server
   serves, so client code need not change when the checkpoint does), `temperature` [0, 2]
   (default 1; 0 is greedy), `top_p` (0, 1], `top_k` (extension, >= 1), `max_tokens` or
-  `max_completion_tokens` [1, context] (default: --default-max-tokens), `n` [1, --max-n], `seed`,
+  `max_completion_tokens` [1, context] (default: --max-new-tokens), `n` [1, --max-n], `seed`
+  (64 bits),
   `stop` (a string or up to 4; the reply is cut before it), `stream`, `stream_options.include_usage`,
   `use_tools` (extension, default true: the engine runs the python the model writes).
 - Reply: `choices[i].message.content` is the text, with a tool call and its output shown as fenced
@@ -32,19 +35,37 @@ in one batch, the others wait their turn; a client that disconnects frees its pl
 
 `GET /v1/models` (and `/v1/models/{id}`): the one model served, listed under both its ids (the
 alias's card names the checkpoint in `root`); replies always carry the checkpoint's id in `model`,
-as OpenAI answers an alias with the snapshot it resolved to. `GET /health`: status, replicas,
-queue length (never needs the key). `GET /`: the web UI (static files, no build step, offline).
+as OpenAI answers an alias with the snapshot it resolved to. `GET /health` (never needs the key):
+status, replicas, `busy` (replicas generating), `busy_slots` (rows decoding for clients still
+there), `waiting` (queued requests whose clients are still there), `connections` (open now),
+`evicted` and `refused` (connections closed at --max-connections), and `timing`: seconds and
+counts per phase of the serving path since start, what `chatforge bench serve` prints as its
+breakdown. `GET /metrics`: the same and the
+server's resident memory in the Prometheus text format. `GET /`: the web UI (static files, no
+build step, offline).
+
+Types are strict, as OpenAI's: a number must be a JSON number (an integer where one is meant) and a
+flag a JSON boolean; `"10"` or `true` for `max_tokens` is a 400.
 
 Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`:
-400 malformed JSON, a wrong type, a bad role, an empty or too long message, too many messages,
-a prompt that does not fit the context (code `context_length_exceeded`), a value out of range;
-401 a missing or wrong key (code `invalid_api_key`); 404 an unknown route or model;
-405 a wrong method; 413 a body over --max-body-bytes; 429 the queue is full (--max-queue).
+400 malformed JSON (nested past ~200 levels included), a wrong type, a bad role, an empty or too
+long message, too many messages, a prompt that does not fit the context (code
+`context_length_exceeded`), a value out of range, a Host header the server does not answer to
+(code `invalid_host`); 401 a missing or wrong key (code `invalid_api_key`); 404 an unknown route or
+model; 405 a wrong method; 408 a body slower than --read-timeout; 413 a body over --max-body-bytes;
+415 a body not sent as `Content-Type: application/json`; 429 the queue is full (--max-queue);
+503 every one of --max-connections is busy with a request.
 
 Auth: with --api-key (or CHATFORGE_API_KEY) every API route needs `Authorization: Bearer <key>`;
 /health and the UI's static files stay open (they reveal nothing; the page asks for the key).
-CORS is off unless --cors-origin names the allowed origins. One log line per request: id, method,
-path, status, tokens in/out, time to first token, latency; the conversation only with --log-content.
+CORS is off unless --cors-origin names the allowed origins (its headers are on 401s too). Against
+other web pages the user visits (serve/guard.py): the API takes only JSON bodies, which a page
+cannot send cross-site without a CORS preflight; a Host header other than the names the server
+answers to is refused (DNS rebinding); and a --host other than loopback needs --api-key unless
+--allow-no-key says it should be open. Against slow or many clients: --read-timeout for a request's
+headers and body, --max-connections open at once. One log line per request: id, method, path,
+status (499: the client left first), tokens in/out, time to first token, latency; the conversation
+only with --log-content.
 """
 
 from __future__ import annotations
@@ -59,16 +80,21 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydantic_core
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from chatforge.conversation import render_for_completion, validate_conversation
 from chatforge.errors import ChatforgeError, UsageError
+from chatforge.flags import add_compile_flag, add_flag
 from chatforge.runtime import add_runtime_arguments, print0
+from chatforge.serve.guard import (Connections, HostCheck, check_exposure, default_allowed_hosts, metrics_text,
+                                   resident_bytes, server_config)
 from chatforge.serve.workers import Delta, Job, QueueFull, WorkerPool
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -76,6 +102,7 @@ STAGES = ("sft", "mid", "base", "rl")
 ROLE_ALIASES = {"developer": "system"}
 OPEN_PATHS = ("/health", "/", "/static/")  # no key needed (see the docstring)
 STABLE_MODEL_ID = "chatforge"  # answers for any checkpoint: README's client snippet relies on it
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what a 64-bit seed can hold, signed or not
 
 
 @dataclass
@@ -110,27 +137,29 @@ def _json_response(status: int, body: dict, headers: dict | None = None):
 
 # ---- request parsing ----------------------------------------------------------------------------
 
+# strict: a number must be a JSON number and a flag a JSON boolean ("10" and true are not 10), as
+# OpenAI's API answers; an integer is still a valid float
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
     """The request body; other OpenAI fields are accepted and ignored (extra="allow")."""
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     messages: list[Message]
     model: str | None = None
     temperature: float | None = None
@@ -245,6 +274,8 @@ def parse_request(data, limits: Limits, model_ids: tuple[str, ...], tokenizer) -
         raise ApiError(400, f"top_p is {req.top_p}; it must be in (0, 1]", param="top_p", code="invalid_value")
     if req.top_k is not None and req.top_k < 1:
         raise ApiError(400, f"top_k is {req.top_k}; it must be at least 1", param="top_k", code="invalid_value")
+    if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
+        raise ApiError(400, f"seed is {req.seed}; it must fit in 64 bits", param="seed", code="invalid_value")
     if not 1 <= req.n <= limits.max_n:
         raise ApiError(400, f"n is {req.n}; it must be between 1 and {limits.max_n}", param="n", code="invalid_value")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -280,15 +311,31 @@ def _piece_json(piece) -> dict:
     return {"kind": piece.kind, "text": piece.text, "open": piece.open}
 
 
+class ClientGone(Exception):
+    """Put on a job's queue when its client closed the connection before the reply was complete."""
+
+
 async def _next_delta(job: Job, request) -> Delta:
-    """The job's next Delta; cancels the job (and raises) when the client has gone."""
-    while True:
-        try:
-            return await asyncio.wait_for(job.queue.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
-                raise asyncio.CancelledError("client disconnected")
+    """The job's next Delta; a 499 (seen only in the log) once the client has gone."""
+    delta = await job.queue.get()
+    if isinstance(delta.error, ClientGone):
+        raise ApiError(499, "the client closed the connection before its reply was complete", code="client_closed")
+    return delta
+
+
+def watch_disconnect(request, job: Job, wake: bool) -> asyncio.Task:
+    """A task that cancels `job` the moment its client disconnects, so the worker drops its rows at
+    its next decode step (or its place in the queue); with `wake`, `_next_delta` then stops waiting.
+
+    Once the body is read, uvicorn's `receive()` returns only on a disconnect or after the response
+    was sent (a no-op cancel then). A streamed reply is also stopped by Starlette's own listener."""
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        if wake:
+            job.queue.put_nowait(Delta(error=ClientGone()))
+        job.cancel()
+    return asyncio.ensure_future(watch())
 
 
 def _raise_job_error(exc: Exception):
@@ -300,18 +347,26 @@ def _raise_job_error(exc: Exception):
 # ---- the app ------------------------------------------------------------------------------------
 
 def create_app(pool: WorkerPool, model_id: str, limits: Limits, api_key: str | None = None,
-               cors_origins: list[str] | None = None, log_content: bool = False):
-    """The FastAPI app serving `pool`'s engines (uvicorn runs it; tests run it in a thread).
+               cors_origins: list[str] | None = None, log_content: bool = False,
+               allowed_hosts: list[str] | None = None, connections: Connections | None = None):
+    """The FastAPI app serving `pool`'s engines (uvicorn runs it with `server_config`; tests run it
+    in a thread).
 
-    `model_id` is the checkpoint's name; requests may also say STABLE_MODEL_ID."""
+    `model_id` is the checkpoint's name; requests may also say STABLE_MODEL_ID. `allowed_hosts`: the
+    Host names answered besides IP literals (default: localhost; ["*"]: any). `connections`: the
+    connection cap and read timeout (kept on `app.state.connections` for the server's protocol)."""
     tokenizer = pool.engine.tokenizer
+    connections = connections or Connections()
     model_ids = (model_id,) if model_id == STABLE_MODEL_ID else (model_id, STABLE_MODEL_ID)
     created = int(time.time())
     app = FastAPI(title="chatforge", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.connections = connections
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return _json_response(exc.status, exc.body())
+        # a body left unread (too large, too slow, cut off) leaves nothing to keep the connection for
+        close = {"Connection": "close"} if exc.status in (408, 413, 499) else None
+        return _json_response(exc.status, exc.body(), headers=close)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):
@@ -333,10 +388,19 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits, api_key: str | N
         return {"id": name, "object": "model", "created": created, "owned_by": "chatforge",
                 "root": model_id, "context_length": limits.context}
 
+    def counters() -> dict:
+        return {"busy": pool.busy(), "busy_slots": pool.busy_slots(), "waiting": pool.queue.waiting(),
+                "connections": connections.count(), "evicted": connections.evicted, "refused": connections.refused}
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "replicas": len(pool.engines), "busy": pool.busy(),
-                "waiting": pool.queue.waiting()}
+        return {"status": "ok", "model": model_id, "replicas": len(pool.engines), **counters(),
+                "timing": pool.timing_report()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(metrics_text({**counters(), "rss_bytes": resident_bytes()}),
+                                 media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -350,13 +414,10 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits, api_key: str | N
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _read_body(request, limits.max_body_bytes)
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the request body is not valid JSON ({exc}); send a JSON object",
-                           code="invalid_json") from None
-        req, prompt, job = parse_request(data, limits, model_ids, tokenizer)
+        _require_json(request)
+        body = await _read_body(request, limits.max_body_bytes, connections.read_timeout)
+        # off the event loop: tokenizing a long prompt takes long enough to stall every other client
+        data, (req, prompt, job) = await asyncio.to_thread(_parse_body, body, limits, model_ids, tokenizer)
         state = request.scope.setdefault("state", {})
         state["tokens_in"], state["job"] = len(prompt), job
         if log_content:
@@ -365,6 +426,7 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits, api_key: str | N
             pool.submit(job)
         except QueueFull as exc:
             raise ApiError(429, str(exc), code="queue_full", type_="server_busy") from None
+        state["watcher"] = watch_disconnect(request, job, wake=not req.stream)  # held: tasks are weakly kept
         rid = "chatcmpl-" + state["request_id"]
         header = {"id": rid, "created": int(time.time()), "model": model_id, "system_fingerprint": None}
         usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": job.completion_tokens,  # noqa: E731
@@ -387,6 +449,7 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits, api_key: str | N
                     finish[delta.choice] = delta.finish_reason
         finally:
             job.cancel()  # a no-op when finished; frees the slot when the client went away
+            state["watcher"].cancel()
         if log_content:
             state["content"]["reply"] = [r.content() for r in replies]
         choices = [{"index": i, "message": {"role": "assistant", "content": r.content(), "chatforge_parts": r.parts},
@@ -400,58 +463,120 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits, api_key: str | N
         async def index():
             return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
+    # the last added runs first: log, Host check, CORS (so a 401 carries its headers too), auth
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"])
-    if api_key:
-        app.add_middleware(BearerAuth, api_key=api_key)
-    app.add_middleware(RequestLog, log_content=log_content)  # added last: outermost, sees every answer
+    app.add_middleware(HostCheck, allowed=default_allowed_hosts("127.0.0.1", []) if allowed_hosts is None
+                       else allowed_hosts, refuse=_wrong_host)
+    app.add_middleware(RequestLog, log_content=log_content)  # outermost: sees every answer
     return app
 
 
-async def _read_body(request, limit: int) -> bytes:
-    """The body, refused with 413 past `limit` bytes (by Content-Length, or while reading)."""
+def _wrong_host(host: str):
+    err = ApiError(400, f"Host {host!r} is not a name this server answers to (a guard against DNS rebinding); "
+                        "start it with --allowed-hosts NAME to allow it", code="invalid_host")
+    return _json_response(400, err.body())
+
+
+def _require_json(request) -> None:
+    """Only JSON bodies: a cross-site form or text/plain POST needs no CORS preflight, so without this
+    any web page could drive the server."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/json":
+        raise ApiError(415, f"Content-Type is {media or 'missing'!r}; send the body as JSON with "
+                            "'Content-Type: application/json'", code="unsupported_media_type")
+
+
+def _parse_body(body: bytes, limits: Limits, model_ids: tuple[str, ...], tokenizer):
+    """(the decoded JSON, parse_request's result) of a request body; run in a thread."""
+    try:
+        data = pydantic_core.from_json(body)  # nesting past ~200 levels, bad UTF-8, lone surrogates: errors
+    except ValueError as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc}); send a JSON object",
+                       code="invalid_json") from None
+    return data, parse_request(data, limits, model_ids, tokenizer)
+
+
+async def _read_body(request, limit: int, timeout: float) -> bytes:
+    """The body, refused with 413 past `limit` bytes (by Content-Length, or while reading) and 408
+    when it takes over `timeout` seconds; a client that leaves mid-body gets a 499 in the log."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is {declared} bytes; at most {limit} are accepted (--max-body-bytes)",
                        code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body is over {limit} bytes (--max-body-bytes)", code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"the request body is over {limit} bytes (--max-body-bytes)",
+                                   code="request_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"the request body took over {timeout:g} s to arrive (--read-timeout)",
+                       code="request_timeout") from None
+    except ClientDisconnect:
+        raise ApiError(499, "the client closed the connection before its body was complete",
+                       code="client_closed") from None
     return b"".join(chunks)
 
 
 async def _sse(job: Job, request, header: dict, replies: list, usage, include_usage: bool, state: dict):
-    """The streamed reply: OpenAI chunks as server-sent events, ending with [DONE]."""
+    """The streamed reply: OpenAI chunks as server-sent events, ending with [DONE].
+
+    Every delta waiting when the client's turn comes is sent in one event per choice, so a client
+    (or an event loop) that falls behind gets fewer, larger chunks instead of falling further behind."""
+    head = "data: " + json.dumps({**header, "object": "chat.completion.chunk"})[:-1] + ', "choices": '
+    timing = job.loop_timing
+
     def event(choices, **extra) -> str:
-        return "data: " + json.dumps({**header, "object": "chat.completion.chunk", "choices": choices, **extra}) + "\n\n"
+        tail = "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in extra.items())
+        return head + json.dumps(choices) + tail + "}\n\n"
 
     try:
         yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(job.n)])
         finished = 0
         while finished < job.n:
-            delta = await _next_delta(job, request)
-            if delta.error is not None:
+            deltas = [job.queue.get_nowait() if not job.queue.empty() else await _next_delta(job, request)]
+            while not job.queue.empty():
+                deltas.append(job.queue.get_nowait())
+            start = time.perf_counter()
+            failed = next((d.error for d in deltas if d.error is not None), None)
+            if failed is not None:
                 try:
-                    _raise_job_error(delta.error)
+                    _raise_job_error(failed)
                 except ApiError as err:
                     yield "data: " + json.dumps(err.body()) + "\n\n"
                 break
-            if delta.pieces:
-                for piece in delta.pieces:
-                    replies[delta.choice].add(piece)
-                yield event([{"index": delta.choice, "logprobs": None, "finish_reason": None,
-                              "delta": {"content": "".join(p.shown for p in delta.pieces),
-                                        "chatforge_pieces": [_piece_json(p) for p in delta.pieces]}}])
-            if delta.finish_reason:
+            pieces: dict[int, list] = {}
+            ends = []
+            for delta in deltas:
+                pieces.setdefault(delta.choice, []).extend(delta.pieces)
+                if delta.finish_reason:
+                    ends.append(delta)
+            out = []
+            for choice, chosen in pieces.items():
+                if not chosen:
+                    continue
+                for piece in chosen:
+                    replies[choice].add(piece)
+                out.append(event([{"index": choice, "logprobs": None, "finish_reason": None,
+                                   "delta": {"content": "".join(p.shown for p in chosen),
+                                             "chatforge_pieces": [_piece_json(p) for p in chosen]}}]))
+            for delta in ends:
                 finished += 1
-                yield event([{"index": delta.choice, "delta": {}, "logprobs": None,
-                              "finish_reason": delta.finish_reason}])
+                out.append(event([{"index": delta.choice, "delta": {}, "logprobs": None,
+                                   "finish_reason": delta.finish_reason}]))
+            if timing is not None:
+                timing.add("SSE chunks (event loop)", time.perf_counter() - start, len(out))
+            if out:
+                yield "".join(out)
         if include_usage:
             yield event([], usage=usage())
         if "content" in state:
@@ -534,21 +659,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every route but /health and the UI "
                              "(default: $CHATFORGE_API_KEY; none means open)")
+    parser.add_argument("--allow-no-key", action="store_true",
+                        help="serve a --host other than loopback without --api-key (refused otherwise)")
+    parser.add_argument("--allowed-hosts", action="append", default=[], metavar="NAME",
+                        help="also answer requests whose Host header is NAME (repeatable; '*' for any; default: "
+                             "IP addresses, localhost, the --host name and, on 0.0.0.0, this machine's names)")
     parser.add_argument("--cors-origin", action="append", default=[],
                         help="allow browser calls from this origin (repeatable; '*' for any; default: CORS off)")
     parser.add_argument("--log-content", action="store_true", help="also log the messages and replies")
     parser.add_argument("--replicas", type=int, default=None, help="engine replicas (default: one per GPU, or 1)")
     parser.add_argument("--max-batch", type=int, default=32, help="most prompts decoded together per replica")
-    parser.add_argument("--continuous-batching", action="store_true",
-                        help="requests join the running decode at the next step instead of waiting for its "
-                             "batch to end (CPU-tested; opt-in until measured on a GPU)")
+    parser.add_argument("--scheduling", choices=("continuous", "batch"), default="continuous",
+                        help="continuous (default): requests join the running decode at the next step, long "
+                             "prompts are prefilled in chunks between steps; batch: whole batches run to the end")
+    parser.add_argument("--continuous-batching", dest="scheduling", action="store_const", const="continuous",
+                        help=argparse.SUPPRESS)  # the default now; kept so older command lines still run
+    parser.add_argument("--no-continuous-batching", dest="scheduling", action="store_const", const="batch",
+                        help="the same as --scheduling batch")
     parser.add_argument("--max-queue", type=int, default=256, help="most waiting requests before 429s")
     parser.add_argument("--max-messages", type=int, default=256, help="most messages in one request")
     parser.add_argument("--max-message-chars", type=int, default=32_000, help="longest message, in characters")
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (413 past it)")
     parser.add_argument("--max-n", type=int, default=8, help="most choices (n) in one request")
-    parser.add_argument("--default-max-tokens", type=int, default=512, help="reply length when a request sets none")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA)")
+    add_flag(parser, "--max-new-tokens", "--default-max-tokens", type=int, default=512,
+             help="reply length when a request sets no max_tokens (default: 512)")
+    parser.add_argument("--max-connections", type=int, default=1024,
+                        help="most open connections; past it an idle or slow one is closed, else a 503")
+    parser.add_argument("--read-timeout", type=float, default=20.0,
+                        help="seconds a client has to send a request's headers, and then its body (408)")
+    add_compile_flag(parser, "the decode step", "off (on compiles on CUDA only)")
     add_runtime_arguments(parser)
 
 
@@ -571,16 +710,25 @@ def load_engines(args) -> list:
             raise UsageError(f"--replicas {args.replicas}: only one replica runs on {device.type}")
         devices = [device]
     return [Engine.from_checkpoint(args.source, tag=args.tag, step=args.step, device=d, dtype=args.dtype,
-                                   compile=args.compile) for d in devices]
+                                   compile=args.compile == "on") for d in devices]
 
 
 def check_args(args) -> None:
     for flag in ("max_batch", "max_queue", "max_messages", "max_message_chars", "max_body_bytes", "max_n",
-                 "default_max_tokens"):
+                 "max_new_tokens", "max_connections"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} must be between 0 and 65535")
+    if not args.read_timeout > 0:
+        raise UsageError(f"--read-timeout {args.read_timeout} must be above 0 seconds")
+    refusal = check_exposure(args.host, _api_key(args), args.allow_no_key)
+    if refusal:
+        raise UsageError(refusal)
+
+
+def _api_key(args) -> str | None:
+    return args.api_key or os.environ.get("CHATFORGE_API_KEY") or None
 
 
 def build_server(args):
@@ -592,15 +740,18 @@ def build_server(args):
     model_id = f"chatforge-{args.source}-{meta.get('tag') or args.tag or 'model'}"
     limits = Limits(context=engine.config.sequence_len, max_messages=args.max_messages,
                     max_message_chars=args.max_message_chars, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
-                    default_max_tokens=args.default_max_tokens)
+                    default_max_tokens=args.max_new_tokens)
     pool = WorkerPool(engines, max_batch=args.max_batch, max_queue=args.max_queue,
-                      continuous=args.continuous_batching)
-    api_key = args.api_key or os.environ.get("CHATFORGE_API_KEY") or None
+                      continuous=args.scheduling == "continuous")
+    api_key = _api_key(args)
+    hosts = default_allowed_hosts(args.host, args.allowed_hosts)
     app = create_app(pool, model_id, limits, api_key=api_key, cors_origins=args.cors_origin,
-                     log_content=args.log_content)
+                     log_content=args.log_content, allowed_hosts=hosts,
+                     connections=Connections(max_open=args.max_connections, read_timeout=args.read_timeout))
     cors = ", ".join(args.cors_origin) if args.cors_origin else "off"
     print0(f"serve: {model_id} step {meta.get('step')} on {', '.join(str(e.device) for e in engines)}; "
-           f"auth {'on' if api_key else 'off'}; CORS {cors}")
+           f"auth {'on' if api_key else 'off'}; CORS {cors}; Host {'any' if '*' in hosts else ', '.join(hosts)} "
+           "and IP addresses")
     return app, pool
 
 
@@ -642,8 +793,7 @@ def main(args) -> int:
     except BaseException:
         sock.close()
         raise
-    config = uvicorn.Config(app, access_log=False, log_level="warning", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(app, app.state.connections))
     original_startup = server.startup
 
     async def startup(sockets=None):
@@ -677,8 +827,7 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, access_log=False, log_level="warning", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(server_config(app, app.state.connections, timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="chatforge-server", daemon=True)
         self.thread.start()

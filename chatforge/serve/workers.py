@@ -6,29 +6,39 @@ and submits it to a `WorkerPool`; one worker thread per replica (one per GPU, or
 
 Scheduling. A worker takes the oldest waiting job and, with it, every other waiting job that can
 share its decode (same temperature, top-k, top-p, stop strings, n and tool use; and unseeded or
-greedy, since a seed names a random stream of its own), up to `max_batch` prompts. By default they
-run as one `Engine.generate` call to the end, and jobs that arrive meanwhile wait for the next one.
+greedy, since a seed names a random stream of its own), up to `max_batch` prompts.
 
-With continuous batching (`chatforge serve --continuous-batching`; opt-in until it has GPU
-figures, see docs/benchmarks.md) the batch opens a `DecodeSession` (infer/session.py) with room
-for `max_batch` prompts instead, and after every decode step the jobs that arrived meanwhile join
-its free slots if they share those settings and the oldest waiting job does (so nothing older is
+By default (continuous batching) the batch opens a `DecodeSession` (infer/session.py) with room
+for `max_batch` prompts, and after every decode step the jobs that arrived meanwhile join its free
+slots if they share those settings and the oldest waiting job does (so nothing older is
 overtaken); a finished row's slot is reused at once. A session steps only as many rows as its busy
-slots need, so a lone request decodes at batch-1 speed.
+slots need, so a lone request decodes at batch-1 speed, and prefills arriving prompts in chunks
+between decode steps, so a long prompt never freezes the running streams. With whole batches
+(`chatforge serve --scheduling batch`) they run as one `Engine.generate` call to the end, and jobs
+that arrive meanwhile wait for the next one.
+
+The decode thread does as little as it can between GPU steps: it counts each row's token and, once
+per step, hands every job's new token ids to the event loop in one call (not one per token and
+row). Turning ids into text (UTF-8 pieces, tool fences, stop strings) happens there, while the
+decode thread waits for the GPU. A stop string the text side finds marks the choice stopped, and
+the decode thread frees its row at the next step (the engine, which checks stop strings too, has
+normally ended the row already). Where the time goes is summed per phase (`WorkerPool.timing_report`).
 
 Either way each job ends at its own `max_tokens`, and rows never see each other's tokens, so a
 request's text is what it would be alone (greedy outputs are checked equal to solo runs in the
 tests). A seeded sampling request always runs alone through `Engine.generate`.
 
-Disconnects. A route that loses its client calls `Job.cancel()`: a waiting job is dropped when its
-turn comes; a running job stops receiving tokens, and when every job of a batch is cancelled or
-finished the batch's generation is abandoned at once. In a session, a cancelled job's slots are
-freed after the current step, for the next request.
+Disconnects. A route that loses its client calls `Job.cancel()`: a waiting job no longer counts
+against --max-queue and is dropped when its turn comes; a running job stops receiving tokens, and
+when every job of a batch is cancelled or finished the batch's generation is abandoned at once. In a
+session, a cancelled job's slots are freed after the current step, for the next request.
+`WorkerPool.busy_slots()` counts the rows decoding for jobs neither finished nor cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from collections import deque
@@ -38,11 +48,13 @@ from chatforge.errors import ChatforgeError, UsageError
 from chatforge.infer.engine import Engine
 from chatforge.infer.reply import ReplyEvent, ReplyParser
 from chatforge.infer.session import DecodeSession
+from chatforge.infer.timing import TimeSpent, merge_reports
 from chatforge.runtime import print0
 
 # How a tool call is shown in plain text (the API's `content`): Markdown code fences.
 OPEN_SHOWN = {"python": "\n```python\n", "python_output": "\n```output\n"}
 CLOSE_SHOWN = "\n```\n"
+SWITCH_INTERVAL = 2e-4  # seconds a thread holds the GIL while another waits (Python's default: 5e-3)
 
 
 @dataclass
@@ -73,6 +85,21 @@ class PartStream:
 
     def push(self, token: int) -> list[Piece]:
         return [self._piece(e) for e in self.parser.push(token)]
+
+    def push_tokens(self, tokens: list[int]) -> list[Piece]:
+        """Pieces of several tokens, runs of plain text joined into one piece."""
+        out: list[Piece] = []
+        for token in tokens:
+            for e in self.parser.push(token):
+                piece = self._piece(e)
+                last = out[-1] if out else None
+                if (last is not None and piece.kind == last.kind and not piece.open and not last.open
+                        and piece.text and last.text and last.shown == last.text):
+                    last.text += piece.text
+                    last.shown = last.text
+                else:
+                    out.append(piece)
+        return out
 
     def finish(self) -> list[Piece]:
         return [self._piece(e) for e in self.parser.finish()]
@@ -130,7 +157,9 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     queue: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    loop_timing: TimeSpent | None = None  # where the event loop's share of the work is summed
     completion_tokens: int = 0   # tokens generated over all choices (tool output included)
+    finished: int = 0            # choices that have ended (an error ends them all)
     ttft: float | None = None    # seconds from submit to the first token
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -143,8 +172,22 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def live_rows(self) -> int:
+        """Rows still decoding for a client that is still there (0 once it left: the worker drops
+        a cancelled job's rows at its next step)."""
+        return 0 if self.cancelled.is_set() else max(self.n - self.finished, 0)
+
+    def count_finish(self, delta: Delta) -> None:
+        """Note the choices a delta ends (an error ends them all), for the busy-slot count."""
+        if delta.error is not None:
+            self.finished = self.n
+        elif delta.finish_reason:
+            self.finished += 1
+
     def send(self, delta: Delta) -> None:
-        """Called from a worker thread: hand the delta to the job's asyncio queue."""
+        """Called from a worker thread: hand the delta to the job's asyncio queue (errors; tokens go
+        through `_Outbox`, once per step for all jobs)."""
+        self.count_finish(delta)
         if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
 
@@ -164,6 +207,8 @@ class JobQueue:
 
     def put(self, job: Job) -> None:
         with self.cond:
+            if len(self.jobs) >= self.max_waiting:  # requests whose clients left hold no place
+                self.jobs = deque(j for j in self.jobs if not j.cancelled.is_set())
             if len(self.jobs) >= self.max_waiting:
                 raise QueueFull(f"{len(self.jobs)} requests are already waiting (--max-queue {self.max_waiting}); "
                                 "retry in a moment")
@@ -208,8 +253,9 @@ class JobQueue:
         return taken
 
     def waiting(self) -> int:
+        """Waiting requests whose clients are still there."""
         with self.cond:
-            return len(self.jobs)
+            return sum(not job.cancelled.is_set() for job in self.jobs)
 
     def close(self) -> None:
         with self.cond:
@@ -220,7 +266,7 @@ class JobQueue:
 class WorkerPool:
     """One thread per engine replica, all taking jobs from one JobQueue."""
 
-    def __init__(self, engines: list[Engine], max_batch: int = 32, max_queue: int = 256, continuous: bool = False):
+    def __init__(self, engines: list[Engine], max_batch: int = 32, max_queue: int = 256, continuous: bool = True):
         if not engines:
             raise UsageError("the server needs at least one engine replica")
         if max_batch < 1:
@@ -231,6 +277,13 @@ class WorkerPool:
         self.sessions: list[DecodeSession | None] = [None] * len(engines)  # per replica, kept for reuse
         self.queue = JobQueue(max_queue)
         self.running = [False] * len(engines)  # per replica: generating now (each thread writes its own)
+        self.timing = [TimeSpent() for _ in engines]  # per replica: its decode thread's phases
+        self.loop_timing = TimeSpent()  # the event loop's share: text of the tokens, SSE chunks
+        # The decode thread gives up the GIL in every torch call and at each hand-off; with Python's
+        # default 5 ms switch interval it then waits up to 5 ms for the busy event loop to hand it
+        # back, longer than a whole decode step (measured: ~1 ms per token at one stream on CPU).
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+        self.serving: list[list[Job]] = [[] for _ in engines]  # per replica: the jobs its current call took
         self._stop = threading.Event()
         self.threads = [threading.Thread(target=self._serve, args=(i, e), name=f"chatforge-replica-{i}", daemon=True)
                         for i, e in enumerate(engines)]
@@ -245,6 +298,7 @@ class WorkerPool:
         """Queue a job; its Deltas arrive on job.queue (created here, on the caller's event loop)."""
         job.loop = asyncio.get_running_loop()
         job.queue = asyncio.Queue()
+        job.loop_timing = self.loop_timing
         self.queue.put(job)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -256,6 +310,14 @@ class WorkerPool:
     def busy(self) -> int:
         return sum(self.running)
 
+    def timing_report(self) -> dict:
+        """Seconds and counts per phase since start, all replicas and the event loop together."""
+        return merge_reports([t.report() for t in self.timing] + [self.loop_timing.report()])
+
+    def busy_slots(self) -> int:
+        """Rows the replicas decode for requests whose clients are still there."""
+        return sum(job.live_rows() for jobs in list(self.serving) for job in list(jobs))
+
     def _serve(self, index: int, engine: Engine) -> None:
         while not self._stop.is_set():
             batch = self.queue.take(self.max_batch, timeout=0.5)
@@ -263,12 +325,13 @@ class WorkerPool:
                 continue
             self.running[index] = True
             jobs = list(batch)  # every job this call serves (a session admits more as it runs)
+            self.serving[index] = jobs
             try:
                 if batch[0].batch_key() is None or not self.continuous:
-                    run_batch(engine, batch)
+                    run_batch(engine, batch, self.timing[index])
                 else:
                     self.sessions[index] = run_session(engine, batch, self.queue, self.max_batch, self._stop, jobs,
-                                                       self.sessions[index])
+                                                       self.sessions[index], self.timing[index])
             except Exception as exc:  # a failed batch fails its requests, never the replica
                 if not isinstance(exc, ChatforgeError):
                     print0(f"serve: a batch of {len(jobs)} failed: {type(exc).__name__}: {exc}")
@@ -276,100 +339,162 @@ class WorkerPool:
                     job.send(Delta(error=exc))
             finally:
                 self.running[index] = False
+                self.serving[index] = []
 
 
 class _Choice:
-    """Per-row state of a running job."""
+    """Per-row state of a running job. The decode thread counts its tokens and decides when it ends;
+    its text (PartStream, StopFilter) is made on the job's event loop, in `text`."""
 
     def __init__(self, engine: Engine, job: Job, index: int):
         self.job, self.index = job, index
         self.parts = PartStream(engine)
         self.stops = StopFilter(list(job.stop))
         self.generated = 0
-        self.done = False
-        self.stopped = False  # a stop string was reached: nothing after it is sent
+        self.done = False      # decode thread: nothing more is sent
+        self.stopped = False   # text side: a stop string was reached; the decode thread frees the row
+        self.finished = False  # text side: the finish delta went out
 
-    def push(self, token: int) -> list[Piece]:
-        self.generated += 1
+    def over(self) -> bool:
+        """Whether the decode thread should stop feeding this choice (and free its row)."""
+        return self.done or self.stopped or self.job.cancelled.is_set()
+
+    def text(self, tokens: list[int], reason: str | None) -> Delta | None:
+        """The Delta for some new tokens of this choice (and its end, when `reason`)."""
+        if self.finished:
+            return None
         out = []
-        for piece in self.parts.push(token):
+        for piece in self.parts.push_tokens(tokens):
             sent, hit = self.stops.push(piece)
             out += sent
-            if hit:
-                self.done = self.stopped = True
-                return out
-        return out
-
-    def finish(self) -> list[Piece]:
-        if self.stopped:
-            return []
-        out = []
-        for piece in self.parts.finish():
-            out += self.stops.push(piece)[0]
-        return out + self.stops.flush()
+            if hit:  # nothing after a stop string is sent
+                self.stopped, reason = True, "stop"
+                break
+        if reason is not None:
+            self.finished = True
+            if not self.stopped:
+                for piece in self.parts.finish():
+                    out += self.stops.push(piece)[0]
+                out += self.stops.flush()
+        return Delta(self.index, out, reason) if out or reason else None
 
 
-def _deliver(choice: _Choice, token: int, engine_reason: str | None, now: float) -> None:
-    """Send one token of a choice to its job; marks the choice done when its reply ended."""
-    job = choice.job
-    if job.ttft is None:
-        job.ttft = now - job.submitted
-    job.completion_tokens += 1
-    pieces = choice.push(token)
-    reason = None
-    if choice.stopped:  # a stop string, cut on our side
-        reason = "stop"
-    elif engine_reason is not None:
-        reason = "stop" if engine_reason == "stop" else "length"
-    elif choice.generated >= job.max_tokens:
-        reason = "length"
-    if reason is not None:
-        choice.done = True
-        pieces += choice.finish()
-    if pieces or reason:
-        job.send(Delta(choice.index, pieces, reason))
+class _Outbox:
+    """One decode step's tokens for every job, handed to the event loop in one call."""
+
+    def __init__(self, timing: TimeSpent):
+        self.timing = timing
+        self.tokens: dict[_Choice, list] = {}  # choice -> [token ids, finish reason]
+
+    def add(self, choice: _Choice, token: int, engine_reason: str | None, now: float) -> None:
+        """Count one token of a choice; marks the choice done when its reply ended."""
+        job = choice.job
+        if job.ttft is None:
+            job.ttft = now - job.submitted
+        job.completion_tokens += 1
+        choice.generated += 1
+        reason = None
+        if engine_reason is not None:
+            reason = "stop" if engine_reason == "stop" else "length"
+        elif choice.generated >= job.max_tokens:
+            reason = "length"
+        if reason is not None:
+            choice.done = True
+        entry = self.tokens.get(choice)
+        if entry is None:
+            self.tokens[choice] = [[token], reason]
+        else:
+            entry[0].append(token)
+            entry[1] = reason
+
+    def flush(self) -> None:
+        if not self.tokens:
+            return
+        start = time.perf_counter()
+        by_loop: dict = {}
+        for choice, (tokens, reason) in self.tokens.items():
+            by_loop.setdefault(choice.job.loop, []).append((choice, tokens, reason))
+        self.tokens = {}
+        for loop, items in by_loop.items():
+            if loop is None:  # no event loop: a direct caller (tests) gets its deltas here, in order
+                _emit(items)
+            elif not loop.is_closed():
+                loop.call_soon_threadsafe(_emit, items)
+        self.timing.add("hand-off to the event loop", time.perf_counter() - start)
 
 
-def run_batch(engine: Engine, batch: list[Job]) -> None:
+def _emit(items: list) -> None:
+    """On the jobs' event loop: turn each choice's new ids into pieces and queue the Delta."""
+    start = time.perf_counter()
+    count = 0
+    for choice, tokens, reason in items:
+        count += len(tokens)
+        delta = choice.text(tokens, reason)
+        if delta is None:
+            continue
+        job = choice.job
+        if job.loop is None:
+            job.send(delta)
+        else:
+            job.count_finish(delta)
+            job.queue.put_nowait(delta)
+    timing = items[0][0].job.loop_timing
+    if timing is not None:
+        timing.add("detokenize + stop strings (event loop)", time.perf_counter() - start, count)
+
+
+def run_batch(engine: Engine, batch: list[Job], timing: TimeSpent | None = None) -> None:
     """Generate for a batch of compatible jobs, sending each choice's pieces as they come."""
+    timing = timing or TimeSpent()
     first = batch[0]
     n = first.n
     choices = [_Choice(engine, job, j) for job in batch for j in range(n)]  # row order = engine's rows
+    outbox = _Outbox(timing)
     stream = engine.generate([job.prompt for job in batch], num_samples=n,
                              max_tokens=max(job.max_tokens for job in batch), temperature=first.temperature,
                              top_k=first.top_k, top_p=first.top_p, seed=first.seed,
                              stop_strings=list(first.stop), use_tools=first.use_tools)
     try:
-        for step in stream:
+        while True:
+            start = time.perf_counter()
+            step = next(stream, None)
             now = time.perf_counter()
+            timing.add("engine step (whole batches)", now - start)
+            if step is None:
+                break
             for t in step:
                 choice = choices[t.row]
-                if choice.done:
-                    continue
-                if choice.job.cancelled.is_set():
+                if choice.over():
                     choice.done = True
                     continue
-                _deliver(choice, t.token, t.finish_reason if t.done else None, now)
-            if all(c.done for c in choices):
+                outbox.add(choice, t.token, t.finish_reason if t.done else None, now)
+            timing.add("worker bookkeeping", time.perf_counter() - now, len(step))
+            outbox.flush()
+            if all(c.over() for c in choices):
                 break
     finally:
         stream.close()
 
 
 def run_session(engine: Engine, batch: list[Job], queue: JobQueue, max_batch: int, stop: threading.Event,
-                served: list[Job], previous: DecodeSession | None = None) -> DecodeSession:
+                served: list[Job], previous: DecodeSession | None = None,
+                timing: TimeSpent | None = None) -> DecodeSession:
     """Continuous batching: decode `batch` in a DecodeSession and, whenever slots are free, admit
     the compatible jobs that arrived meanwhile; a cancelled job's slots are freed at once. Returns
     when no slot is busy, with the session, which the next call reuses (its captured steps too) when
     the settings match. Every job taken is appended to `served`."""
+    timing = timing or TimeSpent()
     first = batch[0]
     key, n = first.batch_key(), first.n
     settings = (max_batch * n, (first.temperature, first.top_k, first.top_p), first.use_tools)
     if previous is not None and (previous.capacity, previous.sampling, previous.use_tools) == settings:
         session = previous
+        session.timing = timing
     else:
-        session = DecodeSession(engine, max_batch * n, first.temperature, first.top_k, first.top_p, first.use_tools)
+        session = DecodeSession(engine, max_batch * n, first.temperature, first.top_k, first.top_p, first.use_tools,
+                                timing=timing)
     choices: dict[int, _Choice] = {}  # slot -> the choice decoding there
+    outbox = _Outbox(timing)
 
     def admit(job: Job) -> None:
         try:
@@ -387,18 +512,24 @@ def run_session(engine: Engine, batch: list[Job], queue: JobQueue, max_batch: in
         now = time.perf_counter()
         for t in step:
             choice = choices[t.row]
-            if not choice.done and not choice.job.cancelled.is_set():
-                _deliver(choice, t.token, t.finish_reason if t.done else None, now)
+            if not choice.over():
+                outbox.add(choice, t.token, t.finish_reason if t.done else None, now)
             if t.done:  # the engine ended the row and freed its slot
                 del choices[t.row]
-        ended = [slot for slot, c in choices.items() if c.done or c.job.cancelled.is_set()]
+        ended = [slot for slot, c in choices.items() if c.over()]
         if ended:  # cut short on our side (a stop string, a cancelled request): free the slots now
             session.release(ended)
             for slot in ended:
                 del choices[slot]
+        timing.add("worker bookkeeping", time.perf_counter() - now, len(step))
+        outbox.flush()
         if not session.active():
             return session
-        for job in queue.take_compatible(key, session.free_slots()):
-            served.append(job)
-            admit(job)
+        free = session.free_slots()
+        if free:
+            start = time.perf_counter()
+            for job in queue.take_compatible(key, free):
+                served.append(job)
+                admit(job)
+            timing.add("admission", time.perf_counter() - start)
     return session

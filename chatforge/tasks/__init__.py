@@ -38,7 +38,7 @@ EVAL_TASKS = tuple(EVAL_TASK_DATA)
 
 
 def parse_eval_tasks(value: str) -> list[str]:
-    """Comma-separated suite task names (-a/--tasks, --eval-tasks), each checked against the suite."""
+    """Comma-separated suite task names (--tasks of eval chat and sft), each checked against the suite."""
     names = [n.strip() for n in value.split(",") if n.strip()]
     unknown = [n for n in names if n not in EVAL_TASKS]
     if unknown or not names:

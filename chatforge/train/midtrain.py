@@ -1,7 +1,7 @@
 """`chatforge midtrain`: continue the base model on conversations, so it learns the chat format.
 
     chatforge midtrain                                     # latest base checkpoint, one epoch of the mixture
-    chatforge midtrain --data-dir ../shared/data --num-iterations 500
+    chatforge midtrain --data-dir DIR --num-iterations 500
     torchrun --nproc_per_node=8 -m chatforge midtrain --extra me.jsonl
 
 The mixture (each task in tasks/): SmolTalk (general chat), MMLU's auxiliary train set (multiple
@@ -21,7 +21,8 @@ a user turn or a tool output, so learning to predict them costs nothing at infer
 
 Learning rates are the base run's (stored in its checkpoint) times --init-lr-frac (default 1.0),
 constant, then a linear warmdown over the last 20% of the steps to zero. The total batch defaults to
-the base run's. Checkpoints go to checkpoints/mid/<tag>/ (tag: the source's by default), with the
+the base run's; the micro-batch to `auto` (on CUDA the largest power of two that fits, found by
+trying real steps: `train/autobatch.py`; off CUDA the base run's). Checkpoints go to checkpoints/mid/<tag>/ (tag: the source's by default), with the
 loader's exact position for `--resume`; eval/mid/<tag>/midtrain.json summarises the run.
 
 The scaffolding (start or resume, the step loop, checkpoints, the summary) is `train/stage.py`'s.
@@ -39,6 +40,7 @@ from chatforge import paths
 from chatforge.data.conversations import ConversationCorpus, estimate_tokens
 from chatforge.data.loader import PackedLoader
 from chatforge.errors import UsageError
+from chatforge.flags import add_compile_flag
 from chatforge.model.speedups import prepare_model
 from chatforge.runtime import print0
 from chatforge.tasks.base import DATA_DIR_ENV, TaskMixture, TaskSequence, _split_files
@@ -46,7 +48,7 @@ from chatforge.tasks.gsm8k import GSM8K
 from chatforge.tasks.mmlu import MMLU
 from chatforge.tasks.smoltalk import SmolTalk
 from chatforge.tasks.spelling import SpellingBee
-from chatforge.train import extra_plan, loop, stage
+from chatforge.train import autobatch, extra_plan, loop, stage
 
 STAGE = "mid"
 
@@ -87,8 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stage.add_stage_arguments(parser, STAGE, source="base", init_lr_frac=1.0, warmdown_ratio=0.2, eval_every=150)
     parser.add_argument("--total-batch-size", type=int, default=None,
                         help="tokens per optimizer step over all ranks (default: the base run's, if it divides)")
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="torch.compile the model (auto/on: on CUDA; CPU always runs eager)")
+    add_compile_flag(parser, "the model", "on; CPU always runs eager")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -103,8 +104,16 @@ def _midtrain(args: argparse.Namespace, rt) -> dict:
     start = stage.start_model(STAGE, args, rt)
     model, config, tokenizer = start["model"], start["config"], start["tokenizer"]
     seq_len = config.sequence_len
-    device_batch = args.device_batch_size or start["source_settings"].get("device_batch_size") or 32
-    per_micro = device_batch * seq_len * rt.world_size
+    fallback = start["source_settings"].get("device_batch_size") or 32
+    optimizer = stage.make_optimizer(model, start["base_lrs"], args.init_lr_frac)
+    train_model = prepare_model(model, rt, compile=args.compile != "off")
+    row_tokens = seq_len * rt.world_size  # a micro-batch's tokens over all ranks, per row
+    wanted = args.total_batch_size or start["source_settings"].get("total_batch_size") or fallback * row_tokens
+    device_batch = stage.device_batch(
+        args, rt, start, wanted // row_tokens if wanted % row_tokens == 0 else fallback, fallback,
+        lambda: autobatch.training_trial(train_model, model, rt, seq_len, config.vocab_size,
+                                         optimizer.pending_state_bytes()))
+    per_micro = device_batch * row_tokens
     total = args.total_batch_size or start["source_settings"].get("total_batch_size") or per_micro
     if args.total_batch_size is None and total % per_micro:
         total = per_micro
@@ -124,12 +133,10 @@ def _midtrain(args: argparse.Namespace, rt) -> dict:
     print0(f"midtraining: {len(train_set):,} conversations | {accum} micro-step(s) of {device_batch}x{seq_len} per "
            f"rank | {total:,} tokens per step | {args.num_iterations:,} steps")
 
-    optimizer = stage.make_optimizer(model, start["base_lrs"], args.init_lr_frac)
     resume = start["resume"]
     state = resume.meta["loader_state"][rt.rank] if resume else None
     train_loader = PackedLoader(corpus, tokenizer, device_batch, seq_len, rank=rt.rank, world_size=rt.world_size,
                                 device=rt.device, state=state)
-    train_model = prepare_model(model, rt, compile=args.compile != "off")
 
     def val_loss() -> float:
         # pad_last: the val split may not fill one batch per rank (399 conversations of the shared

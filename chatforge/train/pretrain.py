@@ -13,19 +13,23 @@ What happens, in order:
    its size on disk for a big one): on a CPU a step is one micro-batch, a small corpus caps the
    batch and the steps (at 4 passes), and the table says how many passes the run makes. A shape
    whose memory floor exceeds the device's free memory is refused here, before any allocation.
-2. The tokenizer (`chatforge tokenizer train`), the corpus (`--data` or the downloaded shards) and a
+2. The tokenizer (the last `chatforge tokenizer train`, or `--tokenizer-name`), the corpus (`--data` or the downloaded shards) and a
    rank-sharded, BOS-aligned packed loader are opened; the model is built and initialised and the
-   Muon+AdamW optimizer created (it shards itself across ranks, so there is no DDP wrapper).
+   Muon+AdamW optimizer created (it shards itself across ranks, so there is no DDP wrapper). On CUDA
+   `--device-batch-size auto` (the default) then tries real steps of the compiled model to pick the
+   largest power-of-two micro-batch that fits (`train/autobatch.py`); the total batch was fixed
+   before it, so only the accumulation steps change. The table is printed once that is known.
 3. Each step runs `accum` micro-batches per rank so that all ranks together fill the total batch
    (`train/loop.py`), then one optimizer step under the warmup/constant/warmdown schedule.
 4. Every --eval-every steps: validation bits per byte (`eval/bpb.py`); every --sample-every steps:
    greedy continuations of a few prompts; every step: loss, tokens/s, MFU, memory, ETA into the
    run's metrics.jsonl (and wandb with --wandb).
-5. Every --save-every steps and at the end: an atomic checkpoint under checkpoints/base/<tag>/ with
-   the loader's position, RNG states and the optimizer shards. `--resume` continues from the latest
+5. Every few minutes (--save-minutes, keeping the newest three), or every --save-every steps, and at
+   the end: an atomic checkpoint under checkpoints/base/<tag>/ with the loader's position, RNG
+   states and the optimizer shards. `--resume` continues from the latest
    complete one and, on CPU, reproduces the uninterrupted run's losses bit for bit. It appends to
    the original run's metrics.jsonl, so steps replayed after a kill appear twice: the later line wins.
-6. At the end (optionally) CORE on a few items per task (--core-max-per-task N), and
+6. At the end (optionally) CORE on a few items per task (--max-problems N), and
    eval/base/<tag>/pretrain.json summarises the run for the report.
 """
 
@@ -47,6 +51,7 @@ from chatforge.errors import DownloadError, UsageError
 from chatforge.eval import core
 from chatforge.eval.bpb import evaluate_bpb
 from chatforge.eval.samples import greedy_samples
+from chatforge.flags import add_compile_flag, add_flag
 from chatforge.model import checkpoint
 from chatforge.model.gpt import GPT
 from chatforge.model.optim import build_optimizer
@@ -54,8 +59,8 @@ from chatforge.model.scaling import add_scaling_arguments, derive, overrides_fro
 from chatforge.model.speedups import prepare_model
 from chatforge.progress import MetricsLogger, Progress, format_figure
 from chatforge.runtime import add_runtime_arguments, print0
-from chatforge.tokenizer import load_tokenizer
-from chatforge.train import loop, stage
+from chatforge.tokenizer import load_tokenizer, tokenizer_name
+from chatforge.train import autobatch, loop, stage
 
 STAGE = "base"
 
@@ -65,15 +70,21 @@ PRESETS = {
                   eval_every=100, eval_tokens=8192, sample_every=300, compile="off"),
 }
 
+# the vocabulary comes from the tokenizer and the world size from torchrun, never from flags; the
+# derivation table credits them there, not to a flag pretrain does not have
+FACT_SOURCES = {"vocab_size": "the tokenizer's vocabulary", "world_size": "ranks started by torchrun"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=None, help="number of layers; sets everything else (default 20)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="smoke: a depth-2 model on short rows that learns on CPU in about a minute")
-    # the vocabulary comes from the tokenizer and the world size from torchrun, never from flags
-    add_scaling_arguments(parser, skip=("vocab_size", "world_size"))
+    add_scaling_arguments(parser, skip=(*FACT_SOURCES, "device_batch_size"))  # autobatch declares the last
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None, help="a text file, a folder of txt/jsonl/parquet, or a glob")
     data.add_argument("--corpus", default="fineweb-edu", help="downloaded corpus to read when --data is not given")
+    data.add_argument("--tokenizer-name", default=None, metavar="NAME",
+                      help="the tokenizer under tokenizer/NAME/ (default: the current one, the last trained)")
     data.add_argument("--epochs", type=float, default=None,
                       help="train for this many passes over the train split (counts its tokens first; "
                            "replaces --num-iterations, for corpora small enough to tokenize once up front)")
@@ -85,25 +96,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-every", type=int, default=None, help="steps between validation bpb evals (default 250)")
     run.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per eval, at most one pass over the val split (default 10M)")
     run.add_argument("--sample-every", type=int, default=None, help="steps between sample generations (default 2000)")
-    run.add_argument("--core-max-per-task", type=int, default=0,
-                     help="after the last step, CORE with at most N items per task (default 0: skip it; "
-                          "`chatforge eval base` runs the full CORE)")
-    run.add_argument("--eval-bundle", default=None,
-                     help="CORE bundle folder for --core-max-per-task (default: $CHATFORGE_EVAL_BUNDLE, else download)")
+    add_flag(run, "--max-problems", "--core-max-per-task", type=int, default=0,
+             help="after the last step, CORE with at most N items per task (default 0: skip it; "
+                  "`chatforge eval base` runs the full CORE)")
+    add_flag(run, "--data-dir", "--eval-bundle", default=None,
+             help="CORE bundle for --max-problems: its folder, or a data folder holding eval/core "
+                  "(default: $CHATFORGE_EVAL_BUNDLE, else download)")
     run.add_argument("--tag", default=None, help="checkpoint tag (default d<depth>)")
     stage.add_run_arguments(run, "pretrain", save_every=None,
-                            save_help="steps between checkpoints (default: only at the end); the last step always saves",
+                            save_help="steps between checkpoints (default: every --save-minutes); the last step "
+                                      "always saves",
                             seed_help="seed for initialisation",
                             resume_help="continue from the latest complete checkpoint of --tag")
     speed = parser.add_argument_group("speed")
-    speed.add_argument("--compile", choices=("auto", "on", "off"), default=None,
-                       help="torch.compile the model (auto/on: on CUDA; CPU always runs eager)")
+    add_compile_flag(speed, "the model", "on; CPU always runs eager", default=None)
     speed.add_argument("--fp8", action="store_true", help="FP8 matmuls in the blocks (Hopper GPUs)")
+    autobatch.add_arguments(speed, "off CUDA 32")
     add_runtime_arguments(parser)
 
 
-_DEFAULTS = dict(depth=20, eval_every=250, eval_tokens=10 * 2**20, sample_every=2000, save_every=-1,
-                 compile="auto")
+_DEFAULTS = dict(depth=20, eval_every=250, eval_tokens=10 * 2**20, sample_every=2000,
+                 compile="auto", device_batch_size=autobatch.AUTO)
 
 
 def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
@@ -120,8 +133,8 @@ def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if args.core_max_per_task < 0:
-        raise UsageError(f"--core-max-per-task must be 0 (skip) or positive, got {args.core_max_per_task}")
+    if args.max_problems < 0:
+        raise UsageError(f"--max-problems must be 0 (skip CORE) or positive, got {args.max_problems}")
     if not 0 <= args.warmup_ratio + args.warmdown_ratio <= 1:
         raise UsageError("--warmup-ratio plus --warmdown-ratio must lie between 0 and 1")
     args.tag = paths.safe_name(args.tag or f"d{args.depth}")
@@ -137,7 +150,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def _train(args: argparse.Namespace, rt) -> dict:
     started = time.time()
-    tokenizer = load_tokenizer()
+    tokenizer = run_tokenizer(args)
     token_bytes = tokenizer.token_bytes()
     corpus = open_corpus(args.data, args.corpus)
     # the run's facts that size a toy: the device, and the corpus (counted exactly for --epochs)
@@ -146,25 +159,23 @@ def _train(args: argparse.Namespace, rt) -> dict:
         facts["data_tokens"] = count_train_tokens(corpus, tokenizer, rt)
     else:
         facts["data_tokens"] = estimate_train_tokens(corpus, tokenizer)
-    settings = derive(args.depth, **facts, **overrides_from_args(args))
+    existing = stage.resume_or_refuse(STAGE, args.tag, args.resume, "step 0")
+    memory_cap = autobatch.apply_memory_limit(args.memory_limit_gb, rt.device)
+    overrides, search = device_batch_overrides(args, rt, existing)
+    settings = derive(args.depth, **facts, given_by=FACT_SOURCES, **overrides)
     if args.epochs is not None:
         tokens = facts["data_tokens"]
         args.num_iterations = max(1, int(args.epochs * tokens) // settings.total_batch_size)
+        overrides["num_iterations"] = args.num_iterations
         print0(f"--epochs {args.epochs:g}: the train split holds {tokens:,} tokens -> {args.num_iterations:,} "
                f"steps of {settings.total_batch_size:,}")
-        settings = derive(args.depth, **facts, **overrides_from_args(args))
-    print0(settings.describe())
+        settings = derive(args.depth, **facts, given_by=FACT_SOURCES, **overrides)
     check_fits(settings, rt, fp8=args.fp8)
     config = settings.model_config()
-    seq_len, device_batch, accum = config.sequence_len, settings.device_batch_size, settings.grad_accum_steps
     num_iterations = settings.num_iterations
-    print0(f"corpus: {corpus.description} | vocab {tokenizer.vocab_size:,} | {accum} micro-step(s) of "
-           f"{device_batch}x{seq_len} per rank per step | {num_iterations:,} steps | "
-           f"{num_iterations * settings.total_batch_size:,} training tokens")
 
     # --- model and optimizer (fresh, or from the checkpoint we resume)
     start_step, loader_state, last_checkpoint, resumed_meta = 0, None, None, {}
-    existing = stage.resume_or_refuse(STAGE, args.tag, args.resume, "step 0")
     if existing is not None:  # weights and optimizer shard in one read
         loaded = checkpoint.load(STAGE, args.tag, existing, device=rt.device, optimizer=True, rank=rt.rank)
         checkpoint.check_config(loaded.meta, config.to_dict(), loaded.path)
@@ -183,6 +194,17 @@ def _train(args: argparse.Namespace, rt) -> dict:
         print0(f"{args.tag} already finished its {num_iterations} steps; nothing to do (summary: {summary_path})")
         return json.loads(summary_path.read_text()) if summary_path.is_file() else {"checkpoint": last_checkpoint}
     train_model = prepare_model(model, rt, compile=args.compile != "off", fp8=args.fp8)
+    if search:  # the largest micro-batch the compiled model fits, trying real steps (train/autobatch.py)
+        rows_per_step = settings.total_batch_size // (config.sequence_len * rt.world_size)
+        rows, why = autobatch.resolve(autobatch.AUTO, rows_per_step, rt, lambda: autobatch.training_trial(
+            train_model, model, rt, config.sequence_len, config.vocab_size, optimizer.pending_state_bytes()),
+            fallback=rows_per_step, cap=memory_cap)
+        settings = settings.with_device_batch(rows, why)
+    print0(settings.describe())
+    seq_len, device_batch, accum = config.sequence_len, settings.device_batch_size, settings.grad_accum_steps
+    print0(f"corpus: {corpus.description} | vocab {tokenizer.vocab_size:,} | {accum} micro-step(s) of "
+           f"{device_batch}x{seq_len} per rank per step | {num_iterations:,} steps | "
+           f"{num_iterations * settings.total_batch_size:,} training tokens")
 
     train_loader = PackedLoader(corpus, tokenizer, device_batch, seq_len, split="train", rank=rt.rank,
                                 world_size=rt.world_size, device=rt.device, state=loader_state)
@@ -239,7 +261,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
             STAGE, args.tag, step, model, optimizer, tokenizer, args, loader_state=train_loader.state_dict(),
             metrics={"train_loss": last_loss, **({"val_bpb": bpb_history[-1][1]} if bpb_history else {})},
             extra={"num_iterations": num_iterations, "depth": args.depth, "settings": settings_dict,
-                   "run_id": logger.run_id, "val_bpb_history": bpb_history})
+                   "run_id": logger.run_id, "val_bpb_history": bpb_history, "data": corpus.description})
 
     def take_step(step: int) -> None:
         nonlocal last_loss
@@ -254,6 +276,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
     try:
         # --eval-every / --sample-every 0 mean never, not "at the end"
         stage.run_steps(start_step, num_iterations, take_step, save_every=args.save_every, save_at=save_at,
+                        save_minutes=args.save_minutes,
                         evals=[(args.eval_every, evaluate_bpb_at, False), (args.sample_every, show_samples, False)])
     finally:
         # its threads must be gone before interpreter exit (see data/loader.py), and now, not at exit
@@ -275,12 +298,12 @@ def _train(args: argparse.Namespace, rt) -> dict:
     }
     reasons = {"final_val_bpb": "--eval-every 0" if args.eval_every <= 0 else "no eval step ran in this run",
                "min_val_bpb": "--eval-every 0" if args.eval_every <= 0 else "no eval step ran in this run",
-               "core": "--core-max-per-task 0; `chatforge eval base` runs CORE"}
+               "core": "--max-problems 0; `chatforge eval base` runs CORE"}
     # the checkpoint is saved; the summary too, before the optional CORE eval that may take long or fail
     path = stage.write_summary(STAGE, args.tag, "pretrain.json", summary, rt, reasons,
                                f"final train loss {format_figure(last_loss, 'no step ran')}, val bpb "
                                f"{format_figure(summary['final_val_bpb'], reasons['final_val_bpb'])}")
-    if args.core_max_per_task:
+    if args.max_problems:
         try:
             core_result = final_core(args, rt, tokenizer)
         except DownloadError as exc:  # offline without a local bundle: the run stands without CORE
@@ -296,16 +319,48 @@ def _train(args: argparse.Namespace, rt) -> dict:
     return summary
 
 
+def device_batch_overrides(args: argparse.Namespace, rt, existing: int | None) -> tuple[dict, bool]:
+    """derive()'s overrides with --device-batch-size auto settled as far as it can be before the model
+    exists, and whether the search must still run: on CUDA the total batch is derived from one row per
+    micro-step (a power-of-two number of rows, so any power of two up to it divides it) and the search
+    picks the micro-batch later; a resumed run keeps its own; off CUDA the default stays."""
+    overrides = overrides_from_args(args)
+    if args.device_batch_size != autobatch.AUTO:
+        return overrides, False
+    overrides["device_batch_size"] = None  # derive's default (32) off CUDA
+    if existing is not None:
+        folder = checkpoint.resolve(STAGE, args.tag, existing)[2]
+        overrides["device_batch_size"] = checkpoint.read_meta(folder)["settings"]["device_batch_size"]
+        print0(f"--device-batch-size auto: {overrides['device_batch_size']}, the resumed run's")
+        return overrides, False
+    if rt.device.type != "cuda":
+        return overrides, False
+    overrides["device_batch_size"] = 1
+    return overrides, True
+
+
+def run_tokenizer(args: argparse.Namespace):
+    """--tokenizer-name, else the tokenizer of the run being resumed (a tokenizer trained since does
+    not change it), else the current one."""
+    if args.tokenizer_name:
+        return load_tokenizer(name=tokenizer_name(args.tokenizer_name))
+    step = checkpoint.latest_step(STAGE, args.tag) if args.resume else None
+    if step is None:
+        return load_tokenizer()
+    folder = checkpoint.resolve(STAGE, args.tag, step)[2]
+    return checkpoint.checkpoint_tokenizer(checkpoint.read_meta(folder), folder)
+
+
 def final_core(args: argparse.Namespace, rt, tokenizer) -> dict:
     """CORE of the final checkpoint, rebuilt without compile/FP8 (it scores prompts of every length)."""
-    bundle = core.resolve_bundle(args.eval_bundle)
+    bundle = core.resolve_bundle(args.data_dir)
     loaded = checkpoint.load(STAGE, args.tag, device=rt.device)
     model, meta = loaded.model, loaded.meta
     with rt.autocast():
-        result = core.evaluate_core(model, tokenizer, bundle, rt.device, args.core_max_per_task,
+        result = core.evaluate_core(model, tokenizer, bundle, rt.device, args.max_problems,
                                     model.config.sequence_len, rank=rt.rank, world_size=rt.world_size)
     print0(f"step {meta['step']}: CORE {result['core']:.4f} over {result['num_tasks']} task(s), "
-           f"at most {args.core_max_per_task} items each")
+           f"at most {args.max_problems} items each")
     return result
 
 

@@ -35,11 +35,11 @@ Each step:
    decaying linearly to zero over the run.
 
 Every --eval-every steps (and at the end): pass@1..k (`eval/passk.py`, the unbiased estimator) on the
-first --eval-examples questions of the test split, k from --pass-k. Every step a line with the mean
+first --max-problems questions of the test split, k from --pass-k. Every step a line with the mean
 reward and samples/s (all ranks' sampled replies per second of the whole step, rollout + update),
 the tool calls the rollouts made and the share of rollout time in which every row waited on one,
-plus a metrics.jsonl record. Checkpoints go to checkpoints/rl/<tag>/ every --save-every steps and at
-the end (with the stream position); --resume continues the latest one. The summary is
+plus a metrics.jsonl record. Checkpoints go to checkpoints/rl/<tag>/ every few minutes (or --save-every
+steps) and at the end (with the stream position); --resume continues the latest one. The summary is
 eval/rl/<tag>/rl.json.
 
 On CUDA the rollouts use a copy of the weights in the compute dtype (bf16), refreshed after every
@@ -60,23 +60,21 @@ from chatforge import paths
 from chatforge.conversation import render_for_completion
 from chatforge.errors import UsageError
 from chatforge.eval import passk
+from chatforge.flags import add_flag
 from chatforge.infer.engine import Engine
 from chatforge.infer.reply import response_text
 from chatforge.model import checkpoint
 from chatforge.model.optim import build_optimizer
 from chatforge.progress import MetricsLogger, Progress, format_duration, provenance
 from chatforge.runtime import add_runtime_arguments, print0
-from chatforge.train import loop, rewards, stage
+from chatforge.train import autobatch, loop, rewards, stage
 
 STAGE = "rl"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_argument_group("source")
-    src.add_argument("--source", default="sft", choices=("base", "mid", "sft", "rl"),
-                     help="stage of the checkpoint to start from (default sft)")
-    src.add_argument("--tag", default=None, help="tag of the source checkpoint, also the rl tag (default: latest)")
-    src.add_argument("--step", type=int, default=None, help="step of the source checkpoint (default: latest)")
+    stage.add_source_arguments(src, "sft", STAGE)
     src.add_argument("--task", default="gsm8k", help="reward task from train/rewards.py (default gsm8k)")
     src.add_argument("--data-dir", default=None, help="local copy of the task data (default: download)")
     roll = parser.add_argument_group("rollouts")
@@ -85,19 +83,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     roll.add_argument("--max-new-tokens", type=int, default=256, help="longest reply sampled")
     roll.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     roll.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    roll.add_argument("--rollout-batch-size", type=int, default=256,
-                      help="replies generated together per engine call (whole groups; lower it on OOM)")
+    roll.add_argument("--rollout-batch-size", type=autobatch.batch_size_arg, default=autobatch.AUTO,
+                      help="replies generated together per engine call (whole groups), or 'auto' (default): on "
+                           "CUDA the most whole groups that fit, found by trying a real rollout; off CUDA 256")
     opt = parser.add_argument_group("optimization")
     opt.add_argument("--num-iterations", type=int, default=None, help="number of steps (default: from --epochs)")
     opt.add_argument("--epochs", type=float, default=None, help="passes over the training questions (default 1)")
-    opt.add_argument("--device-batch-size", type=int, default=32, help="rows per training forward/backward")
+    opt.add_argument("--device-batch-size", type=autobatch.batch_size_arg, default=autobatch.AUTO,
+                     help="rows per training forward/backward, or 'auto' (default): on CUDA the largest power of "
+                          "two that fits the longest row, found by trying real steps; off CUDA 32")
+    autobatch.add_memory_limit_argument(opt)
     opt.add_argument("--init-lr-frac", type=float, default=0.05,
                      help="learning rates as a fraction of the depth dial's (default 0.05, as nanochat)")
     run = parser.add_argument_group("evaluation, checkpoints, logging")
     run.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evaluations (0: only at the end)")
-    run.add_argument("--eval-examples", type=int, default=400, help="test questions per pass@k evaluation")
+    add_flag(run, "--max-problems", "--eval-examples", type=int, default=400,
+             help="test questions per pass@k evaluation (default 400)")
     run.add_argument("--pass-k", default=None, help="comma-separated k values (default 1,...,--num-samples)")
-    stage.add_run_arguments(run, "rl", save_every=60, save_help="steps between checkpoints (the last step always saves)",
+    stage.add_run_arguments(run, "rl", save_help="steps between checkpoints (default: every --save-minutes; the last "
+                                                 "step always saves)",
                             seed_help="seed for the question order and the samples",
                             resume_help="continue from the latest rl checkpoint of --tag")
     add_runtime_arguments(parser)
@@ -105,8 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace, world_size: int) -> list[int]:
     """Reject inconsistent flags; returns the pass@k values to report."""
-    positive = ("examples_per_step", "num_samples", "max_new_tokens", "rollout_batch_size", "device_batch_size",
-                "eval_examples")
+    positive = ("examples_per_step", "num_samples", "max_new_tokens", "max_problems")
     for name in positive + ("num_iterations",):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -212,6 +215,32 @@ def base_learning_rates(config) -> dict:
     return settings.optimizer_kwargs()
 
 
+def auto_batches(args, rt, model, rollout_model, tokenizer, optimizer, prompts: list[list[int]]) -> None:
+    """Settle --device-batch-size and --rollout-batch-size "auto" (train/autobatch.py). Both are tried at
+    the worst case: the longest training prompt plus --max-new-tokens. The update's micro-batch is a
+    power of two up to the rows a rank trains per step; the rollout batch is whole groups, a power of
+    two of questions up to a rank's share of a step. Off CUDA: 32 and 256 as before."""
+    cap = autobatch.apply_memory_limit(args.memory_limit_gb, rt.device)
+    k, per_rank = args.num_samples, args.examples_per_step // rt.world_size
+    longest = max(prompts, key=len) if prompts else []
+    row_len = min(len(longest) + args.max_new_tokens, model.config.sequence_len)
+    reserve = optimizer.pending_state_bytes()
+
+    def rollout_trial(questions: int) -> int:  # a fresh engine: an out-of-memory one is simply dropped
+        return autobatch.measure(lambda: Engine(rollout_model, tokenizer).generate_batch(
+            [longest] * questions, num_samples=k, max_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k or None, seed=0), rt, reserve)
+
+    model.train()
+    args.device_batch_size, _ = autobatch.resolve(
+        args.device_batch_size, per_rank * k, rt, lambda: autobatch.training_trial(
+            model, model, rt, row_len - 1, model.config.vocab_size, reserve), 32, cap, "rl update micro-batch")
+    if args.rollout_batch_size == autobatch.AUTO:
+        questions, _ = autobatch.resolve(autobatch.AUTO, per_rank, rt, lambda: rollout_trial, max(1, 256 // k), cap,
+                                         f"rl rollout questions per engine call (x{k} samples)")
+        args.rollout_batch_size = questions * k if rt.device.type == "cuda" else 256
+
+
 def _rollout_model(model, rt):
     """The model the engine samples from: the training model itself, or a compute-dtype copy on CUDA."""
     if rt.device.type != "cuda" or rt.dtype == torch.float32:
@@ -247,13 +276,14 @@ def _train(args: argparse.Namespace, rt) -> dict:
     started = time.time()
     ks = check_arguments(args, rt.world_size)
     reward_task = rewards.get(args.task)
-    tag = paths.safe_name(args.tag) if args.tag else checkpoint.resolve(args.source)[0]
-    existing = stage.resume_or_refuse(STAGE, tag, args.resume, args.source)
+    source_tag, source_step, _ = stage.pick_source(STAGE, args)
+    tag = args.tag
+    existing = stage.resume_or_refuse(STAGE, tag, args.resume, f"{args.source}/{source_tag}")
     resuming = existing is not None
     if resuming:  # the weights and this rank's optimizer shard in one read
         loaded = checkpoint.load(STAGE, tag, existing, device=rt.device, optimizer=True, rank=rt.rank)
     else:
-        loaded = checkpoint.load(args.source, tag, args.step, device=rt.device)
+        loaded = checkpoint.load(args.source, source_tag, source_step, device=rt.device)
     model, meta, tokenizer = loaded.model, loaded.meta, loaded.tokenizer
     config = model.config
     if args.max_new_tokens >= config.sequence_len:
@@ -290,19 +320,23 @@ def _train(args: argparse.Namespace, rt) -> dict:
            f"({E // W} question(s) per rank) | learning rates x{args.init_lr_frac:g}: "
            + ", ".join(f"{n} {v:.3g}" for n, v in lrs.items() if n.endswith("_lr")))
     rollout_model = _rollout_model(model, rt)
-    engine = Engine(rollout_model, tokenizer)
     top_k = args.top_k or None
     pad_id = tokenizer.special_id("<|assistant_end|>")
-    questions_per_call = max(1, args.rollout_batch_size // k)
     prompt_room = config.sequence_len - args.max_new_tokens  # a longer prompt keeps its last tokens
 
     def prompt_of(conversation) -> list[int]:
         ids = render_for_completion(tokenizer, conversation)
         return ids[-prompt_room:]
 
+    searching = rt.device.type == "cuda" and autobatch.AUTO in (args.device_batch_size, args.rollout_batch_size)
+    auto_batches(args, rt, model, rollout_model, tokenizer, optimizer,
+                 [prompt_of(train_set[i]) for i in range(num_questions)] if searching else [])
+    engine = Engine(rollout_model, tokenizer)
+    questions_per_call = max(1, args.rollout_batch_size // k)
+
     def evaluate(step: int) -> dict:
         n = max(ks)
-        mine = [test_set[i] for i in range(rt.rank, min(args.eval_examples, len(test_set)), W)]
+        mine = [test_set[i] for i in range(rt.rank, min(args.max_problems, len(test_set)), W)]
         model.eval()
         correct = passk.count_correct(engine, tokenizer, mine, reward_task.reward, n, args.max_new_tokens,
                                       args.temperature, top_k, batch_size=max(1, args.rollout_batch_size // n),
@@ -414,7 +448,7 @@ def _train(args: argparse.Namespace, rt) -> dict:
         progress.update(1, reward=f"{record['reward']:.3f}", samples_s=f"{record['samples_per_s']:.1f}")
 
     stage.run_steps(start_step, num_iterations, take_step, evals=[(args.eval_every, evaluate_and_log)],
-                    save_every=args.save_every, save_at=save_at)
+                    save_every=args.save_every, save_minutes=args.save_minutes, save_at=save_at)
     progress.close()
     logger.close()
 

@@ -2,6 +2,7 @@
 
     chatforge sft                                          # latest mid checkpoint, one epoch
     chatforge sft --source base --extra me.jsonl --name Quill   # teach a base model your conversations
+    chatforge sft --extra me.jsonl --max-problems 100
     torchrun --nproc_per_node=8 -m chatforge sft
 
 Unlike midtraining, each conversation gets its own row (`data/conversations.SFTBatches`): cut to the
@@ -15,15 +16,17 @@ The mixture is smaller and cleaner than midtraining's (nanochat's recipe): ARC-E
 ARC-Challenge train, GSM8K train with tool calls, 10k SmolTalk conversations, SpellingBee (other
 examples than midtraining's), identity conversations (the model called --name), and `--extra` files
 (twice); `--mixture extra` trains on the --extra files alone. A step is --examples-per-step
-conversations (default 32). Learning rates start at 2% of the base run's and decay linearly to zero
-(nanochat's SFT schedule). A small --extra file (your model's name and manner) would be lost in that
-recipe, so it sizes the run instead (train/extra_plan.py: its weight, the steps, the learning rate),
-and the validation loss is measured on lines held out of it.
+conversations (default 32), in micro-batches of --device-batch-size rows: `auto` (the default) tries
+real steps of full-context rows on CUDA and keeps the largest power of two that fits
+(`train/autobatch.py`); off CUDA 4. Learning rates start at 2% of the base run's and decay linearly
+to zero (nanochat's SFT schedule). A small --extra file (your model's name and manner) would be lost
+in that recipe, so it sizes the run instead (train/extra_plan.py: its weight, the steps, the learning
+rate), and the validation loss is measured on lines held out of it.
 
-The final checkpoint and eval/sft/<tag>/sft.json are written first; then, unless --eval-max-problems
-is 0, the checkpoint answers at most N problems of each --eval-tasks task (eval/chat.py), into
-eval/sft/<tag>/chat.json and sft.json. A task whose data is neither local nor downloadable is
-skipped with a note. `chatforge eval chat` runs the full suite.
+The final checkpoint and eval/sft/<tag>/sft.json are written first; then, unless --max-problems is 0,
+the checkpoint answers at most N problems of each --tasks task (eval/chat.py), into
+eval/sft/<tag>/chat.json and sft.json. A task whose data is neither local nor downloadable is skipped
+with a note. `chatforge eval chat` runs the full suite.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from chatforge import paths
 from chatforge.data.conversations import SFTBatches
 from chatforge.errors import DownloadError, UsageError
 from chatforge.eval import chat
+from chatforge.flags import add_compile_flag, add_flag
 from chatforge.infer.engine import Engine
 from chatforge.model import checkpoint
 from chatforge.model.speedups import prepare_model
@@ -49,7 +53,7 @@ from chatforge.tasks.base import TaskMixture
 from chatforge.tasks.gsm8k import GSM8K
 from chatforge.tasks.smoltalk import SmolTalk
 from chatforge.tasks.spelling import SpellingBee
-from chatforge.train import extra_plan, loop, stage
+from chatforge.train import autobatch, extra_plan, loop, stage
 
 STAGE = "sft"
 INIT_LR_FRAC = 0.02  # nanochat's SFT: a polish of the mid model
@@ -62,14 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            f"{extra_plan.SMALL_FILE_LR_FRAC} with a small --extra file)")
     parser.add_argument("--examples-per-step", type=int, default=32,
                         help="conversations per optimizer step over all ranks (default 32)")
-    parser.add_argument("--compile", choices=("on", "off"), default="off",
-                        help="torch.compile the model (on pads every row to --max-seq-len for fixed shapes; "
-                             "default off: rows vary in length)")
+    add_compile_flag(parser, "the model", "off: rows vary in length (on pads every row to --max-seq-len)")
     ev = parser.add_argument_group("chat eval of the final checkpoint")
-    ev.add_argument("--eval-tasks", default=EVAL_TASKS, help=f"comma-separated tasks (default {EVAL_TASKS})")
-    ev.add_argument("--eval-max-problems", type=int, default=100,
-                    help="at most N problems per task (default 100; 0 skips the eval)")
-    ev.add_argument("--eval-max-new-tokens", type=int, default=256, help="longest generated answer")
+    add_flag(ev, "--tasks", "--eval-tasks", dest="eval_tasks", default=EVAL_TASKS,
+             help=f"comma-separated tasks (default {EVAL_TASKS})")
+    add_flag(ev, "--max-problems", "--eval-max-problems", dest="eval_max_problems", type=int, default=100,
+             help="at most N problems per task (default 100; 0 skips the eval)")
+    add_flag(ev, "--max-new-tokens", "--eval-max-new-tokens", dest="eval_max_new_tokens", type=int, default=256,
+             help="longest generated answer (default 256)")
 
 
 def sft_mixture(args, model, extras: list, sized: bool):
@@ -118,7 +122,7 @@ def sft_mixture(args, model, extras: list, sized: bool):
 def main(args: argparse.Namespace) -> dict:
     stage.check_stage_arguments(args)
     if args.examples_per_step < 1 or args.eval_max_problems < 0 or args.eval_max_new_tokens < 1:
-        raise UsageError("--examples-per-step and --eval-max-new-tokens must be positive, --eval-max-problems >= 0")
+        raise UsageError("--examples-per-step and --max-new-tokens must be positive, --max-problems >= 0")
     if args.eval_max_problems:
         args.eval_tasks = ",".join(parse_eval_tasks(args.eval_tasks))
     return stage.run_main(args, _sft, f"with --device-batch-size {args.device_batch_size}; "
@@ -135,7 +139,13 @@ def _sft(args: argparse.Namespace, rt) -> dict:
     start = stage.start_model(STAGE, args, rt)
     model, config, tokenizer = start["model"], start["config"], start["tokenizer"]
     seq_len = config.sequence_len
-    device_batch = args.device_batch_size or 4
+    optimizer = stage.make_optimizer(model, start["base_lrs"], args.init_lr_frac)
+    train_model = prepare_model(model, rt, compile=args.compile == "on")
+    # the trial's rows are full length: the longest a conversation is cut to
+    device_batch = stage.device_batch(
+        args, rt, start, max(1, args.examples_per_step // rt.world_size), 4,
+        lambda: autobatch.training_trial(train_model, model, rt, seq_len, config.vocab_size,
+                                         optimizer.pending_state_bytes()))
     per_micro = device_batch * rt.world_size
     if args.examples_per_step % per_micro:
         raise UsageError(f"--examples-per-step {args.examples_per_step} is not a multiple of --device-batch-size x "
@@ -151,12 +161,10 @@ def _sft(args: argparse.Namespace, rt) -> dict:
     print0(f"sft: {len(train_set):,} conversations | {accum} micro-step(s) of {device_batch} rows per rank | "
            f"{args.examples_per_step} conversations per step | {args.num_iterations:,} steps")
 
-    optimizer = stage.make_optimizer(model, start["base_lrs"], args.init_lr_frac)
     resume = start["resume"]
     pad_to = seq_len if args.compile == "on" else None
     batches = SFTBatches(train_set, tokenizer, device_batch, seq_len, rt.rank, rt.world_size, rt.device,
                          state=resume.meta["loader_state"][rt.rank] if resume else None, pad_to=pad_to)
-    train_model = prepare_model(model, rt, compile=args.compile == "on")
 
     def val_loss() -> float:
         val = SFTBatches(val_set, tokenizer, device_batch, seq_len, rt.rank, rt.world_size, rt.device, pad_to=pad_to)

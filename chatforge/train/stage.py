@@ -3,15 +3,18 @@
 Small functions, not a trainer class: pretrain, midtrain, sft and rl each read top to bottom
 (arguments -> data -> model -> loop) and call these for the parts that must not drift between them:
 
-- `add_run_arguments`: --save-every --keep-last --resume --seed --wandb --run-id;
+- `add_run_arguments`: --save-every --save-minutes --keep-last --resume --seed --wandb --run-id;
 - `resume_or_refuse`: a run already on disk is continued with --resume and never overwritten without;
+- `pick_source`: --source/--source-tag/--step name the checkpoint to start from, --tag the one to write,
+  so a second variant from the same source is one new --tag;
 - `start_model`: a stage that starts from another stage's checkpoint (midtrain, sft) loads it, or its
   own checkpoint when resuming, through `checkpoint.load`;
 - `restore`: a resumed run must be the same run (same steps, same seed...), then gets its optimizer
   state and this rank's RNG back;
 - `save`, `write_summary`: a checkpoint and the stage's summary JSON, each said in one line;
-- `run_steps`: the cadence: evaluations at their intervals and at the end, checkpoints at theirs and
-  at the end, and a step in between; a resumed run neither re-evaluates nor re-saves its first step;
+- `run_steps`: the cadence: evaluations at their intervals and at the end, checkpoints at theirs (by
+  default every few minutes of wall clock) and at the end, and a step in between; a resumed run
+  neither re-evaluates nor re-saves its first step;
 - `run_main`: the runtime and the out-of-memory advice around a stage's body.
 
 The arithmetic inside a step (schedules, accumulation, divergence, MFU) is `train/loop.py`.
@@ -25,6 +28,7 @@ import json
 import signal
 import threading
 from contextlib import contextmanager
+from time import monotonic
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -48,14 +52,22 @@ from chatforge.progress import (
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
 from chatforge.tasks.custom import CustomJSON
 from chatforge.tasks.identity import Identity, IdentityFacts, facts_from_model
-from chatforge.train import loop
+from chatforge.train import autobatch, loop
 
 LR_KEYS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
+# Without --save-every a run saves by the clock and keeps its newest checkpoints: two periodic ones
+# (should the newest turn out bad) and, once done, the final one; older ones only fill the disk.
+SAVE_MINUTES = 5.0
+KEEP_PERIODIC = 3
 
 
-def add_run_arguments(group, stage: str, *, save_every: int | None, save_help: str, seed_help: str,
+def add_run_arguments(group, stage: str, *, save_help: str, seed_help: str, save_every: int | None = None,
                       resume_help: str = "continue from the latest checkpoint of this stage and tag") -> None:
     group.add_argument("--save-every", type=int, default=save_every, help=save_help)
+    group.add_argument("--save-minutes", type=float, default=SAVE_MINUTES,
+                       help=f"without --save-every: minutes between checkpoints (default {SAVE_MINUTES:g}, stretched "
+                            f"so saving takes at most ~5%% of the run; 0: only the last step), keeping the newest "
+                            f"{KEEP_PERIODIC} unless --keep-last says otherwise")
     group.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
     group.add_argument("--resume", action="store_true", help=resume_help)
     group.add_argument("--seed", type=int, default=42, help=seed_help)
@@ -76,7 +88,7 @@ def resume_or_refuse(stage: str, tag: str, resume: bool, fresh_from: str) -> int
     existing = checkpoint.latest_step(stage, tag)
     if existing is not None and not resume:
         raise UsageError(f"checkpoints/{stage}/{tag} already holds step {existing}; pass --resume to continue it, "
-                         "or --tag NAME (or deleting that folder) to start over")
+                         "or a new --tag to start another run beside it")
     if resume and existing is None:
         print0(f"--resume: no {stage} checkpoint with tag {tag} yet; starting from {fresh_from}")
     return existing
@@ -99,6 +111,34 @@ def restore(loaded: checkpoint.Loaded, optimizer, rt, same: dict) -> tuple[int, 
     return meta["step"], str(loaded.path)
 
 
+def add_source_arguments(group, source: str, writes: str) -> None:
+    """--source, --source-tag, --step (the checkpoint to start from) and --tag (the one to write)."""
+    group.add_argument("--source", default=source, choices=("base", "mid", "sft", "rl"),
+                       help=f"stage to start from (default {source})")
+    group.add_argument("--tag", default=None, help=f"{writes} tag to write (default: the source's tag); a new tag "
+                                                   "starts another run beside the ones on disk")
+    group.add_argument("--source-tag", default=None, help="tag of the source checkpoint (default: --tag when the "
+                                                          "source has it, else its most recently written tag)")
+    group.add_argument("--step", type=int, default=None, help="source checkpoint step (default: the latest)")
+
+
+def pick_source(stage: str, args: argparse.Namespace) -> tuple[str, int, Path]:
+    """(source tag, step, folder) of the checkpoint to start from; sets args.tag (what this run writes)
+    and args.source_tag. A resumed run keeps the source it started from."""
+    tag = paths.safe_name(args.tag) if args.tag else None
+    source_tag = args.source_tag
+    if source_tag is None and tag is not None and args.resume and checkpoint.latest_step(stage, tag) is not None:
+        source_tag = (checkpoint.read_meta(checkpoint.resolve(stage, tag)[2]).get("args") or {}).get("source_tag")
+    if source_tag is None and tag in checkpoint.list_tags(args.source):
+        source_tag = tag
+    source_tag, step, folder = checkpoint.resolve(args.source, source_tag, args.step)
+    if tag is not None and tag != source_tag and args.source_tag is None:
+        print0(f"{stage}/{tag} starts from {args.source}/{source_tag}, the most recently written {args.source} "
+               "tag (--source-tag picks another)")
+    args.tag, args.source_tag = tag or source_tag, source_tag
+    return source_tag, step, folder
+
+
 def start_model(stage: str, args: argparse.Namespace, rt) -> dict:
     """For a stage that starts from another stage's checkpoint (--source/--tag/--step): the model with
     its weights (this stage's own checkpoint when resuming), config, tokenizer, tag, the resumed
@@ -106,8 +146,8 @@ def start_model(stage: str, args: argparse.Namespace, rt) -> dict:
     if args.source == "mid" and not checkpoint.list_tags("mid"):  # the usual first-hour surprise: base only
         raise CheckpointError(f"no mid checkpoints under {paths.stage_checkpoints_dir('mid')}; run `chatforge "
                               "midtrain` first, or pass --source base to fine-tune the base model directly")
-    tag, source_step, source_folder = checkpoint.resolve(args.source, args.tag, args.step)
-    args.tag = tag
+    source_tag, source_step, source_folder = pick_source(stage, args)
+    tag = args.tag
     source_meta = checkpoint.read_meta(source_folder)
     existing = resume_or_refuse(stage, tag, args.resume, str(source_folder))
     resume = None
@@ -118,7 +158,7 @@ def start_model(stage: str, args: argparse.Namespace, rt) -> dict:
         checkpoint.check_config(resume.meta, GPTConfig(**expected).to_dict(), resume.path)
         model, tokenizer = resume.model, resume.tokenizer
     else:
-        source = checkpoint.load(args.source, tag, source_step, device=rt.device, max_seq_len=args.max_seq_len)
+        source = checkpoint.load(args.source, source_tag, source_step, device=rt.device, max_seq_len=args.max_seq_len)
         model, tokenizer = source.model, source.tokenizer
     model.train()
     # the name a model was given carries on to the stages after it unless --name says otherwise
@@ -126,10 +166,10 @@ def start_model(stage: str, args: argparse.Namespace, rt) -> dict:
         or IdentityFacts.name
     settings = source_meta.get("settings") or {}
     base_lrs = {k: settings[k] for k in LR_KEYS if settings.get(k) is not None}
-    print0(f"start: {args.source}/{tag} step {source_step} | {model.num_params():,} parameters | context "
+    print0(f"start: {args.source}/{source_tag} step {source_step} -> {stage}/{tag} | {model.num_params():,} parameters | context "
            f"{model.config.sequence_len} | base LRs {base_lrs or 'build_optimizer defaults'} x {args.init_lr_frac}")
     return {"model": model, "config": model.config, "tokenizer": tokenizer, "tag": tag, "resume": resume,
-            "source": f"{args.source}/{tag}/step {source_step}", "source_settings": settings, "base_lrs": base_lrs}
+            "source": f"{args.source}/{source_tag}/step {source_step}", "source_settings": settings, "base_lrs": base_lrs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,15 +178,11 @@ def start_model(stage: str, args: argparse.Namespace, rt) -> dict:
 def add_stage_arguments(parser: argparse.ArgumentParser, stage: str, source: str, init_lr_frac: float,
                         warmdown_ratio: float, eval_every: int, init_lr_help: str = "") -> None:
     """The flags of a stage that fine-tunes a checkpoint on conversations (midtrain, sft)."""
-    parser.add_argument("--source", default=source, choices=("base", "mid", "sft", "rl"),
-                        help=f"stage to start from (default {source})")
-    parser.add_argument("--tag", default=None, help="checkpoint tag to start from and to write (default: the "
-                                                    "source's most recently written tag)")
-    parser.add_argument("--step", type=int, default=None, help="source checkpoint step (default: the latest)")
+    add_source_arguments(parser, source, stage)
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--num-iterations", type=int, default=None, help="optimizer steps (default: --epochs 1)")
     length.add_argument("--epochs", type=float, default=None, help="passes over the mixture (default 1)")
-    parser.add_argument("--device-batch-size", type=int, default=None, help="rows per micro-batch per device")
+    autobatch.add_arguments(parser, f"off CUDA the {'base run' if source == 'base' else 'stage'}'s default")
     parser.add_argument("--max-seq-len", type=int, default=None, help="row length (default: the model's context)")
     data = parser.add_argument_group("data")
     data.add_argument("--extra", action="append", default=[], metavar="PATH",
@@ -168,13 +204,14 @@ def add_stage_arguments(parser: argparse.ArgumentParser, stage: str, source: str
     run.add_argument("--eval-every", type=int, default=eval_every,
                      help=f"steps between validation losses (default {eval_every}; 0: only at the end)")
     run.add_argument("--eval-steps", type=int, default=20, help="micro-batches per validation loss")
-    add_run_arguments(run, stage, save_every=-1, save_help="steps between checkpoints (default: only the last)",
+    add_run_arguments(run, stage, save_help="steps between checkpoints (default: every --save-minutes; "
+                                            "the last step always saves)",
                       seed_help="seed of the mixture order and of the run")
     add_runtime_arguments(parser)
 
 
 def check_stage_arguments(args: argparse.Namespace) -> None:
-    for flag in ("num_iterations", "device_batch_size", "max_seq_len", "eval_steps", "keep_last"):
+    for flag in ("num_iterations", "max_seq_len", "eval_steps", "keep_last"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
@@ -186,6 +223,19 @@ def check_stage_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--warmdown-ratio must be between 0 and 1, got {args.warmdown_ratio}")
     if args.mixture == "extra" and not args.extra:
         raise UsageError("--mixture extra trains on the --extra files alone: give at least one --extra PATH")
+
+
+def device_batch(args, rt, start: dict, rows_per_step: int, fallback: int, make_trial: Callable) -> int:
+    """Rows per micro-batch of a conversation stage: --device-batch-size as given; with auto (the
+    default) a resumed run's own, off CUDA `fallback`, else the largest power of two dividing
+    `rows_per_step` that fits (train/autobatch.py; make_trial() builds its trial step). The number
+    is written back into args, so the checkpoint records what a resume must reuse."""
+    requested = args.device_batch_size or autobatch.AUTO
+    if requested == autobatch.AUTO and start["resume"] is not None:
+        requested = start["resume"].meta.get("args", {}).get("device_batch_size") or fallback
+    cap = autobatch.apply_memory_limit(args.memory_limit_gb, rt.device)
+    args.device_batch_size, _ = autobatch.resolve(requested, rows_per_step, rt, make_trial, fallback, cap)
+    return args.device_batch_size
 
 
 def extra_tasks(args) -> list:
@@ -266,7 +316,7 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, plan:
         progress.update(1, **loop.progress_fields(last_loss, throughput if plan.tokens_per_step else None))
 
     run_steps(start_step, n, take_step, evals=[(args.eval_every, validate)] if plan.val_loss else [],
-              save_every=args.save_every, save_at=save_at)
+              save_every=args.save_every, save_minutes=args.save_minutes, save_at=save_at)
     progress.close()
     logger.close()
     return {"stage": stage, "tag": start["tag"], "source": start["source"], "parameters": model.num_params(),
@@ -289,11 +339,32 @@ def write_loss_summary(stage: str, tag: str, name: str, summary: dict, rt, quiet
 # ---------------------------------------------------------------------------------------------
 # Checkpoints, summaries, the cadence
 
-def save(stage: str, tag: str, step: int, model, optimizer, tokenizer, args: argparse.Namespace, **kwargs) -> str:
-    """A checkpoint of every rank's state (model, optimizer shard, loader position, meta); its folder."""
+def describe_data(args: dict) -> str:
+    """What a run trained on, in a few words, from its arguments (a stage that knows better, like
+    pretraining with its corpus's description, records its own)."""
+    if args.get("task"):
+        return f"{args['task']} questions (rewards)"
+    if args.get("mixture"):
+        extra = ", ".join(args.get("extra") or [])
+        if args["mixture"] == "extra":
+            return f"--extra {extra}"
+        where = f" from {args['data_dir']}" if args.get("data_dir") else ""
+        return f"the stage's task mixture{where}" + (f" + --extra {extra}" if extra else "")
+    return args.get("data") or (f"downloaded {args['corpus']} shards" if args.get("corpus") else "not recorded")
+
+
+def save(stage: str, tag: str, step: int, model, optimizer, tokenizer, args: argparse.Namespace, *,
+         extra: dict | None = None, **kwargs) -> str:
+    """A checkpoint of every rank's state (model, optimizer shard, loader position, meta with the run's
+    data); its folder. Saving by the clock (no --save-every) keeps the newest KEEP_PERIODIC unless
+    --keep-last is given."""
+    extra = {"data": describe_data(vars(args)), **(extra or {})}
+    keep_last = args.keep_last
+    if keep_last is None and args.save_every is None and args.save_minutes > 0:
+        keep_last = KEEP_PERIODIC
     folder = checkpoint.save_checkpoint(stage, tag, step, model, optimizer, model_config=model.config.to_dict(),
-                                        vocab_size=tokenizer.vocab_size, args=vars(args), keep_last=args.keep_last,
-                                        **kwargs)
+                                        vocab_size=tokenizer.vocab_size, tokenizer_name=tokenizer.name, args=vars(args),
+                                        keep_last=keep_last, extra=extra, **kwargs)
     print0(f"step {step}: saved {folder}")
     return str(folder)
 
@@ -313,35 +384,59 @@ def write_summary(stage: str, tag: str, name: str, summary: dict, rt, reasons: d
 
 
 def run_steps(start_step: int, num_iterations: int, take_step: Callable[[int], None], *,
-              evals: list[tuple] = (), save_every: int = -1, save_at: Callable[[int], None] | None = None) -> None:
+              evals: list[tuple] = (), save_every: int | None = -1, save_at: Callable[[int], None] | None = None,
+              save_minutes: float = 0.0) -> None:
     """Steps start_step .. num_iterations - 1, with each (every, evaluate[, at_end]) of `evals` run at
     step 0, every `every` steps and, unless at_end is False, at the end even when `every` is 0; and
-    `save_at` every `save_every` steps and at the end. A resumed run starts after the checkpoint it
-    came from: that step is neither evaluated nor saved again.
+    `save_at` at the end and every `save_every` steps, or, when `save_every` is None, once
+    `save_minutes` of wall clock have passed since the last save (the interval stretched to 19 times
+    the last save's duration, so that saving a big model takes at most ~5% of the run). A resumed run
+    starts after the checkpoint it came from: that step is neither evaluated nor saved again.
 
     Ctrl-C lets the step in flight finish (a step cut in the middle would leave the optimizer half
     updated), then saves and stops with one line that says so and how to continue; a second Ctrl-C
-    stops at once. Under torchrun every rank agrees on the step it stops after."""
-    step = start_step
+    stops at once. Under torchrun every rank agrees on the step it stops after and on the steps the
+    clock saves (one small all-reduce per step)."""
+    step, clock_due = start_step, False
+    by_clock = save_at is not None and save_every is None and save_minutes > 0
+    every = -1 if save_every is None else save_every
+    last_save = {"end": monotonic(), "seconds": 0.0}
+
+    def save(at: int) -> None:
+        started = monotonic()
+        save_at(at)
+        last_save.update(end=monotonic(), seconds=monotonic() - started)
+
     with _interrupt_after_step() as interrupted:
         while True:
             last = step == num_iterations
-            for every, evaluate, *at_end in evals:
-                due = loop.is_due(step, every, num_iterations) or (last and (at_end or [True])[0])
+            for every_eval, evaluate, *at_end in evals:
+                due = loop.is_due(step, every_eval, num_iterations) or (last and (at_end or [True])[0])
                 if (step > start_step or start_step == 0) and due:
                     evaluate(step)
-            if save_at is not None and step > start_step and (last or loop.is_due(step, save_every, num_iterations)):
-                save_at(step)
+            if save_at is not None and step > start_step and (last or clock_due or loop.is_due(step, every, num_iterations)):
+                save(step)
             if last:
                 return
             take_step(step)
             step += 1
-            if interrupted(step) and step < num_iterations:  # at the last step the run just finishes
+            interval = max(save_minutes * 60, 19 * last_save["seconds"])
+            stop, clock_due = _on_any_rank(interrupted(), by_clock and monotonic() - last_save["end"] >= interval)
+            if stop and step < num_iterations:  # at the last step the run just finishes
                 if save_at is not None:
                     save_at(step)
                 kept = f"saved step {step}" if save_at is not None else "nothing saved (this stage keeps no checkpoints)"
                 raise Interrupted(f"interrupted by Ctrl-C after step {step} of {num_iterations}: {kept}; "
                                   "run the same command with --resume to continue")
+
+
+def _on_any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, true when it is true on any rank (as it is on one process)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flags
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
 
 
 @contextmanager
@@ -350,7 +445,7 @@ def _interrupt_after_step():
     flag = {"set": False}
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started under nohup: Ctrl-C is not ours to take
-        yield lambda step: False
+        yield lambda: False
         return
 
     def on_sigint(signum, frame):
@@ -358,16 +453,9 @@ def _interrupt_after_step():
         signal.signal(signal.SIGINT, previous)  # the next Ctrl-C is the ordinary KeyboardInterrupt
         print0("Ctrl-C: finishing this step, then saving (press Ctrl-C again to stop at once)")
 
-    def interrupted(step: int) -> bool:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([1.0 if flag["set"] else 0.0], device=_collective_device())
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # one scalar per step: ranks stop after the same step
-            return bool(t.item())
-        return flag["set"]
-
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        yield interrupted
+        yield lambda: flag["set"]
     finally:
         signal.signal(signal.SIGINT, previous)
 
