@@ -156,3 +156,20 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_keep_decoding()
         assert chunked_steps >= 3 and whole_steps == 1  # the chunks spread over steps; unchunked takes one
         assert chunked == whole
         assert all(len(reply[0]) > 0 for reply in chunked.values())
+
+
+def test_a_warmed_session_has_every_step_shape_and_decodes_the_same(engine):
+    a, b = prompt(engine, "hello there"), prompt(engine, "the cat sat on the mat")
+    session = DecodeSession(engine, capacity=6, temperature=0.0, use_tools=False)
+    session.warm()
+    assert sorted(session.steps) == [1, 2, 4, 6]  # every row count a step can take, the capacity last
+    outputs = {}
+    [slot_a] = session.admit(a, max_tokens=12)
+    drain(session, outputs, steps=3)
+    slots_b = session.admit(b, num_samples=3, max_tokens=10)
+    drain(session, outputs)
+    assert outputs[slot_a] == alone(engine, a, 12)
+    assert [outputs[s][0] for s in slots_b] == alone(engine, b, 10, n=3)
+    with pytest.raises(RuntimeError, match="before anything is admitted"):
+        session.admit(a, max_tokens=4)
+        session.warm()

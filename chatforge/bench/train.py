@@ -6,14 +6,14 @@ attention FLOPs) per token x tokens/s per GPU, over the GPU's dense bf16 peak (9
 H100/H200 SXM): the same definition nanochat's numbers in REFERENCE.md use.
 
 `--micro-steps N` accumulates N forward/backward passes per optimizer step, as a real run does
-(`train/loop.py`); `--loss plain` measures the loss that makes the full fp32 logits, for comparison
-with the default fused one (`model/fused_loss.py`).
+(`train/loop.py`); `--loss fused` measures the chunked loss of `model/fused_loss.py` against the
+default plain one (full fp32 logits, which Inductor fuses under compile).
 
     chatforge bench train --depth 20                          # seq 2048, batch 32, vocab 32768
     chatforge bench train --depth 20 --window-pattern SSSL --fp8
     chatforge bench train --depth 2 --max-seq-len 64 --batch-size 2 --steps 3 --compile off   # CPU check
     chatforge bench train --depth 20 --device-batch-size auto --memory-limit-gb 24      # as on a 24 GB card
-    chatforge bench train --depth 20 --micro-steps 8 --loss plain   # 524,288 tokens per step, old loss
+    chatforge bench train --depth 20 --micro-steps 8 --loss fused   # 524,288 tokens per step, chunked loss
     torchrun --nproc_per_node=8 -m chatforge bench train --depth 20                      # sharded optimizer
 """
 
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_compile_flag(parser, "the model", "on; CPU always runs eager")
     parser.add_argument("--micro-steps", type=int, default=1,
                         help="forward/backward passes per optimizer step (gradient accumulation)")
-    parser.add_argument("--loss", choices=("fused", "plain"), default="fused",
+    parser.add_argument("--loss", choices=("fused", "plain"), default="plain",
                         help="fused: chunked head + soft-cap + cross-entropy; plain: full fp32 logits")
     parser.add_argument("--loss-chunk-rows", type=int, default=None,
                         help="rows per chunk of the fused loss (default: a chunk's fp32 logits fit 256 MB)")

@@ -235,9 +235,7 @@ class DecodeSession:
         free = [i for i in range(R) if i not in live]
         if free:  # junk stays in the scratch slot, never past the cache
             self.cache.lengths[torch.tensor(free, device=e.device)] = 0
-        if R not in self.steps:
-            self.steps[R] = e._session_step(self.cache.head(R), self.static_in[:R], self.next_ids[:R],
-                                            self.keys[:R], self.sampling)
+        self._build_step(R)
         launched = time.perf_counter()
         with self._gpu_mark("gpu decode"):
             self.steps[R]()
@@ -258,6 +256,29 @@ class DecodeSession:
         timing.add("engine bookkeeping", (launched - start) + (end - arrived), len(out))
         self._read_gpu_marks()
         return out
+
+    def _build_step(self, R: int) -> None:
+        if R not in self.steps:
+            self.steps[R] = self.engine._session_step(self.cache.head(R), self.static_in[:R], self.next_ids[:R],
+                                                      self.keys[:R], self.sampling)
+
+    @torch.inference_mode()
+    def warm(self) -> float:
+        """Build (compile, capture) the step of every row count a step can take, so no request waits
+        on one later; with --compile each is a compile of its own (seconds each on a GPU), so the
+        server does this once per session, before the first step. Returns the seconds it took."""
+        start = time.perf_counter()
+        if any(row is not None for row in self.rows) or self.admitted:
+            raise RuntimeError("warm a session before anything is admitted")
+        R = 1
+        while True:
+            R = min(R, self.capacity)
+            self._build_step(R)  # free rows only: what it writes, their next prefill overwrites
+            if R == self.capacity:
+                break
+            R *= 2
+        self.cache.lengths.zero_()
+        return time.perf_counter() - start
 
     @contextmanager
     def _gpu_mark(self, phase: str):

@@ -24,8 +24,8 @@ Precision: every parameter is fp32 (the optimizer's master copy). On CUDA the tr
 the forward under autocast (bf16); the embedding output is cast to the autocast dtype right away so
 the residual stream is bf16 too. We do not store the embedding table itself in bf16: AdamW updates
 of ~1e-4 relative size vanish in bf16's 8-bit mantissa, and the table is small next to activations.
-Logits are always returned in fp32. A training loss (targets, grad on) never forms them whole:
-`model/fused_loss.py` runs the head, soft-cap and cross-entropy chunk by chunk, forward and backward.
+Logits are always returned in fp32. With `fused_loss` set, a training loss (targets, grad on) never
+forms them whole: `model/fused_loss.py` runs the head, soft-cap and cross-entropy chunk by chunk.
 """
 
 from __future__ import annotations
@@ -221,9 +221,10 @@ class GPT(nn.Module):
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.kernels: frozenset = frozenset()
-        # training losses go through model/fused_loss.py (no full fp32 logits); False = the plain path,
-        # kept for comparison (`chatforge bench train --loss plain`). loss_chunk_rows: None = by size.
-        self.fused_loss = True
+        # True: training losses go through model/fused_loss.py (no full fp32 logits). Off by default:
+        # compiled, the plain path was as fast and 2.6 GiB lighter at depth 20 on an H200 (Inductor
+        # already fuses soft-cap and cross-entropy; docs/benchmarks.md). `bench train --loss fused`.
+        self.fused_loss = False
         self.loss_chunk_rows: int | None = None
         self.rotary_len = config.sequence_len * ROTARY_MARGIN
         cos, sin = rotary_tables(config.head_dim, self.rotary_len)

@@ -319,6 +319,8 @@ class WorkerPool:
         return sum(job.live_rows() for jobs in list(self.serving) for job in list(jobs))
 
     def _serve(self, index: int, engine: Engine) -> None:
+        if self.continuous and engine.device.type == "cuda":  # the API's default settings, ready before any request
+            self.sessions[index] = new_session(engine, self.max_batch, (1.0, None, None), True, self.timing[index])
         while not self._stop.is_set():
             batch = self.queue.take(self.max_batch, timeout=0.5)
             if not batch:
@@ -476,6 +478,15 @@ def run_batch(engine: Engine, batch: list[Job], timing: TimeSpent | None = None)
         stream.close()
 
 
+def new_session(engine: Engine, capacity: int, sampling: tuple, use_tools: bool, timing: TimeSpent) -> DecodeSession:
+    """A DecodeSession for these settings; on CUDA with every step shape built up front, so the
+    compile and graph capture of a new row count never stall the streams already running."""
+    session = DecodeSession(engine, capacity, *sampling, use_tools, timing=timing)
+    if engine.device.type == "cuda":
+        timing.add("warm-up (compile, capture)", session.warm())
+    return session
+
+
 def run_session(engine: Engine, batch: list[Job], queue: JobQueue, max_batch: int, stop: threading.Event,
                 served: list[Job], previous: DecodeSession | None = None,
                 timing: TimeSpent | None = None) -> DecodeSession:
@@ -491,8 +502,7 @@ def run_session(engine: Engine, batch: list[Job], queue: JobQueue, max_batch: in
         session = previous
         session.timing = timing
     else:
-        session = DecodeSession(engine, max_batch * n, first.temperature, first.top_k, first.top_p, first.use_tools,
-                                timing=timing)
+        session = new_session(engine, max_batch * n, settings[1], first.use_tools, timing)
     choices: dict[int, _Choice] = {}  # slot -> the choice decoding there
     outbox = _Outbox(timing)
 
