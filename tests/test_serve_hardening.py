@@ -418,3 +418,15 @@ def test_bench_serve_soak_is_one_command_and_prints_counters_before_and_after(ca
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["before"], ["after"])}
     assert rows["after"][:3] == ["0", "0", "1"]  # busy slots, waiting, connections
     assert "FAILED" not in out and "drained in" in out
+
+
+def test_a_gpu_soak_reports_replies_that_part_ways_but_only_an_exact_one_fails_on_them():
+    from chatforge.bench.soak import SoakReport
+
+    def report(exact):
+        r = SoakReport(exact_replies=exact, drained_s=0.0)
+        r.mismatched.append("a reply to 'x' parts from the same request alone at character 40 of 60")
+        return r
+
+    assert any("character 40" in line for line in report(True).failures())
+    assert report(False).failures() == []

@@ -55,6 +55,10 @@ class SoakReport:
     after: dict = field(default_factory=dict)            # ... once the clients were gone
     drained_s: float | None = None                       # seconds until no slot was busy and none waited
     max_rss_growth: float = 0.05
+    # replies must equal the request sent alone bit for bit: true for an fp32 (CPU) server; in bf16 a
+    # row's logits depend on what it was batched with, so a GPU server's replies may part ways late
+    # (reported, with where, but not a failure)
+    exact_replies: bool = True
 
     def rss_growth(self) -> float | None:
         a, b = self.before.get("rss_bytes"), self.after.get("rss_bytes")
@@ -65,7 +69,7 @@ class SoakReport:
         server_errors = sum(n for s, n in self.statuses.items() if s >= 500)
         if server_errors:
             out.append(f"{server_errors} requests got a 5xx")
-        out += self.malformed[:5] + self.mismatched[:5]
+        out += self.malformed[:5] + (self.mismatched[:5] if self.exact_replies else [])
         if self.drained_s is None:
             out.append(f"the server did not drain: {self.after}")
         elif self.after.get("connections", 0) > 1:
@@ -278,13 +282,13 @@ def _load(client: _Client, clients: int, seconds: float, max_tokens: int, report
 
 def run_soak(base_url: str, clients: int = 64, duration: float = 180.0, max_tokens: int = 64,
              warmup: float | None = None, api_key: str | None = None, max_rss_growth: float = 0.05,
-             drain_timeout: float = 10.0) -> SoakReport:
+             drain_timeout: float = 10.0, exact_replies: bool = True) -> SoakReport:
     """Soak the server at `base_url` (see the module docstring); the report says what went wrong."""
     client = _Client(base_url, api_key)
     warmup = min(max(duration * 0.1, 1.0), 15.0) if warmup is None else warmup
     _load(client, clients, warmup, max_tokens, SoakReport())  # allocator, caches, thread stacks at this load
     _drain(client, drain_timeout)
-    report = SoakReport(before=client.counters(), max_rss_growth=max_rss_growth)
+    report = SoakReport(before=client.counters(), max_rss_growth=max_rss_growth, exact_replies=exact_replies)
     start = time.monotonic()
     _load(client, clients, duration, max_tokens, report)
     report.seconds = time.monotonic() - start
@@ -298,8 +302,10 @@ def run_soak(base_url: str, clients: int = 64, duration: float = 180.0, max_toke
         finally:
             conn.close()
         for text in texts - {reference}:
-            report.mismatched.append(f"a reply to {content!r} (temperature {temperature}, seed {seed}) differs "
-                                     f"from the same request alone: {text[:60]!r} vs {reference[:60]!r}")
+            same = next((i for i, (a, b) in enumerate(zip(text, reference)) if a != b), min(len(text), len(reference)))
+            report.mismatched.append(f"a reply to {content!r} (temperature {temperature}, seed {seed}) parts from "
+                                     f"the same request alone at character {same} of {len(reference)}: "
+                                     f"{text[same:same + 30]!r} vs {reference[same:same + 30]!r}")
     return report
 
 
@@ -319,6 +325,11 @@ def print_report(report: SoakReport) -> None:
     drained = "never" if report.drained_s is None else f"in {report.drained_s:.2f}s"
     print0(f"soak: drained {drained}; RSS growth {'?' if growth is None else f'{growth:+.1%}'}; "
            f"{sum(len(t) for t in report.replies.values())} distinct replies checked against the same "
-           f"request alone, {len(report.mismatched)} differ; {len(report.malformed)} malformed")
+           f"request alone, {len(report.mismatched)} differ"
+           f"{'' if report.exact_replies else ' (bf16: batch-dependent rounding, not a failure)'}; "
+           f"{len(report.malformed)} malformed")
+    if not report.exact_replies:
+        for line in report.mismatched[:5]:
+            print0(f"soak: note: {line}")
     for line in report.failures():
         print0(f"soak: FAILED: {line}")
