@@ -118,6 +118,11 @@ def test_throughput_and_mfu_bookkeeping():
     assert t.eta_seconds(10) == pytest.approx(5.0)
     assert t.summary() == {"tok_per_s": 2000.0, "step_ms": 500.0, "mfu": 0.6}
     assert loop.Throughput(1, 1.0, None).mfu is None
+    varying = loop.Throughput(0, 6e6, 1e12, skip_steps=1)  # SFT: each step says what it trained on
+    for seconds, tokens in ((5.0, 10), (0.5, 1500), (1.0, 1500)):
+        varying.record(seconds, tokens)
+    assert varying.tokens_per_second == pytest.approx(2000) and varying.mfu == pytest.approx(6e6 * 2000 / 1e12)
+    assert loop.progress_fields(1.0, varying)["tok/s"] == "2,000"
     assert loop.peak_flops("cpu") is None and loop.memory_stats("cpu") == {}
 
 

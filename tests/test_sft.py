@@ -175,6 +175,7 @@ def test_sft_finishes_and_keeps_its_checkpoint_when_eval_data_is_unreachable(tmp
     assert "cannot be downloaded" in summary["chat_eval"]["skipped"]["ARC-Easy"]
     assert set(summary["chat_eval"]["tasks"]) == {"SpellingBee"} and "without ARC-Easy" in summary["chat_eval"]["note"]
     assert summary["final_val_loss"] == out["final_val_loss"] is not None  # on the held-out line
+    assert summary["tok_per_s"] > 0  # counted from the steps' padded rows
 
 
 def test_a_second_variant_from_the_same_source_is_a_new_tag(tmp_path):

@@ -272,14 +272,19 @@ class Throughput:
         self.steps_seen = 0
         self.timed_steps = 0
         self.timed_seconds = 0.0
+        self.timed_tokens = 0
         self.last_step_seconds = 0.0
+        self.last_step_tokens = 0
 
-    def record(self, seconds: float) -> None:
+    def record(self, seconds: float, tokens: int | None = None) -> None:
+        """One step's time; `tokens`: what it trained on when steps differ (padded conversation rows)."""
+        tokens = self.tokens_per_step if tokens is None else tokens
         self.steps_seen += 1
-        self.last_step_seconds = seconds
+        self.last_step_seconds, self.last_step_tokens = seconds, tokens
         if self.steps_seen > self.skip_steps:
             self.timed_steps += 1
             self.timed_seconds += seconds
+            self.timed_tokens += tokens
 
     @property
     def step_seconds(self) -> float:
@@ -289,8 +294,10 @@ class Throughput:
 
     @property
     def tokens_per_second(self) -> float:
-        s = self.step_seconds
-        return self.tokens_per_step / s if s > 0 else 0.0
+        if self.timed_steps:
+            return self.timed_tokens / self.timed_seconds if self.timed_seconds > 0 else 0.0
+        s = self.last_step_seconds
+        return self.last_step_tokens / s if s > 0 else 0.0
 
     @property
     def mfu(self) -> float | None:
@@ -312,9 +319,10 @@ class Throughput:
 def progress_fields(loss: float, throughput: Throughput | None = None) -> dict:
     """What a training progress line shows after the step count: loss, tokens/s and MFU where known."""
     fields = {"loss": f"{loss:.4f}"}
-    if throughput is not None and throughput.tokens_per_step:
-        fields["tok/s"] = f"{throughput.tokens_per_second:,.0f}"
-    if throughput is not None and throughput.mfu is not None:
+    if throughput is None or throughput.tokens_per_second <= 0:
+        return fields
+    fields["tok/s"] = f"{throughput.tokens_per_second:,.0f}"
+    if throughput.mfu is not None:
         fields["mfu"] = f"{100 * throughput.mfu:.1f}%"
     return fields
 

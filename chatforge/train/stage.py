@@ -256,6 +256,26 @@ def make_optimizer(model, base_lrs: dict, init_lr_frac: float):
     return build_optimizer(model, **kwargs)
 
 
+class CountedBatches:
+    """An iterator of (inputs, targets, ...) micro-batches that counts the input tokens it hands out."""
+
+    def __init__(self, batches):
+        self.batches, self.tokens = iter(batches), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.batches)
+        self.tokens += batch[0].numel()
+        return batch
+
+    def take(self) -> int:
+        """Tokens handed out since the last call."""
+        tokens, self.tokens = self.tokens, 0
+        return tokens
+
+
 @dataclass
 class StepPlan:
     """What a conversation stage's steps are made of (midtrain, sft)."""
@@ -263,7 +283,7 @@ class StepPlan:
     batches: object                      # iterator of micro-batches
     accumulate: Callable                 # loop.accumulate_gradients or accumulate_masked_gradients
     accum_steps: int
-    tokens_per_step: int | None          # None: rows vary in length, no tokens/s or MFU
+    tokens_per_step: int | None          # None: rows vary in length; the steps' batches are counted
     val_loss: Callable[[], float] | None  # None: no validation set
     loader_state: Callable[[], dict]
     schedule: loop.Schedule
@@ -280,12 +300,13 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, plan:
     logger = MetricsLogger(stage, args=vars(args), run_id=args.run_id or meta.get("run_id"), wandb_run=args.wandb)
     throughput = loop.Throughput(plan.tokens_per_step or 0, model.estimate_flops(), loop.peak_flops(rt.device),
                                  rt.world_size)
+    batches = plan.batches if plan.tokens_per_step else CountedBatches(plan.batches)
     val_history = [tuple(p) for p in meta.get("val_loss_history", [])]
     last_loss = meta.get("metrics", {}).get("train_loss")
     progress = Progress(n, stage, unit="step", initial=start_step, warmup=throughput.skip_steps)
 
     def speed() -> dict:
-        return throughput.summary() if plan.tokens_per_step else {"step_ms": throughput.summary()["step_ms"]}
+        return throughput.summary()
 
     def validate(at: int) -> None:
         train_model.eval()
@@ -308,12 +329,13 @@ def train_steps(stage: str, args, rt, start: dict, optimizer, train_model, plan:
     def take_step(at: int) -> None:
         nonlocal last_loss
         sched = loop.apply_schedules(optimizer, at, plan.schedule)
-        last_loss, seconds = loop.optimizer_step(train_model, model, optimizer, plan.batches, plan.accum_steps,
+        last_loss, seconds = loop.optimizer_step(train_model, model, optimizer, batches, plan.accum_steps,
                                                  rt, at, last_checkpoint, accumulate=plan.accumulate)
-        throughput.record(seconds)
+        # rows of conversations vary: count what this step trained on (padded, as the GPU computes it)
+        throughput.record(seconds, None if plan.tokens_per_step else batches.take() * rt.world_size)
         logger.log(at + 1, train_loss=last_loss, lr_multiplier=sched["lr_multiplier"], **speed(),
                    eta_s=round(throughput.eta_seconds(n - at - 1)), **loop.memory_stats(rt.device))
-        progress.update(1, **loop.progress_fields(last_loss, throughput if plan.tokens_per_step else None))
+        progress.update(1, **loop.progress_fields(last_loss, throughput))
 
     run_steps(start_step, n, take_step, evals=[(args.eval_every, validate)] if plan.val_loss else [],
               save_every=args.save_every, save_minutes=args.save_minutes, save_at=save_at)
