@@ -412,7 +412,7 @@ def test_bench_serve_soak_is_one_command_and_prints_counters_before_and_after(ca
     from chatforge import cli
 
     save_tiny_checkpoint("sft", "d2", sequence_len=256)
-    cli.main(["bench", "serve", "--soak", "--duration", "3", "--concurrency", "8", "--max-tokens", "8",
+    cli.main(["bench", "serve", "--soak", "--duration", "3", "--streams", "8", "--max-new-tokens", "8",
               "--device", "cpu"])  # a failed check would exit 1
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["before"], ["after"])}
@@ -430,3 +430,18 @@ def test_a_gpu_soak_reports_replies_that_part_ways_but_only_an_exact_one_fails_o
 
     assert any("character 40" in line for line in report(True).failures())
     assert report(False).failures() == []
+
+
+@pytest.mark.slow
+def test_bench_serve_reports_the_engine_ratio_and_what_a_long_prompt_did_to_running_streams(capsys):
+    from chatforge import cli
+
+    cli.main(["bench", "serve", "--depth", "1", "--vocab-size", "512", "--max-seq-len", "512", "--device", "cpu",
+              "--streams", "4", "--requests", "8", "--max-new-tokens", "48", "--long-prompt", "30"])
+    out = capsys.readouterr().out
+    [row] = [line for line in out.splitlines() if line.startswith("| 4 | 8 |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert int(cells[3].replace(",", "")) > 0 and cells[5].endswith("%")  # server tok/s and its share of the engine's
+    [long] = [line for line in out.splitlines() if line.startswith("long prompt at 4 streams")]
+    assert "prompt tokens, first token in" in long and "without a token" in long
+    assert "| prefill: forward launch (host) |" in out  # the breakdown splits the prefill

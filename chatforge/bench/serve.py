@@ -48,6 +48,7 @@ from chatforge.runtime import print0
 TOPICS = "the sky,a cat,rivers,prime numbers,bread,the moon,trains,music,chess,rain,maps,bees".split(",")
 FIRST_CONTENT = re.compile(rb'"content": "[^"]')  # the role chunk's content is ""
 COMPLETION_TOKENS = re.compile(rb'"completion_tokens": (\d+)')
+PROMPT_TOKENS = re.compile(rb'"prompt_tokens": (\d+)')
 STREAMS_PER_CLIENT_PROCESS = 16
 
 
@@ -77,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-processes", type=int, default=None,
                         help=f"processes the clients run in (default: one per {STREAMS_PER_CLIENT_PROCESS} streams)")
     parser.add_argument("--start-timeout", type=float, default=600, help="seconds to wait for the server to start")
+    parser.add_argument("--long-prompt", type=int, default=0, metavar="WORDS",
+                        help="also send one prompt of about this many words a third of the way into each level, and "
+                             "report how long the running streams then went without a token (0: off)")
     parser.add_argument("--soak", action="store_true", help="run the soak instead (see bench/soak.py)")
     parser.add_argument("--duration", type=float, default=180, help="seconds the soak lasts (default: 180)")
 
@@ -91,14 +95,15 @@ def _messages(index: int) -> list[dict]:
     return [{"role": "user", "content": f"Tell me about {TOPICS[index % len(TOPICS)]} ({index})."}]
 
 
-def _one_request(port: int, index: int, max_tokens: int) -> dict:
-    """One streaming request over a raw socket: TTFT, latency and completion tokens."""
-    body = json.dumps({"messages": _messages(index), "temperature": 0, "max_tokens": max_tokens, "stream": True,
-                       "stream_options": {"include_usage": True}}).encode()
+def _one_request(port: int, index: int, max_tokens: int, messages: list[dict] | None = None) -> dict:
+    """One streaming request over a raw socket: TTFT, latency, completion and prompt tokens, and
+    when each piece of the reply arrived (the gaps a running stream sees)."""
+    body = json.dumps({"messages": messages or _messages(index), "temperature": 0, "max_tokens": max_tokens,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     start = time.perf_counter()
-    ttft, seen, tail = None, b"", b""
+    ttft, seen, tail, arrivals = None, b"", b"", []
     with socket.create_connection(("127.0.0.1", port), timeout=600) as sock:
         sock.sendall(head + body)
         while True:
@@ -109,13 +114,16 @@ def _one_request(port: int, index: int, max_tokens: int) -> dict:
                 seen = chunk[:64]
             if ttft is None and FIRST_CONTENT.search(tail + chunk):
                 ttft = time.perf_counter() - start
+            if ttft is not None:
+                arrivals.append(time.perf_counter())
             tail = (tail + chunk)[-512:]  # the usage chunk is among the last bytes
     end = time.perf_counter()
     if not seen.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(f"request {index}: {seen.splitlines()[0] if seen else b'no answer'!r}")
-    counts = COMPLETION_TOKENS.findall(tail)
+    counts, prompt = COMPLETION_TOKENS.findall(tail), PROMPT_TOKENS.findall(tail)
     return {"ttft": ttft if ttft is not None else end - start, "latency": end - start,
-            "tokens": int(counts[-1]) if counts else 0, "start": start, "end": end}
+            "tokens": int(counts[-1]) if counts else 0, "prompt_tokens": int(prompt[-1]) if prompt else 0,
+            "start": start, "end": end, "arrivals": arrivals}
 
 
 def _client_process(port: int, indices: list[int], streams: int, max_tokens: int) -> tuple[list[dict], float]:
@@ -137,7 +145,47 @@ def _run_level(port: int, streams: int, requests: int, max_tokens: int, processe
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     return dict(streams=streams, requests=requests, wall=wall, tokens=tokens, client_cpu=sum(c for _, c in outs),
-                processes=processes, ttft=[r["ttft"] for r in results], latency=[r["latency"] for r in results])
+                processes=processes, ttft=[r["ttft"] for r in results], latency=[r["latency"] for r in results],
+                results=results)
+
+
+def _long_prompt_messages(words: int) -> list[dict]:
+    text = " ".join(TOPICS[i % len(TOPICS)] for i in range(words))
+    return [{"role": "user", "content": f"Summarize this: {text}"}]
+
+
+def _with_long_prompt(port: int, streams: int, requests: int, max_tokens: int, processes: int, words: int,
+                      after: float) -> dict:
+    """A level with one long prompt sent `after` seconds in, while the streams run: the level's
+    figures, plus the long request and how long the running streams went without a token while
+    it was prefilled."""
+    long = {}
+
+    def send():
+        time.sleep(after)
+        try:
+            long.update(_one_request(port, -1, 1, _long_prompt_messages(words)))
+        except RuntimeError as exc:  # e.g. a 400: longer than the model's context
+            long["error"] = str(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    run = _run_level(port, streams, requests, max_tokens, processes)
+    sender.join()
+    if "error" in long:
+        raise UsageError(f"--long-prompt {words}: the long request failed ({long['error']}); use fewer words")
+    t0, t1 = long["start"], long["start"] + long["ttft"]
+    stalls, gaps, waiting = [], [], 0
+    for r in run["results"]:
+        times = r["arrivals"]
+        mine = [b - a for a, b in zip(times, times[1:]) if a < t1 and b > t0]  # waiting while it was prefilled
+        gaps += [b - a for a, b in zip(times, times[1:])]
+        stalls += mine
+        waiting += bool(mine)
+    run["long_prompt"] = dict(prompt_tokens=long["prompt_tokens"], ttft=long["ttft"],
+                              worst_gap=max(stalls, default=0.0), median_gap=_percentile(gaps, 0.5) if gaps else 0.0,
+                              streams_waiting=waiting)
+    return run
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -236,6 +284,8 @@ def main(args) -> int:
     for flag in ("requests", "max_new_tokens", "max_batch", "client_processes"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
+    if args.long_prompt < 0:
+        raise UsageError(f"--long-prompt {args.long_prompt} must be 0 (off) or a number of words")
     max_batch = args.max_batch or max(32, *levels)
     requests = {s: args.requests or max(16, 4 * s) for s in levels}
     port = _free_port()
@@ -244,11 +294,17 @@ def main(args) -> int:
     try:
         if args.soak:
             return _soak(port, args, max(levels), max_batch)
-        _run_level(port, 1, 1, args.max_new_tokens, 1)  # warm up (CUDA graphs, allocator) outside the timing
+        warm = _run_level(port, 1, 1, args.max_new_tokens, 1)  # warm up (CUDA graphs, allocator) outside the timing
         for s in levels:
             processes = args.client_processes or math.ceil(s / STREAMS_PER_CLIENT_PROCESS)
             before = _timing(port)
-            run = _run_level(port, s, requests[s], args.max_new_tokens, min(processes, max(1, os.cpu_count() // 2)))
+            processes = min(processes, max(1, os.cpu_count() // 2))
+            if args.long_prompt:
+                # a third of the way into the level, going by how long one request took alone
+                after = max(0.05, warm["latency"][0] * requests[s] / s / 3)
+                run = _with_long_prompt(port, s, requests[s], args.max_new_tokens, processes, args.long_prompt, after)
+            else:
+                run = _run_level(port, s, requests[s], args.max_new_tokens, processes)
             after = _timing(port)
             run["timing"] = {k: {"s": v["s"] - before.get(k, {}).get("s", 0.0), "n": v["n"] - before.get(k, {}).get("n", 0)}
                              for k, v in after.items()}
@@ -275,6 +331,12 @@ def main(args) -> int:
                f"{ratio} | {_percentile(r['ttft'], 0.5) * 1e3:,.0f} / {_percentile(r['ttft'], 0.9) * 1e3:,.0f} ms | "
                f"{_percentile(r['latency'], 0.5):.2f} s | {100 * r['client_cpu'] / (r['wall'] * r['processes']):.0f}% "
                f"of {r['processes']} |")
+    for r in runs:
+        if "long_prompt" in r:
+            lp = r["long_prompt"]
+            print0(f"long prompt at {r['streams']} streams: {lp['prompt_tokens']:,} prompt tokens, first token in "
+                   f"{lp['ttft'] * 1e3:,.0f} ms; the {lp['streams_waiting']} running streams waiting meanwhile went "
+                   f"at most {lp['worst_gap'] * 1e3:,.0f} ms without a token (median gap {lp['median_gap'] * 1e3:.1f} ms)")
     for r in runs:
         print0(f"\nwhere the server's time went at {r['streams']} streams ({r['tokens']:,} tokens in {r['wall']:.2f} s; "
                "phases of different threads overlap):")

@@ -69,6 +69,19 @@ class _Admission:
     released: set = field(default_factory=set)
 
 
+class _Clock:
+    """Host seconds between laps, each added to `timing` under its name: where a prefill's host time
+    goes (a GPU-bound forward shows in the launch as little; a per-shape setup as a lot)."""
+
+    def __init__(self, timing):
+        self.timing, self.last = timing, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timing.add(name, now - self.last)
+        self.last = now
+
+
 class DecodeSession:
     @torch.inference_mode()
     def __init__(self, engine: Engine, capacity: int, temperature: float = 1.0, top_k: int | None = None,
@@ -164,17 +177,20 @@ class DecodeSession:
     def _prefill_together(self, group: list[_Admission]) -> None:
         from chatforge.model.gpt import KVCache
 
-        e = self.engine
+        e, clock = self.engine, _Clock(self.timing)
         lengths = [len(a.prompt) for a in group]
         T = max(lengths)
         ids = torch.tensor([a.prompt + [0] * (T - len(a.prompt)) for a in group], device=e.device)
         small = KVCache(e.config, len(group), T, e.device, e.dtype)
+        clock.lap("prefill: inputs and cache (host)")
         logits = self._forward(ids, small)
+        clock.lap("prefill: forward launch (host)")
         last = torch.tensor(lengths, device=e.device)
         small.lengths.copy_(last)  # the padding's keys/values lie past each row's length
         logits = logits[torch.arange(len(group), device=e.device), last - 1]  # (G, V)
         for g, a in enumerate(group):
             self._start_rows(a, small, g, logits[g:g + 1])
+        clock.lap("prefill: rows started (host)")
 
     def _prefill_chunk(self, a: _Admission, size: int) -> None:
         from chatforge.model.gpt import KVCache
@@ -182,14 +198,18 @@ class DecodeSession:
         e = self.engine
         if len(a.prompt) - a.done - size == 1:
             size += 1  # never leave a one-token chunk: a one-token forward takes the decode path
+        clock = _Clock(self.timing)
         if a.cache is None:
             a.cache = KVCache(e.config, 1, len(a.prompt), e.device, e.dtype)
         ids = torch.tensor([a.prompt[a.done:a.done + size]], device=e.device)
+        clock.lap("prefill: inputs and cache (host)")
         logits = self._forward(ids, a.cache)[:, -1]
+        clock.lap("prefill: forward launch (host)")
         a.done += size
         if a.done == len(a.prompt):
             self.admitted.popleft()
             self._start_rows(a, a.cache, 0, logits)
+            clock.lap("prefill: rows started (host)")
 
     def _start_rows(self, a: _Admission, small, src: int, logits: torch.Tensor) -> None:
         """Copy a prefilled prompt (row `src` of `small`) into its live slots and sample their first tokens."""
