@@ -75,8 +75,9 @@ def add_run_arguments(group, stage: str, *, save_help: str, seed_help: str, save
     group.add_argument("--run-id", default=None, help=f"name of runs/<run-id>/ (default {stage}-<time>)")
 
 
-def run_main(args: argparse.Namespace, body: Callable, advice: str):
-    """body(args, runtime) inside the runtime and the one-line out-of-memory advice."""
+def run_main(args: argparse.Namespace, body: Callable, advice: str | Callable[[], str]):
+    """body(args, runtime) inside the runtime and the one-line out-of-memory advice (a callable: read
+    when memory runs out, after body has written an auto batch size back into args)."""
     rt = init_runtime(args.device, args.dtype, seed=args.seed)
     with loop.out_of_memory_advice(advice):
         return body(args, rt)
