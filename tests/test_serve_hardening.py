@@ -412,7 +412,7 @@ def test_bench_serve_soak_is_one_command_and_prints_counters_before_and_after(ca
     from chatforge import cli
 
     save_tiny_checkpoint("sft", "d2", sequence_len=256)
-    cli.main(["bench", "serve", "--soak", "--duration", "3", "--concurrency", "8", "--max-tokens", "8",
+    cli.main(["bench", "serve", "--soak", "--duration", "3", "--streams", "8", "--max-new-tokens", "8",
               "--device", "cpu"])  # a failed check would exit 1
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["before"], ["after"])}
