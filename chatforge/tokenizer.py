@@ -272,6 +272,10 @@ def set_current_tokenizer(name: str) -> None:
 def _directory(directory: str | Path | None, name: str | None) -> tuple[Path, str | None]:
     if directory is not None:
         return Path(directory), name
+    if name and not (paths.tokenizer_dir(name, create=False) / TOKENIZER_FILE).is_file():  # asked for by name
+        raise DataError(f"no tokenizer named {name!r} under {paths.tokenizer_dir(create=False)} (there: "
+                        f"{', '.join(tokenizer_names()) or 'none'}); pick one of those for --tokenizer-name, or "
+                        f"train it: chatforge tokenizer train --tokenizer-name {name}")
     name = name or current_tokenizer_name()
     return paths.tokenizer_dir(name, create=False), name
 

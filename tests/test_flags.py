@@ -46,6 +46,8 @@ RENAMED = [
     ("bench export", "--seq-len", "--max-seq-len"),
     ("bench loader", "--seq-len", "--max-seq-len"),
     ("bench serve", "--max-tokens", "--max-new-tokens"),
+    ("bench serve", "--concurrency", "--streams"),
+    ("bench train", "--batch-size", "--device-batch-size"),
 ]
 
 

@@ -137,3 +137,13 @@ def test_running_out_of_cpu_memory_becomes_the_same_one_line_advice_as_cuda():
     with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error stays a bug with its traceback
         with loop.out_of_memory_advice("with x"):
             raise RuntimeError("shape mismatch")
+
+
+def test_out_of_memory_advice_can_name_a_size_settled_inside_it():
+    """midtrain/sft/rl pass a callable: --device-batch-size auto is only a number once the run found
+    it, and the advice must say that number (before, it read "--device-batch-size None")."""
+    args = {"device_batch_size": None}
+    with pytest.raises(UsageError, match="^out of GPU memory with --device-batch-size 16; lower it$"):
+        with loop.out_of_memory_advice(lambda: f"with --device-batch-size {args['device_batch_size']}; lower it"):
+            args["device_batch_size"] = 16  # what the auto search wrote back
+            raise torch.OutOfMemoryError("CUDA out of memory")

@@ -445,3 +445,38 @@ def test_bench_serve_reports_the_engine_ratio_and_what_a_long_prompt_did_to_runn
     [long] = [line for line in out.splitlines() if line.startswith("long prompt at 4 streams")]
     assert "prompt tokens, first token in" in long and "without a token" in long
     assert "| prefill: forward launch (host) |" in out  # the breakdown splits the prefill
+
+
+def test_the_bench_random_server_counts_and_caps_connections_as_serve_does(monkeypatch):
+    """`bench serve --depth D` (and its --soak) talk to bench/random_server.py: it must run with the
+    same connection guard, or the soak's connection checks pass against a server that has none."""
+    import uvicorn
+
+    from chatforge.bench import random_server
+
+    servers = []
+
+    class Recorded(uvicorn.Server):
+        def __init__(self, config):
+            super().__init__(config)
+            servers.append(self)
+
+    monkeypatch.setattr(uvicorn, "Server", Recorded)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["--depth", "1", "--vocab-size", "512", "--max-seq-len", "64", "--port", str(port), "--device", "cpu"]
+    thread = threading.Thread(target=random_server.main, args=(argv,), daemon=True)
+    thread.start()
+    try:
+        for _ in range(2000):  # bounded: a depth-1 model loads in about a second
+            if servers and servers[0].started:
+                break
+            time.sleep(0.01)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as response:
+            health = json.loads(response.read())
+        assert health["connections"] == 1  # this very request, counted by the guard
+    finally:
+        if servers:
+            servers[0].should_exit = True
+        thread.join(30)

@@ -187,3 +187,41 @@ def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(chatty_engine):
 
     result, b_then, a_tokens = asyncio.run(run())
     assert result[1] == "length" and b_then < 150 and a_tokens < 150
+
+
+def test_a_session_that_failed_mid_batch_is_not_reused(engine, monkeypatch):
+    """A step that raises fails the requests it was serving; the next request with the same settings
+    must not inherit their half-admitted rows (it would fail too, and every one after it)."""
+    from chatforge.infer.session import DecodeSession
+
+    real_step = DecodeSession.step
+    failures = []
+
+    def step_failing_once(self):
+        if failures == ["armed"]:
+            failures[0] = "raised"
+            raise RuntimeError("a step that failed (e.g. out of memory in a prefill)")
+        return real_step(self)
+
+    monkeypatch.setattr(DecodeSession, "step", step_failing_once)
+    args = (prompt(engine, "hello the cat"), 6)
+
+    async def run():
+        pool = WorkerPool([engine], max_batch=4, continuous=True)
+        try:
+            first = Job(*args, temperature=0.0)
+            pool.submit(first)
+            before = await collect(first)  # the pool now keeps this session for reuse
+            failures.append("armed")
+            failed = Job(*args, temperature=0.0)
+            pool.submit(failed)
+            delta = await failed.queue.get()
+            after = Job(*args, temperature=0.0)
+            pool.submit(after)
+            return before, delta, await collect(after)
+        finally:
+            pool.close()
+
+    before, delta, after = asyncio.run(run())
+    assert failures == ["raised"] and isinstance(delta.error, RuntimeError)
+    assert after == before

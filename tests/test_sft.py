@@ -194,3 +194,18 @@ def test_a_second_variant_from_the_same_source_is_a_new_tag(tmp_path):
     meta = checkpoint.read_meta(checkpoint.resolve("sft", "v2")[2])
     assert meta["args"]["source_tag"] == "t" and meta["source"] == "base/t/step 1"
     assert meta["data"] == f"--extra {extra}"  # the lineage the report shows
+
+
+def test_a_resumed_variant_keeps_its_source_and_does_not_call_it_the_latest(tmp_path, capsys):
+    tiny_base()
+    extra = str(write_extra(tmp_path / "facts.jsonl"))
+    quick = ["--source", "base", "--extra", extra, "--mixture", "extra", "--device", "cpu", "--num-iterations", "2",
+             "--device-batch-size", "2", "--examples-per-step", "2", "--eval-every", "0", "--max-problems", "0"]
+    run_stage(sft, [*quick, "--tag", "v2"])
+    assert "the most recently written base tag" in capsys.readouterr().out  # base/t: a guess, said so
+    newer = checkpoint.load("base", "t").model
+    save_checkpoint("base", "u", 1, newer, None, model_config=newer.config.to_dict(),
+                    vocab_size=newer.config.vocab_size)  # now the most recently written base tag
+    resumed = run_stage(sft, [*quick, "--tag", "v2", "--resume"])
+    assert resumed["source"] == "base/t/step 1"  # the source it started from, recorded in its checkpoint
+    assert "most recently written" not in capsys.readouterr().out

@@ -164,3 +164,15 @@ def test_a_missing_named_tokenizer_is_one_clear_error(tmp_path, capsys):
         main(["eval", "base", "--source", "base", "--tag", "t"])
     assert exc.value.code == 2
     assert "trained with tokenizer 'mine'" in capsys.readouterr().err
+
+
+def test_an_unknown_tokenizer_name_lists_the_ones_there(tmp_path, capsys):
+    write_corpus(tmp_path / "corpus.txt")
+    main(["tokenizer", "train", "--data", str(tmp_path / "corpus.txt"), "--max-chars", "1e5", "--vocab-size", "300",
+          "--tokenizer-name", "mine"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["tokenizer", "eval", "--tokenizer-name", "mien"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no tokenizer named 'mien'" in err and "(there: mine)" in err and len(err.strip().splitlines()) == 1

@@ -3,8 +3,9 @@
 A speed measurement needs the model's shape, not its knowledge: this builds a random-weight GPT of
 the given depth (as `bench infer` does), a stand-in vocabulary whose ids decode to short words (so
 the server detokenizes and streams as much text as with a real tokenizer), and serves it with the
-same `WorkerPool` and app as `chatforge serve`. The special tokens' output weights are zeroed, so
-their logits sit below the best word and every greedy reply runs to its max_tokens.
+same `WorkerPool`, app and connection guard (serve/guard.py) as `chatforge serve`. The special
+tokens' output weights are zeroed, so their logits sit below the best word and every greedy reply
+runs to its max_tokens.
 
 Started by bench/serve.py in its own process; it prints "listening on" once it serves:
 
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     import uvicorn
 
     from chatforge.serve.app import Limits, bind_port, create_app
+    from chatforge.serve.guard import server_config
     from chatforge.serve.workers import WorkerPool
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
     pool = WorkerPool([engine], max_batch=args.max_batch, max_queue=args.max_queue,
                       continuous=args.scheduling == "continuous")
     app = create_app(pool, f"chatforge-random-d{args.depth}", Limits(context=args.max_seq_len))
-    server = uvicorn.Server(uvicorn.Config(app, access_log=False, log_level="warning"))
+    server = uvicorn.Server(server_config(app, app.state.connections))  # the guard the soak checks, as serve's
     original_startup = server.startup
 
     async def startup(sockets=None):

@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=32768, help="with --depth: the vocabulary size")
     add_flag(parser, "--max-seq-len", "--seq-len", type=int, default=2048, help="with --depth: the model's context")
     parser.add_argument("--device", default=None, help="passed to the server (default: auto)")
-    parser.add_argument("--streams", "--concurrency", dest="streams", default="32",
-                        help="clients streaming at once; a comma-separated list runs each level (default: 32)")
+    add_flag(parser, "--streams", "--concurrency", default="32",
+             help="clients streaming at once; a comma-separated list runs each level (default: 32)")
     parser.add_argument("--requests", type=int, default=None,
                         help="requests per level (default: 4 x streams, at least 16)")
     add_flag(parser, "--max-new-tokens", "--max-tokens", type=int, default=128,

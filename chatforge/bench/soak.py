@@ -1,7 +1,7 @@
 """`chatforge bench serve --soak`: many clients, some of them rude, against a server for a while;
 then a check that the server is as it was.
 
-Each of --concurrency clients sends request after request until --duration is up, in a fixed
+Each of --streams clients sends request after request until --duration is up, in a fixed
 rotation: of every ten, two are streams it walks away from after the first chunk, one a plain
 request it abandons before the reply, one a bad request (text/plain, a foreign Host, broken or
 deeply nested JSON, loose types, a 65-bit seed, a body cut off), one a plain request and five
@@ -16,8 +16,8 @@ streams it reads to the end (one of the ten samples with a seed, the rest are gr
 - the server's resident memory grew by at most --max-rss-growth over the run (measured after a
   warm-up of the same load).
 
-    chatforge bench serve --soak --duration 180 --concurrency 64 --max-tokens 128 --source sft
-    chatforge bench serve --soak --duration 20 --concurrency 16 --max-tokens 16 --device cpu   # CPU
+    chatforge bench serve --soak --duration 180 --streams 64 --max-new-tokens 128 --source sft
+    chatforge bench serve --soak --duration 20 --streams 16 --max-new-tokens 16 --device cpu   # CPU
 
 The CI test (tests/test_serve_hardening.py) runs `run_soak` at toy size on an in-process server.
 """

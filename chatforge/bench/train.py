@@ -11,7 +11,7 @@ default plain one (full fp32 logits, which Inductor fuses under compile).
 
     chatforge bench train --depth 20                          # seq 2048, batch 32, vocab 32768
     chatforge bench train --depth 20 --window-pattern SSSL --fp8
-    chatforge bench train --depth 2 --max-seq-len 64 --batch-size 2 --steps 3 --compile off   # CPU check
+    chatforge bench train --depth 2 --max-seq-len 64 --device-batch-size 2 --steps 3 --compile off   # CPU check
     chatforge bench train --depth 20 --device-batch-size auto --memory-limit-gb 24      # as on a 24 GB card
     chatforge bench train --depth 20 --micro-steps 8 --loss fused   # 524,288 tokens per step, chunked loss
     torchrun --nproc_per_node=8 -m chatforge bench train --depth 20                      # sharded optimizer
@@ -112,8 +112,8 @@ def main(args: argparse.Namespace) -> dict:
         rt.synchronize()
         elapsed = time.perf_counter() - start
     except torch.OutOfMemoryError:
-        raise UsageError(f"out of GPU memory at depth {s.depth} with --batch-size {args.batch_size} x "
-                         f"--max-seq-len {args.max_seq_len}; lower --batch-size") from None
+        raise UsageError(f"out of GPU memory at depth {s.depth} with --device-batch-size {args.batch_size} x "
+                         f"--max-seq-len {args.max_seq_len}; lower --device-batch-size") from None
 
     step_time = elapsed / args.steps
     tok_per_s = args.micro_steps * args.batch_size * args.max_seq_len / step_time  # per device

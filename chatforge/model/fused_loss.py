@@ -1,7 +1,9 @@
 """The training loss without the full logits: output head, soft-cap and cross-entropy, chunked over rows.
 
-Where it sits: `GPT.forward` calls `linear_softcap_cross_entropy(h, lm_head.weight, targets, ...)` when it
-trains (targets given, grad on, a "mean" or "sum" loss); inference and evaluation take the plain path.
+Where it sits: with `GPT.fused_loss` set, `GPT.forward` calls `linear_softcap_cross_entropy(h,
+lm_head.weight, targets, ...)` when it trains (targets given, grad on, a "mean" or "sum" loss);
+inference and evaluation take the plain path. It is opt-in (`bench train --loss fused` sets it): compiled,
+the plain loss measured as fast and lighter at depth 20 (docs/benchmarks.md), so no stage turns it on.
 
 Why: the plain loss makes (rows, V) fp32 logits, their soft-capped copy and their gradient — at depth
 20, 32 x 2048 rows and V = 32768, 8.6 GB each — only to reduce them to one number. Here the rows go

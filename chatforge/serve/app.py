@@ -315,7 +315,7 @@ class ClientGone(Exception):
     """Put on a job's queue when its client closed the connection before the reply was complete."""
 
 
-async def _next_delta(job: Job, request) -> Delta:
+async def _next_delta(job: Job) -> Delta:
     """The job's next Delta; a 499 (seen only in the log) once the client has gone."""
     delta = await job.queue.get()
     if isinstance(delta.error, ClientGone):
@@ -434,13 +434,13 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits, api_key: str | N
         replies = [ReplyParts() for _ in range(job.n)]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(job, request, header, replies, usage, include_usage, state),
+            return StreamingResponse(_sse(job, header, replies, usage, include_usage, state),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         finish = [None] * job.n
         try:
             while not all(finish):
-                delta = await _next_delta(job, request)
+                delta = await _next_delta(job)
                 if delta.error is not None:
                     _raise_job_error(delta.error)
                 for piece in delta.pieces:
@@ -526,7 +526,7 @@ async def _read_body(request, limit: int, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-async def _sse(job: Job, request, header: dict, replies: list, usage, include_usage: bool, state: dict):
+async def _sse(job: Job, header: dict, replies: list, usage, include_usage: bool, state: dict):
     """The streamed reply: OpenAI chunks as server-sent events, ending with [DONE].
 
     Every delta waiting when the client's turn comes is sent in one event per choice, so a client
@@ -543,7 +543,7 @@ async def _sse(job: Job, request, header: dict, replies: list, usage, include_us
                       "finish_reason": None} for i in range(job.n)])
         finished = 0
         while finished < job.n:
-            deltas = [job.queue.get_nowait() if not job.queue.empty() else await _next_delta(job, request)]
+            deltas = [job.queue.get_nowait() if not job.queue.empty() else await _next_delta(job)]
             while not job.queue.empty():
                 deltas.append(job.queue.get_nowait())
             start = time.perf_counter()

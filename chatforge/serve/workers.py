@@ -328,13 +328,16 @@ class WorkerPool:
             self.running[index] = True
             jobs = list(batch)  # every job this call serves (a session admits more as it runs)
             self.serving[index] = jobs
+            in_session = self.continuous and batch[0].batch_key() is not None
             try:
-                if batch[0].batch_key() is None or not self.continuous:
+                if not in_session:
                     run_batch(engine, batch, self.timing[index])
                 else:
                     self.sessions[index] = run_session(engine, batch, self.queue, self.max_batch, self._stop, jobs,
                                                        self.sessions[index], self.timing[index])
             except Exception as exc:  # a failed batch fails its requests, never the replica
+                if in_session:  # its slots may still hold the failed jobs' rows: no later batch may inherit them
+                    self.sessions[index] = None
                 if not isinstance(exc, ChatforgeError):
                     print0(f"serve: a batch of {len(jobs)} failed: {type(exc).__name__}: {exc}")
                 for job in jobs:

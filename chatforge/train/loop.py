@@ -19,6 +19,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -127,21 +128,27 @@ _OOM_MESSAGES = {"DefaultCPUAllocator: can't allocate memory": "CPU", "MPS backe
 
 
 @contextmanager
-def out_of_memory_advice(advice: str):
+def out_of_memory_advice(advice: str | Callable[[], str]):
     """Turn running out of memory into one line: "out of <GPU|CPU> memory <advice>".
 
-    `advice` names the run's sizes and the flag to lower. The kernel's OOM killer ends a process
-    without any exception, so this catches only what the allocators themselves report.
+    `advice` names the run's sizes and the flag to lower; a callable is asked only when memory runs
+    out, so it can name sizes settled inside the block (an auto device batch is not known before).
+    The kernel's OOM killer ends a process without any exception, so this catches only what the
+    allocators themselves report.
     """
     try:
         yield
     except torch.OutOfMemoryError:
-        raise UsageError(f"out of GPU memory {advice}") from None
+        raise UsageError(f"out of GPU memory {_text(advice)}") from None
     except RuntimeError as exc:
         where = next((kind for text, kind in _OOM_MESSAGES.items() if text in str(exc)), None)
         if where is None:
             raise
-        raise UsageError(f"out of {where} memory {advice}") from None
+        raise UsageError(f"out of {where} memory {_text(advice)}") from None
+
+
+def _text(advice: str | Callable[[], str]) -> str:
+    return advice() if callable(advice) else advice
 
 
 def _global_sum(value: torch.Tensor) -> torch.Tensor:

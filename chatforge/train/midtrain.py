@@ -95,8 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict:
     stage.check_stage_arguments(args)
     args.mixture = args.mixture or "full"
-    return stage.run_main(args, _midtrain, f"with --device-batch-size {args.device_batch_size}; "
-                                           "lower it (gradient accumulation keeps the total batch)")
+    return stage.run_main(args, _midtrain, lambda: f"with --device-batch-size {args.device_batch_size}; "
+                                                   "lower it (gradient accumulation keeps the total batch)")
 
 
 def _midtrain(args: argparse.Namespace, rt) -> dict:

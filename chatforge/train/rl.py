@@ -266,9 +266,9 @@ def _refresh_rollout_model(twin, model) -> None:
 # The stage
 
 def main(args: argparse.Namespace) -> dict:
-    return stage.run_main(args, _train, f"with --rollout-batch-size {args.rollout_batch_size} and "
-                                        f"--device-batch-size {args.device_batch_size}; lower them (the update "
-                                        "is the same, only split finer)")
+    return stage.run_main(args, _train, lambda: f"with --rollout-batch-size {args.rollout_batch_size} and "
+                                                f"--device-batch-size {args.device_batch_size}; lower them (the "
+                                                "update is the same, only split finer)")
 
 
 def _train(args: argparse.Namespace, rt) -> dict:

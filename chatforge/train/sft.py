@@ -125,8 +125,8 @@ def main(args: argparse.Namespace) -> dict:
         raise UsageError("--examples-per-step and --max-new-tokens must be positive, --max-problems >= 0")
     if args.eval_max_problems:
         args.eval_tasks = ",".join(parse_eval_tasks(args.eval_tasks))
-    return stage.run_main(args, _sft, f"with --device-batch-size {args.device_batch_size}; "
-                                      "lower it (gradient accumulation keeps --examples-per-step)")
+    return stage.run_main(args, _sft, lambda: f"with --device-batch-size {args.device_batch_size}; "
+                                              "lower it (gradient accumulation keeps --examples-per-step)")
 
 
 def _sft(args: argparse.Namespace, rt) -> dict:

@@ -75,8 +75,9 @@ def add_run_arguments(group, stage: str, *, save_help: str, seed_help: str, save
     group.add_argument("--run-id", default=None, help=f"name of runs/<run-id>/ (default {stage}-<time>)")
 
 
-def run_main(args: argparse.Namespace, body: Callable, advice: str):
-    """body(args, runtime) inside the runtime and the one-line out-of-memory advice."""
+def run_main(args: argparse.Namespace, body: Callable, advice: str | Callable[[], str]):
+    """body(args, runtime) inside the runtime and the one-line out-of-memory advice (a callable: read
+    when memory runs out, after body has written an auto batch size back into args)."""
     rt = init_runtime(args.device, args.dtype, seed=args.seed)
     with loop.out_of_memory_advice(advice):
         return body(args, rt)
@@ -131,8 +132,9 @@ def pick_source(stage: str, args: argparse.Namespace) -> tuple[str, int, Path]:
         source_tag = (checkpoint.read_meta(checkpoint.resolve(stage, tag)[2]).get("args") or {}).get("source_tag")
     if source_tag is None and tag in checkpoint.list_tags(args.source):
         source_tag = tag
+    latest = source_tag is None  # resolve() picks the most recently written tag
     source_tag, step, folder = checkpoint.resolve(args.source, source_tag, args.step)
-    if tag is not None and tag != source_tag and args.source_tag is None:
+    if latest and tag is not None and tag != source_tag:
         print0(f"{stage}/{tag} starts from {args.source}/{source_tag}, the most recently written {args.source} "
                "tag (--source-tag picks another)")
     args.tag, args.source_tag = tag or source_tag, source_tag
