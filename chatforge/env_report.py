@@ -92,8 +92,8 @@ def suggest_depth(device_type: str, gpu_memory: int | None, cpu_cores: int) -> t
             break
         fits = depth
     return fits, (f"the deepest model whose weights, optimizer state and a {MICRO_BATCH}x2048 micro-batch fit in 85% "
-                  f"of the GPU's {gpu_memory / GiB:.0f} GiB: pass --device-batch-size {MICRO_BATCH} (accumulation keeps "
-                  "the total batch); time grows ~depth^3, the d20 speedrun is ~4 h on 8 H100s")
+                  f"of the GPU's {gpu_memory / GiB:.0f} GiB (--device-batch-size auto, the default, finds the "
+                  "micro-batch that fits; accumulation keeps the total batch); time grows ~depth^3, the d20 speedrun is ~4 h on 8 H100s")
 
 
 def on_disk() -> dict[str, str]:
