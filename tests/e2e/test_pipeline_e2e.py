@@ -56,7 +56,9 @@ def test_tiny_speedrun_resumes_after_a_crash_and_reports_its_own_numbers(chatfor
     section = md.split("## Evaluations by stage", 1)[1].split("##", 1)[0]
     rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
                                               for line in section.splitlines() if line.startswith("| "))}
-    for col, stage in enumerate(("base", "mid", "sft", "rl")):
+    columns = rows.pop("metric")  # the header: chance, then one column per stage
+    for stage in ("base", "mid", "sft", "rl"):
+        col = columns.index(stage)
         path = home / "eval" / stage / "tiny" / "chat.json"
         chat = json.loads(path.read_text()) if path.is_file() else None
         if chat is None:
@@ -67,7 +69,7 @@ def test_tiny_speedrun_resumes_after_a_crash_and_reports_its_own_numbers(chatfor
             assert rows[task][col] == f"{result['accuracy']:.4f}"
     if SHARED.is_dir():
         core = json.loads((home / "eval" / "base" / "tiny" / "core.json").read_text())
-        assert rows["CORE"][0] == f"{core['core']:.4f}"
+        assert rows["CORE"][columns.index("base")] == f"{core['core']:.4f}"
     else:
         assert "OFFLINE FALLBACK" in md
     for name in ("loss.png", "bpb.png", "evals.png"):
