@@ -1,8 +1,11 @@
-"""Greedy samples: a glance at what a model says, during pretraining and in `chatforge eval base`."""
+"""Greedy samples: a glance at what a model says, during pretraining and in `chatforge eval base`
+(completions of text) and in `chatforge eval chat` (replies to a few fixed questions)."""
 
 from __future__ import annotations
 
 import torch
+
+from chatforge.conversation import render_for_completion
 
 SAMPLE_PROMPTS = (
     "The capital of France is",
@@ -12,6 +15,14 @@ SAMPLE_PROMPTS = (
     "The planets of the solar system are:",
     "My favorite color is",
     "If 5*x + 3 = 13, then x is",
+)
+
+# a fact, a little writing, arithmetic (a tool call, for a model that learned them) and its identity
+CHAT_SAMPLE_PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "What is 12 times 7?",
+    "Who are you?",
 )
 
 
@@ -39,3 +50,19 @@ def greedy_samples(model, tokenizer, runtime, prompts=SAMPLE_PROMPTS, max_new_to
         out.append({"prompt": prompt, "completion": tokenizer.decode(ids[start:])})
     model.train(was_training)
     return out
+
+
+def chat_samples(engine, prompts=CHAT_SAMPLE_PROMPTS, max_new_tokens: int = 64) -> list[dict]:
+    """A chat model's greedy replies to one-turn conversations, in one batched engine call (tool calls
+    run as in `chatforge chat`). A question whose prompt does not fit the model's context is left out."""
+    from chatforge.infer.reply import response_text  # the engine's module: not an import of pretraining's
+
+    tokenizer = engine.tokenizer
+    rendered = [(prompt, render_for_completion(tokenizer, {"messages": [{"role": "user", "content": prompt}]}))
+                for prompt in prompts]
+    rendered = [(prompt, ids) for prompt, ids in rendered if len(ids) < engine.config.sequence_len]
+    if not rendered:
+        return []
+    results = engine.generate_batch([ids for _, ids in rendered], max_tokens=max_new_tokens, temperature=0.0,
+                                    seed=0)
+    return [{"prompt": prompt, "reply": response_text(tokenizer, r.tokens)} for (prompt, _), r in zip(rendered, results)]
