@@ -29,8 +29,6 @@ from chatforge.progress import provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
 from chatforge.tasks import EVAL_TASKS, eval_task, parse_eval_tasks
 
-SAMPLE_TOKENS = 64  # a glance at the replies, not an answer in full: the four cost one short generate call
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(parser, "sft")
@@ -81,7 +79,7 @@ def main(args) -> int:
     if note:
         print0(note)
     if runtime.is_main:
-        samples = chat_samples(engine, max_new_tokens=min(SAMPLE_TOKENS, args.max_new_tokens))
+        samples = chat_samples(engine)
         for s in samples:
             print0(f"{s['prompt']!r} -> {s['reply']!r}")
         write_result(args.source, tag, "chat.json",

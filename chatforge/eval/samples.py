@@ -24,6 +24,7 @@ CHAT_SAMPLE_PROMPTS = (
     "What is 12 times 7?",
     "Who are you?",
 )
+CHAT_SAMPLE_TOKENS = 64  # a glance at each reply, not all of it: the four cost one short generate call
 
 
 @torch.no_grad()
@@ -52,7 +53,7 @@ def greedy_samples(model, tokenizer, runtime, prompts=SAMPLE_PROMPTS, max_new_to
     return out
 
 
-def chat_samples(engine, prompts=CHAT_SAMPLE_PROMPTS, max_new_tokens: int = 64) -> list[dict]:
+def chat_samples(engine, prompts=CHAT_SAMPLE_PROMPTS, max_new_tokens: int = CHAT_SAMPLE_TOKENS) -> list[dict]:
     """A chat model's greedy replies to one-turn conversations, in one batched engine call (tool calls
     run as in `chatforge chat`). A question whose prompt does not fit the model's context is left out."""
     from chatforge.infer.reply import response_text  # the engine's module: not an import of pretraining's
@@ -65,4 +66,5 @@ def chat_samples(engine, prompts=CHAT_SAMPLE_PROMPTS, max_new_tokens: int = 64) 
         return []
     results = engine.generate_batch([ids for _, ids in rendered], max_tokens=max_new_tokens, temperature=0.0,
                                     seed=0)
-    return [{"prompt": prompt, "reply": response_text(tokenizer, r.tokens)} for (prompt, _), r in zip(rendered, results)]
+    return [{"prompt": prompt, "reply": response_text(tokenizer, result.tokens)}
+            for (prompt, _), result in zip(rendered, results)]
