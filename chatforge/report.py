@@ -6,10 +6,10 @@
 It only reads what the stages wrote (nothing is recomputed, so every number comes from the run):
 the checkpoints' meta.json (lineage: which stage, tag and step each came from, on what data, with
 which tokenizer); the tokenizer's train.json and eval.json; eval/base/<tag>/{pretrain,core,bpb,
-samples}.json; eval/<stage>/<tag>/
-chat.json for base, mid, sft and rl; eval/mid/<tag>/midtrain.json, eval/sft/<tag>/sft.json,
-eval/rl/<tag>/rl.json; runs/<id>/metrics.jsonl + meta.json for the curves; and, when the run was a
-`chatforge speedrun`, the stage markers under speedrun/<preset>/ for durations and data notes.
+samples}.json; eval/<stage>/<tag>/chat.json for base, mid, sft and rl (with each chat model's greedy
+replies, its samples); eval/mid/<tag>/midtrain.json, eval/sft/<tag>/sft.json, eval/rl/<tag>/rl.json;
+runs/<id>/metrics.jsonl + meta.json for the curves; and, when the run was a `chatforge speedrun`,
+the stage markers under speedrun/<preset>/ for durations and data notes.
 A stage whose JSON is missing is shown as "not run"; a result whose checkpoint is no longer on disk
 is left out with a note, so nothing is shown next to the current models that they did not earn.
 The evaluation chart plots centered scores only (0 = chance, 1 = perfect): an accuracy below
@@ -443,8 +443,8 @@ def build_blocks(data: dict, out_dir: Path, gpu_hour_cost: float) -> list[tuple]
             lines = recorded_samples(data, c["stage"])
             blocks.append(("p", f"Samples of {c['stage']}/{c['tag']}:" if lines else
                                 f"Samples of {c['stage']}/{c['tag']}: none recorded (`chatforge "
-                                f"{'eval base' if c['stage'] == 'base' else 'chat -p PROMPT'} --source {c['stage']} "
-                                f"--tag {c['tag']}` shows some)."))
+                                f"{'eval base' if c['stage'] == 'base' else 'eval chat'} --source {c['stage']} "
+                                f"--tag {c['tag']}` records some)."))
             if lines:
                 blocks.append(("list", lines))
     else:

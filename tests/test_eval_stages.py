@@ -106,3 +106,21 @@ def test_eval_base_val_bpb_equals_what_pretraining_reported(tmp_path, capsys):
     bpb = json.loads((paths.eval_dir("base", "bpb") / "bpb.json").read_text())
     assert bpb["val_bpb"] == summary["final_val_bpb"] and bpb["device_batch_size"] == 2
     assert "val bits per byte: 4/4 (100%)" in capsys.readouterr().err  # progress while it measures
+
+
+def test_eval_chat_records_greedy_replies_and_the_report_shows_them_under_the_checkpoint(capsys):
+    from chatforge.eval.samples import CHAT_SAMPLE_PROMPTS
+    from tiny_chat import save_tiny_checkpoint
+
+    save_tiny_checkpoint("sft", "d2")
+    main(["eval", "chat", "--device", "cpu", "-a", "SpellingBee", "--max-problems", "1", "--max-new-tokens", "8"])
+    samples = json.loads((paths.eval_dir("sft", "d2") / "chat.json").read_text())["samples"]
+    assert [s["prompt"] for s in samples] == list(CHAT_SAMPLE_PROMPTS)
+    assert all(isinstance(s["reply"], str) for s in samples) and any(s["reply"] for s in samples)
+    assert f"{samples[0]['prompt']!r} -> {samples[0]['reply']!r}" in capsys.readouterr().out
+
+    main(["report", "--tag", "d2"])
+    md = (paths.report_dir() / "report.md").read_text()
+    shown = md.split("Samples of sft/d2:", 1)[1].split("\n\n", 2)[1].splitlines()
+    assert shown == [f"- {s['prompt']!r} -> {s['reply']!r}" for s in samples]
+    assert "none recorded" not in md

@@ -12,6 +12,7 @@ from chatforge import paths
 from chatforge.conversation import render_conversation, render_for_completion
 from chatforge.data.conversations import SFTBatches
 from chatforge.errors import CheckpointError, UsageError
+from chatforge.eval.samples import CHAT_SAMPLE_PROMPTS
 from chatforge.model import checkpoint
 from chatforge.model.checkpoint import save_checkpoint
 from chatforge.model.gpt import GPT, GPTConfig
@@ -174,6 +175,9 @@ def test_sft_finishes_and_keeps_its_checkpoint_when_eval_data_is_unreachable(tmp
     summary = json.loads((paths.eval_dir("sft", "t") / "sft.json").read_text())
     assert "cannot be downloaded" in summary["chat_eval"]["skipped"]["ARC-Easy"]
     assert set(summary["chat_eval"]["tasks"]) == {"SpellingBee"} and "without ARC-Easy" in summary["chat_eval"]["note"]
+    replies = json.loads((paths.eval_dir("sft", "t") / "chat.json").read_text())["samples"]  # for the report card
+    assert [r["prompt"] for r in replies] == list(CHAT_SAMPLE_PROMPTS)
+    assert all(isinstance(r["reply"], str) for r in replies)
     assert summary["final_val_loss"] == out["final_val_loss"] is not None  # on the held-out line
     assert summary["tok_per_s"] > 0  # counted from the steps' padded rows
 

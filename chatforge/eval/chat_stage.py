@@ -8,7 +8,8 @@
 Tasks: ARC-Easy, ARC-Challenge, MMLU (categorical: the answer letter with the highest logit),
 GSM8K, HumanEval, SpellingBee (generative: sample, run tools, check). Prints each task's accuracy
 and ChatCORE (mean accuracy centered by random guessing; over fewer than all six tasks it says so),
-and writes <base>/eval/<source>/<tag>/chat.json.
+then the model's greedy replies to four fixed questions (one batched call, at most 64 tokens each, the
+report card shows them), and writes all of it to <base>/eval/<source>/<tag>/chat.json.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from chatforge.eval.base_stage import (
     load_for_eval,
     write_result,
 )
+from chatforge.eval.samples import chat_samples
+from chatforge.infer.engine import Engine
 from chatforge.progress import provenance
 from chatforge.runtime import add_runtime_arguments, init_runtime, print0
 from chatforge.tasks import EVAL_TASKS, eval_task, parse_eval_tasks
@@ -54,14 +57,10 @@ def main(args) -> int:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     runtime = init_runtime(args.device, args.dtype)
     model, tokenizer, tag, step = load_for_eval(args, runtime)
-    engine = None
+    engine = Engine(model, tokenizer, runtime.device, runtime.dtype)
     results = {}
     for name in names:
         task = eval_task(name, args.data_dir)
-        if task.eval_type == "generative" and engine is None:
-            from chatforge.infer.engine import Engine
-
-            engine = Engine(model, tokenizer, runtime.device, runtime.dtype)
         results[name] = chat.evaluate_task(
             model, tokenizer, task, runtime, engine, args.max_problems, args.num_samples, args.max_new_tokens,
             args.temperature, args.top_k, args.batch_size, model.config.sequence_len)
@@ -80,7 +79,10 @@ def main(args) -> int:
     if note:
         print0(note)
     if runtime.is_main:
+        samples = chat_samples(engine)
+        for s in samples:
+            print0(f"{s['prompt']!r} -> {s['reply']!r}")
         write_result(args.source, tag, "chat.json",
-                     {"chatcore": score, "note": note, "tasks": results, "source": args.source, "tag": tag,
-                      "step": step, "args": vars(args), **provenance()})
+                     {"chatcore": score, "note": note, "tasks": results, "samples": samples, "source": args.source,
+                      "tag": tag, "step": step, "args": vars(args), **provenance()})
     return 0

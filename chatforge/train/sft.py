@@ -25,8 +25,8 @@ rate), and the validation loss is measured on lines held out of it.
 
 The final checkpoint and eval/sft/<tag>/sft.json are written first; then, unless --max-problems is 0,
 the checkpoint answers at most N problems of each --tasks task (eval/chat.py), into
-eval/sft/<tag>/chat.json and sft.json. A task whose data is neither local nor downloadable is skipped
-with a note. `chatforge eval chat` runs the full suite.
+eval/sft/<tag>/chat.json (with a few greedy replies for the report card) and sft.json. A task whose
+data is neither local nor downloadable is skipped with a note. `chatforge eval chat` runs the full suite.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from chatforge import paths
 from chatforge.data.conversations import SFTBatches
 from chatforge.errors import DownloadError, UsageError
 from chatforge.eval import chat
+from chatforge.eval.samples import chat_samples
 from chatforge.flags import add_compile_flag, add_flag
 from chatforge.infer.engine import Engine
 from chatforge.model import checkpoint
@@ -212,6 +213,7 @@ def final_chat_eval(args, rt, tokenizer, tag: str) -> dict:
     print0(f"ChatCORE {format_figure(score, 'no task could run')} ({note})")
     payload = {"chatcore": score, "note": note, "tasks": results, "skipped": skipped, "source": STAGE, "tag": tag,
                "step": meta["step"], "args": vars(args), **provenance()}
-    if rt.is_main:
+    if rt.is_main:  # a few replies for the report card, as `chatforge eval chat` records them
+        payload["samples"] = chat_samples(engine)
         paths.atomic_write_text(paths.eval_dir(STAGE, tag) / "chat.json", json.dumps(payload, indent=2, default=str))
     return {"chatcore": score, "note": note, "tasks": results, "skipped": skipped}
