@@ -5,7 +5,7 @@
 # (PRESET=gpt2 runs that preset instead; runs/gpt2.sh does).
 #
 #   bash runs/speedrun.sh                   # downloads what it needs
-#   bash runs/speedrun.sh --data-dir /data  # local copies laid out like ../shared/data
+#   bash runs/speedrun.sh --data-dir /data  # your data folder, laid out like the real sources
 #   bash runs/speedrun.sh --rl              # also RL on GSM8K
 #
 # Every training and eval stage runs under torchrun on all local GPUs. Re-running after a crash
