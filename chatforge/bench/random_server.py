@@ -22,7 +22,7 @@ from chatforge.bench.infer import RandomVocabulary, random_model
 from chatforge.flags import add_compile_flag, add_flag
 from chatforge.infer.engine import Engine
 from chatforge.model.scaling import derive
-from chatforge.runtime import add_runtime_arguments, init_runtime, print0
+from chatforge.runtime import add_runtime_arguments, init_runtime
 
 SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "pe", "su", "do", "ha", "bi", "fu", "ge", "wa")
 
@@ -64,10 +64,7 @@ def random_engine(args) -> Engine:
 
 
 def main(argv=None) -> int:
-    import uvicorn
-
-    from chatforge.serve.app import Limits, bind_port, create_app
-    from chatforge.serve.guard import server_config
+    from chatforge.serve.app import Limits, bind_port, create_app, run_server
     from chatforge.serve.workers import WorkerPool
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,21 +80,9 @@ def main(argv=None) -> int:
     pool = WorkerPool([engine], max_batch=args.max_batch, max_queue=args.max_queue,
                       continuous=args.scheduling == "continuous")
     app = create_app(pool, f"chatforge-random-d{args.depth}", Limits(context=args.max_seq_len))
-    server = uvicorn.Server(server_config(app, app.state.connections))  # the guard the soak checks, as serve's
-    original_startup = server.startup
-
-    async def startup(sockets=None):
-        await original_startup(sockets)
-        print0(f"serve: listening on http://127.0.0.1:{args.port} (random weights, depth {args.depth}, "
-               f"{engine.device}, compile {engine.compile})")
-
-    server.startup = startup
-    try:
-        server.run(sockets=[sock])
-    finally:
-        pool.close()
-        sock.close()
-    return 0
+    return run_server(app, pool, sock, lambda host, port: (
+        f"serve: listening on http://{host}:{port} (random weights, depth {args.depth}, {engine.device}, "
+        f"compile {engine.compile})"))
 
 
 if __name__ == "__main__":

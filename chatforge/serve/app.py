@@ -784,8 +784,6 @@ def bind_port(host: str, port: int):
 
 
 def main(args) -> int:
-    import uvicorn
-
     check_args(args)
     sock = bind_port(args.host, args.port)
     try:
@@ -793,6 +791,15 @@ def main(args) -> int:
     except BaseException:
         sock.close()
         raise
+    return run_server(app, pool, sock, lambda host, port: (
+        f"serve: listening on http://{host}:{port}  (web UI at /, API at /v1)"))
+
+
+def run_server(app, pool, sock, announce) -> int:
+    """Run `app` on the bound socket `sock` behind the connection guard until stopped, printing
+    announce(host, port) once it listens (scripts wait for that line), then close pool and socket."""
+    import uvicorn
+
     server = uvicorn.Server(server_config(app, app.state.connections))
     original_startup = server.startup
 
@@ -800,8 +807,7 @@ def main(args) -> int:
         await original_startup(sockets)
         for s in server.servers:
             for listening in s.sockets:
-                host, port = listening.getsockname()[:2]
-                print0(f"serve: listening on http://{host}:{port}  (web UI at /, API at /v1)")
+                print0(announce(*listening.getsockname()[:2]))
 
     server.startup = startup
     try:
