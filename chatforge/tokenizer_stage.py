@@ -39,7 +39,7 @@ from chatforge.errors import DataError, UsageError
 from chatforge.progress import Progress, format_duration, provenance
 from chatforge.runtime import print0
 from chatforge.tokenizer import (EmptyCorpusError, Tokenizer, check_vocab_size, load_tokenizer,
-                                 set_current_tokenizer, tokenizer_name)
+                                 set_current_tokenizer, tokenizer_name, tokenizer_names)
 
 # ---- train --------------------------------------------------------------------------------------
 
@@ -130,9 +130,11 @@ def pick_name(args: argparse.Namespace) -> str:
     if data is not None and any(c in data.name for c in "*?["):  # a glob: name it after its folder
         data = data.parent
     stem = tokenizer_name(f"{data.stem if data is not None else args.corpus}-{args.vocab_size}")
-    name = free_tokenizer_name(stem)
+    # a derived name never replaces a tokenizer on disk: a run that has not saved its first
+    # checkpoint yet is using it too
+    name = free_tokenizer_name(stem, taken=set(tokenizer_names()))
     if name != stem:
-        print0(f"tokenizer {stem!r} is used by existing checkpoints; this one is saved as {name!r}")
+        print0(f"tokenizer {stem!r} exists; this one is saved as {name!r} (--tokenizer-name picks the name)")
     return name
 
 

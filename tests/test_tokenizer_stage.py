@@ -176,3 +176,29 @@ def test_an_unknown_tokenizer_name_lists_the_ones_there(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "no tokenizer named 'mien'" in err and "(there: mine)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_derived_name_never_replaces_a_tokenizer_on_disk(tmp_path, capsys):
+    """A run that has not saved a checkpoint yet uses its tokenizer too: retraining moves aside."""
+    write_corpus(tmp_path / "corpus.txt")
+    train = ["tokenizer", "train", "--data", str(tmp_path / "corpus.txt"), "--max-chars", "1e5", "--vocab-size", "300"]
+    main(train)
+    first = load_tokenizer(name="corpus-300")
+    main(train)
+    assert "saved as 'corpus-300-2'" in capsys.readouterr().out
+    assert load_tokenizer().name == "corpus-300-2"
+    assert load_tokenizer(name="corpus-300").encode("the cat") == first.encode("the cat")  # still there
+
+
+def test_resume_refuses_a_tokenizer_other_than_the_runs_own(tmp_path, capsys):
+    write_corpus(tmp_path / "corpus.txt")
+    train = ["tokenizer", "train", "--data", str(tmp_path / "corpus.txt"), "--max-chars", "1e5", "--vocab-size", "300"]
+    main([*train, "--tokenizer-name", "a"])
+    pretrain(tmp_path / "corpus.txt", "t")
+    main([*train, "--tokenizer-name", "b"])  # the same vocabulary size, so the model would load
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--data", str(tmp_path / "corpus.txt"), "--preset", "smoke", "--device", "cpu",
+              "--tag", "t", "--resume", "--tokenizer-name", "b"])
+    assert exc.value.code == 2
+    assert "trained with tokenizer 'a', not 'b'" in capsys.readouterr().err

@@ -283,11 +283,11 @@ def checkpoints_using_tokenizer(name: str) -> list[str]:
     return users
 
 
-def free_tokenizer_name(stem: str) -> str:
-    """`stem`, or the first of stem-2, stem-3 ... that no checkpoint was trained with: a name under
-    which a new tokenizer can be saved without breaking a checkpoint."""
+def free_tokenizer_name(stem: str, taken: frozenset | set = frozenset()) -> str:
+    """`stem`, or the first of stem-2, stem-3 ... that is not in `taken` and that no checkpoint was
+    trained with: a name under which a new tokenizer can be saved without breaking a checkpoint."""
     name, n = stem, 1
-    while checkpoints_using_tokenizer(name):
+    while name in taken or checkpoints_using_tokenizer(name):
         n += 1
         name = f"{stem}-{n}"
     return name

@@ -342,13 +342,20 @@ def device_batch_overrides(args: argparse.Namespace, rt, existing: int | None) -
 def run_tokenizer(args: argparse.Namespace):
     """--tokenizer-name, else the tokenizer of the run being resumed (a tokenizer trained since does
     not change it), else the current one."""
-    if args.tokenizer_name:
-        return load_tokenizer(name=tokenizer_name(args.tokenizer_name))
     step = checkpoint.latest_step(STAGE, args.tag) if args.resume else None
-    if step is None:
+    meta = folder = None
+    if step is not None:
+        folder = checkpoint.resolve(STAGE, args.tag, step)[2]
+        meta = checkpoint.read_meta(folder)
+    if args.tokenizer_name:
+        name = tokenizer_name(args.tokenizer_name)
+        if meta is not None and meta.get("tokenizer") not in (None, name):
+            raise UsageError(f"--resume: base/{args.tag} was trained with tokenizer {meta['tokenizer']!r}, not "
+                             f"{name!r}; drop --tokenizer-name, or pass a new --tag to start another run")
+        return load_tokenizer(name=name)
+    if meta is None:
         return load_tokenizer()
-    folder = checkpoint.resolve(STAGE, args.tag, step)[2]
-    return checkpoint.checkpoint_tokenizer(checkpoint.read_meta(folder), folder)
+    return checkpoint.checkpoint_tokenizer(meta, folder)
 
 
 def final_core(args: argparse.Namespace, rt, tokenizer) -> dict:
