@@ -256,12 +256,24 @@ def device_batch(args, rt, start: dict, rows_per_step: int, fallback: int, make_
     default) a resumed run's own, off CUDA `fallback`, else the largest power of two dividing
     `rows_per_step` that fits (train/autobatch.py; make_trial() builds its trial step). The number
     is written back into args, so the checkpoint records what a resume must reuse."""
+    if start["resume"] is not None:
+        keep_resumed_batches(args, start["resume"].meta, "device_batch_size")
     requested = args.device_batch_size or autobatch.AUTO
-    if requested == autobatch.AUTO and start["resume"] is not None:
-        requested = start["resume"].meta.get("args", {}).get("device_batch_size") or fallback
     cap = autobatch.apply_memory_limit(args.memory_limit_gb, rt.device)
     args.device_batch_size, _ = autobatch.resolve(requested, rows_per_step, rt, make_trial, fallback, cap)
     return args.device_batch_size
+
+
+def keep_resumed_batches(args, meta: dict, *names: str) -> None:
+    """Each batch-size flag in `names` that says auto (or is unset) takes the size the resumed run's
+    checkpoint recorded (what its own search settled), said in one line: a resume searches nothing
+    again and splits its steps exactly as before."""
+    recorded = meta.get("args") or {}
+    for name in names:
+        value = recorded.get(name)
+        if getattr(args, name) in (None, autobatch.AUTO) and isinstance(value, int):
+            setattr(args, name, value)
+            print0(f"--{name.replace('_', '-')} auto: {value}, the resumed run's")
 
 
 def extra_tasks(args) -> list:
