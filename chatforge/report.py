@@ -146,16 +146,6 @@ def on_disk(result: dict, stage: str, tag: str) -> bool:
     return bool(steps)
 
 
-def parse_source(source) -> tuple[str, str, int | None] | None:
-    """(stage, tag, step) from a checkpoint's recorded source: 'mid/d4/step 120' or {'stage':..}."""
-    if isinstance(source, dict) and source.get("stage") and source.get("tag"):
-        return source["stage"], source["tag"], source.get("step")
-    if isinstance(source, str) and source.count("/") >= 2:
-        stage, tag, step = source.split("/", 2)
-        return stage, tag, int(step.split()[-1]) if step.split() and step.split()[-1].isdigit() else None
-    return None
-
-
 def checkpoint_lineage(tag: str) -> list[dict]:
     """The checkpoints on disk for `tag` in every stage, and the ones they started from (which may
     carry another tag), in pipeline order: stage, tag, latest step, source, data, tokenizer, metrics."""
@@ -169,7 +159,7 @@ def checkpoint_lineage(tag: str) -> list[dict]:
             meta = checkpoint.read_meta(checkpoint.resolve(stage, t)[2])
         except CheckpointError:
             continue
-        source = parse_source(meta.get("source"))
+        source = checkpoint.parse_source(meta.get("source"))
         found[(stage, t)] = {"stage": stage, "tag": t, "step": meta.get("step"), "source": source,
                              "data": meta.get("data") or describe_data(meta.get("args") or {}),
                              "tokenizer": meta.get("tokenizer"), "metrics": meta.get("metrics") or {},

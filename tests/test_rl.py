@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from chatforge import paths
 from chatforge.errors import CheckpointError, UsageError
 from chatforge.infer.engine import GenerationResult
+from chatforge.model import checkpoint
 from chatforge.model.checkpoint import save_checkpoint
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.progress import read_metrics
@@ -135,15 +136,30 @@ def test_mean_reward_rises_on_a_learnable_task():
     assert (paths.eval_dir("rl", "d2") / "rl.json").is_file()
 
 
-def test_resumed_run_continues_with_the_same_next_questions_and_weights():
+def test_resumed_run_continues_with_the_same_next_questions_and_weights(capsys):
+    """Killed after its step-2 save, the run resumes exactly: the same questions, samples and weights,
+    with the batch sizes it ran with (the flags' auto takes them from its checkpoint, as it would a
+    search's result on CUDA) and the source step it started from, though that sft run has moved on."""
     fresh_sft_checkpoint()
     flags = seven_flags("--num-iterations", "4", "--save-every", "2", "--eval-every", "2")
-    straight = run(*flags, "--run-id", "straight")
+    # 2 questions per engine call and micro-batches of 8 rows, where auto off CUDA would take 256 and 32
+    straight = run(*flags, "--device-batch-size", "8", "--rollout-batch-size", "32", "--run-id", "straight")
     folder = paths.checkpoint_dir("rl", "d2")
     final_weights = torch.load(folder / "step_000004" / "model.pt")
     shutil.rmtree(folder / "step_000004")  # as if the run had been killed after the step-2 save
+    sft_model = checkpoint.load("sft", "d2").model
+    save_checkpoint("sft", "d2", 5, sft_model, None, model_config=sft_model.config.to_dict(),
+                    vocab_size=sft_model.config.vocab_size)
+    checkpoint.prune_checkpoints("sft", "d2", 1)  # the step rl started from is gone
+    capsys.readouterr()
 
     resumed = run(*flags, "--resume", "--run-id", "resumed")
+    out = capsys.readouterr().out
+    assert "--device-batch-size auto: 8, the resumed run's" in out
+    assert "--rollout-batch-size auto: 32, the resumed run's" in out
+    assert "sft/d2 step 1, where rl/d2 started, is no longer on disk" in out
+    assert resumed["source"]["step"] == straight["source"]["step"] == 1
+    assert resumed["args"]["device_batch_size"] == 8 and resumed["args"]["rollout_batch_size"] == 32
     assert resumed["resumed_from_step"] == 2
     before = {r["step"]: r for r in read_metrics(paths.runs_dir() / "straight" / "metrics.jsonl") if "reward" in r}
     after = {r["step"]: r for r in read_metrics(paths.runs_dir() / "resumed" / "metrics.jsonl") if "reward" in r}

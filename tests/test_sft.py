@@ -213,3 +213,49 @@ def test_a_resumed_variant_keeps_its_source_and_does_not_call_it_the_latest(tmp_
     resumed = run_stage(sft, [*quick, "--tag", "v2", "--resume"])
     assert resumed["source"] == "base/t/step 1"  # the source it started from, recorded in its checkpoint
     assert "most recently written" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("source_step_kept", [True, False])
+def test_a_resumed_run_keeps_the_source_step_it_started_from(tmp_path, monkeypatch, capsys, source_step_kept):
+    """sft started from base/t step 1 and was cut off after its step-1 save; base/t then trained on
+    (steps 2 and 3, other settings) and, when not kept, pruned step 1. The resumed run still names
+    base/t step 1 as its source, with that step's settings, and finishes."""
+    from chatforge.train import loop
+
+    tiny_base()
+    base = checkpoint.load("base", "t").model
+
+    def save_base(step, matrix_lr):
+        save_checkpoint("base", "t", step, base, None, model_config=base.config.to_dict(),
+                        vocab_size=base.config.vocab_size, extra={"settings": {"matrix_lr": matrix_lr}})
+
+    save_base(1, 0.01)
+    extra = str(write_extra(tmp_path / "facts.jsonl"))
+    flags = ["--source", "base", "--extra", extra, "--mixture", "extra", "--device", "cpu", "--num-iterations", "2",
+             "--device-batch-size", "2", "--examples-per-step", "2", "--eval-every", "0", "--max-problems", "0",
+             "--save-every", "1", "--tag", "t"]
+    real_step = loop.optimizer_step
+
+    def power_cut_at_step_1(*args, **kwargs):
+        if args[6] == 1:
+            raise RuntimeError("power cut")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "optimizer_step", power_cut_at_step_1)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_stage(sft, flags)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    save_base(2, 0.5)
+    save_base(3, 0.5)  # pretraining went on
+    if not source_step_kept:
+        checkpoint.prune_checkpoints("base", "t", 2)
+    capsys.readouterr()
+
+    resumed = run_stage(sft, [*flags, "--resume"])
+    assert resumed["resumed_from_step"] == 1 and resumed["source"] == "base/t/step 1"
+    meta = checkpoint.read_meta(checkpoint.resolve("sft", "t")[2])
+    assert meta["step"] == 2 and meta["source"] == "base/t/step 1"
+    assert meta["settings"] == {"matrix_lr": 0.01}  # the learning rates it started with, not step 3's
+    out = capsys.readouterr().out
+    assert "start: base/t step 1 -> sft/t" in out and "'matrix_lr': 0.01" in out
+    assert ("base/t step 1, where sft/t started, is no longer on disk" in out) != source_step_kept

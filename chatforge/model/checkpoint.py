@@ -272,6 +272,17 @@ def read_meta(folder: Path) -> dict:
         raise CheckpointError(f"cannot read {folder / 'meta.json'} ({exc}); pick another --step or retrain") from None
 
 
+def parse_source(source) -> tuple[str, str, int | None] | None:
+    """(stage, tag, step) of the checkpoint a run started from, as its meta.json records it: midtrain
+    and sft write 'mid/d4/step 120', rl {'stage': ..., 'tag': ..., 'step': ...}; None if neither."""
+    if isinstance(source, dict) and source.get("stage") and source.get("tag"):
+        return source["stage"], source["tag"], source.get("step")
+    if isinstance(source, str) and source.count("/") >= 2:
+        stage, tag, step = source.split("/", 2)
+        return stage, tag, int(step.split()[-1]) if step.split() and step.split()[-1].isdigit() else None
+    return None
+
+
 def checkpoints_using_tokenizer(name: str) -> list[str]:
     """'stage/tag' of every checkpoint on disk trained with the tokenizer called `name`."""
     users = []

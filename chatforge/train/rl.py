@@ -39,7 +39,8 @@ first --max-problems questions of the test split, k from --pass-k. Every step a 
 reward and samples/s (all ranks' sampled replies per second of the whole step, rollout + update),
 the tool calls the rollouts made and the share of rollout time in which every row waited on one,
 plus a metrics.jsonl record. Checkpoints go to checkpoints/rl/<tag>/ every few minutes (or --save-every
-steps) and at the end (with the stream position); --resume continues the latest one. The summary is
+steps) and at the end (with the stream position); --resume continues the latest one, with the batch
+sizes the run settled on (recorded in its checkpoint; no search again). The summary is
 eval/rl/<tag>/rl.json.
 
 On CUDA the rollouts use a copy of the weights in the compute dtype (bf16), refreshed after every
@@ -219,7 +220,8 @@ def auto_batches(args, rt, model, rollout_model, tokenizer, optimizer, prompts: 
     """Settle --device-batch-size and --rollout-batch-size "auto" (train/autobatch.py). Both are tried at
     the worst case: the longest training prompt plus --max-new-tokens. The update's micro-batch is a
     power of two up to the rows a rank trains per step; the rollout batch is whole groups, a power of
-    two of questions up to a rank's share of a step. Off CUDA: 32 and 256 as before."""
+    two of questions up to a rank's share of a step. Off CUDA: 32 and 256 as before. A resumed run has
+    already replaced auto with its own sizes (stage.keep_resumed_batches)."""
     cap = autobatch.apply_memory_limit(args.memory_limit_gb, rt.device)
     k, per_rank = args.num_samples, args.examples_per_step // rt.world_size
     longest = max(prompts, key=len) if prompts else []
@@ -328,6 +330,8 @@ def _train(args: argparse.Namespace, rt) -> dict:
         ids = render_for_completion(tokenizer, conversation)
         return ids[-prompt_room:]
 
+    if resuming:
+        stage.keep_resumed_batches(args, meta, "device_batch_size", "rollout_batch_size")
     searching = rt.device.type == "cuda" and autobatch.AUTO in (args.device_batch_size, args.rollout_batch_size)
     auto_batches(args, rt, model, rollout_model, tokenizer, optimizer,
                  [prompt_of(train_set[i]) for i in range(num_questions)] if searching else [])

@@ -6,7 +6,8 @@ Small functions, not a trainer class: pretrain, midtrain, sft and rl each read t
 - `add_run_arguments`: --save-every --save-minutes --keep-last --resume --seed --wandb --run-id;
 - `resume_or_refuse`: a run already on disk is continued with --resume and never overwritten without;
 - `pick_source`: --source/--source-tag/--step name the checkpoint to start from, --tag the one to write,
-  so a second variant from the same source is one new --tag;
+  so a second variant from the same source is one new --tag; a resumed run keeps the source step its
+  checkpoint recorded (and needs only its own checkpoint should that step be gone);
 - `start_model`: a stage that starts from another stage's checkpoint (midtrain, sft) loads it, or its
   own checkpoint when resuming, through `checkpoint.load`;
 - `restore`: a resumed run must be the same run (same steps, same seed...), then gets its optimizer
@@ -123,13 +124,25 @@ def add_source_arguments(group, source: str, writes: str) -> None:
     group.add_argument("--step", type=int, default=None, help="source checkpoint step (default: the latest)")
 
 
-def pick_source(stage: str, args: argparse.Namespace) -> tuple[str, int, Path]:
+def pick_source(stage: str, args: argparse.Namespace) -> tuple[str, int, Path | None]:
     """(source tag, step, folder) of the checkpoint to start from; sets args.tag (what this run writes)
-    and args.source_tag. A resumed run keeps the source it started from."""
+    and args.source_tag. A resumed run keeps the source it started from: the stage, tag and step its
+    own checkpoint recorded, however many steps that source has gained since; the folder is None when
+    that step is gone from disk (a resumed run needs only its own checkpoint)."""
     tag = paths.safe_name(args.tag) if args.tag else None
     source_tag = args.source_tag
-    if source_tag is None and tag is not None and args.resume and checkpoint.latest_step(stage, tag) is not None:
-        source_tag = (checkpoint.read_meta(checkpoint.resolve(stage, tag)[2]).get("args") or {}).get("source_tag")
+    # without --tag a run writes its source's tag: --source-tag, else the most recently written one
+    own = tag or source_tag or (checkpoint.resolve(args.source)[0] if checkpoint.list_tags(args.source) else None)
+    if own is not None and args.resume and checkpoint.latest_step(stage, own) is not None:
+        meta = checkpoint.read_meta(checkpoint.resolve(stage, own)[2])
+        recorded = checkpoint.parse_source(meta.get("source"))
+        if recorded is not None and recorded[2] is not None:
+            return _recorded_source(stage, own, recorded, args)
+        if source_tag is None:  # a checkpoint that recorded only the source's tag
+            source_tag = (meta.get("args") or {}).get("source_tag")
+    if args.source == "mid" and not checkpoint.list_tags("mid"):  # the usual first-hour surprise: base only
+        raise CheckpointError(f"no mid checkpoints under {paths.stage_checkpoints_dir('mid')}; run `chatforge "
+                              "midtrain` first, or pass --source base to fine-tune the base model directly")
     if source_tag is None and tag in checkpoint.list_tags(args.source):
         source_tag = tag
     latest = source_tag is None  # resolve() picks the most recently written tag
@@ -141,22 +154,32 @@ def pick_source(stage: str, args: argparse.Namespace) -> tuple[str, int, Path]:
     return source_tag, step, folder
 
 
+def _recorded_source(stage: str, tag: str, recorded: tuple, args: argparse.Namespace) -> tuple[str, int, Path | None]:
+    """pick_source for a resumed run whose checkpoint names its source (stage, tag, step)."""
+    source_stage, source_tag, step = recorded
+    args.tag, args.source, args.source_tag = tag, source_stage, source_tag
+    folder = paths.stage_checkpoints_dir(source_stage) / source_tag / checkpoint.step_dir_name(step)
+    if step not in checkpoint.list_steps(source_stage, source_tag):
+        print0(f"{source_stage}/{source_tag} step {step}, where {stage}/{tag} started, is no longer on disk; "
+               f"{stage}/{tag}'s own checkpoint holds all the resumed run needs")
+        folder = None
+    return source_tag, step, folder
+
+
 def start_model(stage: str, args: argparse.Namespace, rt) -> dict:
     """For a stage that starts from another stage's checkpoint (--source/--tag/--step): the model with
     its weights (this stage's own checkpoint when resuming), config, tokenizer, tag, the resumed
     checkpoint (or None), and the source's settings and base learning rates."""
-    if args.source == "mid" and not checkpoint.list_tags("mid"):  # the usual first-hour surprise: base only
-        raise CheckpointError(f"no mid checkpoints under {paths.stage_checkpoints_dir('mid')}; run `chatforge "
-                              "midtrain` first, or pass --source base to fine-tune the base model directly")
     source_tag, source_step, source_folder = pick_source(stage, args)
     tag = args.tag
-    source_meta = checkpoint.read_meta(source_folder)
+    source_meta = checkpoint.read_meta(source_folder) if source_folder is not None else {}
     existing = resume_or_refuse(stage, tag, args.resume, str(source_folder))
     resume = None
     if existing is not None:  # weights and optimizer shard in one read
         resume = checkpoint.load(stage, tag, existing, device=rt.device, optimizer=True, rank=rt.rank,
                                  max_seq_len=args.max_seq_len)
-        expected = {**source_meta["model_config"], **({"sequence_len": args.max_seq_len} if args.max_seq_len else {})}
+        shape = (source_meta or resume.meta)["model_config"]  # the source gone: the run's own shape
+        expected = {**shape, **({"sequence_len": args.max_seq_len} if args.max_seq_len else {})}
         checkpoint.check_config(resume.meta, GPTConfig(**expected).to_dict(), resume.path)
         model, tokenizer = resume.model, resume.tokenizer
     else:
@@ -166,7 +189,8 @@ def start_model(stage: str, args: argparse.Namespace, rt) -> dict:
     # the name a model was given carries on to the stages after it unless --name says otherwise
     args.name = args.name or (resume.meta.get("name") if resume else None) or source_meta.get("name") \
         or IdentityFacts.name
-    settings = source_meta.get("settings") or {}
+    # the source's settings as the run started with them (its own record when resuming)
+    settings = (resume.meta.get("settings") if resume else None) or source_meta.get("settings") or {}
     base_lrs = {k: settings[k] for k in LR_KEYS if settings.get(k) is not None}
     print0(f"start: {args.source}/{source_tag} step {source_step} -> {stage}/{tag} | {model.num_params():,} parameters | context "
            f"{model.config.sequence_len} | base LRs {base_lrs or 'build_optimizer defaults'} x {args.init_lr_frac}")
@@ -232,12 +256,24 @@ def device_batch(args, rt, start: dict, rows_per_step: int, fallback: int, make_
     default) a resumed run's own, off CUDA `fallback`, else the largest power of two dividing
     `rows_per_step` that fits (train/autobatch.py; make_trial() builds its trial step). The number
     is written back into args, so the checkpoint records what a resume must reuse."""
+    if start["resume"] is not None:
+        keep_resumed_batches(args, start["resume"].meta, "device_batch_size")
     requested = args.device_batch_size or autobatch.AUTO
-    if requested == autobatch.AUTO and start["resume"] is not None:
-        requested = start["resume"].meta.get("args", {}).get("device_batch_size") or fallback
     cap = autobatch.apply_memory_limit(args.memory_limit_gb, rt.device)
     args.device_batch_size, _ = autobatch.resolve(requested, rows_per_step, rt, make_trial, fallback, cap)
     return args.device_batch_size
+
+
+def keep_resumed_batches(args, meta: dict, *names: str) -> None:
+    """Each batch-size flag in `names` that says auto (or is unset) takes the size the resumed run's
+    checkpoint recorded (what its own search settled), said in one line: a resume searches nothing
+    again and splits its steps exactly as before."""
+    recorded = meta.get("args") or {}
+    for name in names:
+        value = recorded.get(name)
+        if getattr(args, name) in (None, autobatch.AUTO) and isinstance(value, int):
+            setattr(args, name, value)
+            print0(f"--{name.replace('_', '-')} auto: {value}, the resumed run's")
 
 
 def extra_tasks(args) -> list:
