@@ -133,3 +133,13 @@ def test_a_memory_limit_off_cuda_names_the_flag():
     with pytest.raises(UsageError, match="--memory-limit-gb"):
         autobatch.apply_memory_limit(24, torch.device("cpu"))
     assert autobatch.apply_memory_limit(None, torch.device("cpu")) is None
+
+
+def test_a_choice_taken_down_by_another_rank_says_so_not_that_its_own_sizes_failed():
+    from chatforge.train.autobatch import GIB, Choice
+
+    choice = Choice(rows=8, peak=None, budget=80 * GIB, tried=[(16, 40 * GIB), (32, None)], seconds=12.0,
+                    note="16 fit on this rank; 8 is the smallest of 2 ranks' choices", agreed_down=True)
+    line = choice.reason()
+    assert line.startswith("auto: 16 fit on this rank; 8 is the smallest of 2 ranks' choices")
+    assert "OOM" not in line and "over" not in line

@@ -139,8 +139,10 @@ def _run_level(port: int, streams: int, requests: int, max_tokens: int, processe
     shares = [(list(range(p, requests, processes)), streams // processes + (p < streams % processes))
               for p in range(processes)]
     ctx = multiprocessing.get_context("fork")  # the clients need nothing but sockets; forking is instant
+    work = [(port, idx, s, max_tokens) for idx, s in shares if idx]
+    processes = len(work)  # the client-CPU share counts only processes that had requests
     with ctx.Pool(processes) as pool:
-        outs = pool.starmap(_client_process, [(port, idx, s, max_tokens) for idx, s in shares if idx])
+        outs = pool.starmap(_client_process, work)
     results = [r for rs, _ in outs for r in rs]
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
     tokens = sum(r["tokens"] for r in results)

@@ -200,8 +200,8 @@ HUB_URL = "https://huggingface.co"
 HUB_PARQUET_LIST = "{base}/api/datasets/{repo}/parquet/{subset}/{split}"  # a JSON list of parquet URLs
 
 
-def _split_files(root: Path, local: str, repo: str, subset: str, split: str,
-                 stems: tuple[str, ...] = ()) -> list[Path]:
+def split_files(root: Path, local: str, repo: str, subset: str, split: str,
+                stems: tuple[str, ...] = ()) -> list[Path]:
     """Files for one split under `root`, in the shared-copy layout or the hub's parquet layout."""
     for folder in (root / "eval" / local, root / local):
         for stem in (split, *stems):
@@ -214,18 +214,18 @@ def _split_files(root: Path, local: str, repo: str, subset: str, split: str,
 
 
 def locate_split(local: str, repo: str, subset: str, split: str, data_dir: str | Path | None = None,
-                 stems: tuple[str, ...] = ()) -> list[Path]:
+                stems: tuple[str, ...] = ()) -> list[Path]:
     """The files of a task split: --data-dir, then $CHATFORGE_DATA_DIR, then the download cache,
     then a download of the hub's parquet export ($CHATFORGE_HUB_URL, else huggingface.co) into that cache."""
     from chatforge import paths
 
     roots = [Path(d).expanduser() for d in (data_dir, os.environ.get(DATA_DIR_ENV)) if d]
     for root in roots:
-        files = _split_files(root, local, repo, subset, split, stems)
+        files = split_files(root, local, repo, subset, split, stems)
         if files:
             return files
     cache = paths.task_cache_dir()
-    files = _split_files(cache, local, repo, subset, split)
+    files = split_files(cache, local, repo, subset, split)
     if files:
         return files
     return _download_split(cache, repo, subset, split, roots)

@@ -149,10 +149,13 @@ class Choice:
     largest: bool = False            # the chosen size is all the rows a step has
     seconds: float = 0.0
     note: str = ""
+    agreed_down: bool = False  # torchrun: another rank's smaller choice was taken
 
     def reason(self) -> str:
         """One line for the derivation table, e.g. "auto: 32 OOM at a 24 GiB cap; peak 21.3 GiB"."""
         where = f"a {self.budget / GIB:.0f} GiB cap" if self.capped else f"{self.budget / GIB:.1f} GiB free"
+        if self.agreed_down:
+            return f"auto: {self.note}" + (f"; {len(self.tried)} trial(s) in {self.seconds:.0f}s" if self.seconds else "")
         why = []
         failed = [r for r, p in self.tried if r > self.rows]
         if failed:
@@ -167,7 +170,7 @@ class Choice:
             why.append(f"peak {self.peak / GIB:.1f} GiB")
         if self.seconds:
             why.append(f"{len(self.tried)} trial(s) in {self.seconds:.0f}s")
-        return "auto: " + "; ".join(why) + (f" {self.note}" if self.note else "")
+        return "auto: " + "; ".join(why)
 
 
 def search(try_rows: Callable[[int], int], sizes: list[int], budget: int, probe: Line | None = None,
@@ -284,8 +287,10 @@ def find_device_batch(trial: Callable[[int], int], sizes: list[int], rt, cap: in
         rows = torch.tensor([choice.rows], device=rt.device)
         dist.all_reduce(rows, op=dist.ReduceOp.MIN)
         if int(rows.item()) != choice.rows:
-            choice.rows, choice.peak = int(rows.item()), None
-            choice.note = f"(the smallest of {rt.world_size} ranks' choices)"
+            # this rank's trials say nothing about why the smaller size won: say what happened instead
+            choice.note = (f"{choice.rows} fit on this rank; {int(rows.item())} is the smallest of "
+                           f"{rt.world_size} ranks' choices")
+            choice.rows, choice.peak, choice.agreed_down = int(rows.item()), None, True
     release()
     torch.cuda.reset_peak_memory_stats(rt.device)
     return choice

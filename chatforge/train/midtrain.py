@@ -43,7 +43,7 @@ from chatforge.errors import UsageError
 from chatforge.flags import add_compile_flag
 from chatforge.model.speedups import prepare_model
 from chatforge.runtime import print0
-from chatforge.tasks.base import DATA_DIR_ENV, TaskMixture, TaskSequence, _split_files
+from chatforge.tasks.base import DATA_DIR_ENV, TaskMixture, TaskSequence, split_files
 from chatforge.tasks.gsm8k import GSM8K
 from chatforge.tasks.mmlu import MMLU
 from chatforge.tasks.smoltalk import SmolTalk
@@ -60,7 +60,7 @@ def mmlu_train(data_dir):
     """MMLU auxiliary_train; a local folder (--data-dir / $CHATFORGE_DATA_DIR) without it gives dev + validation."""
     roots = [Path(d).expanduser() for d in (data_dir, os.environ.get(DATA_DIR_ENV)) if d]
     roots.append(paths.task_cache_dir())  # the download cache
-    local = any(_split_files(root, "mmlu", "cais/mmlu", "auxiliary_train", "train", ("auxiliary_train",))
+    local = any(split_files(root, "mmlu", "cais/mmlu", "auxiliary_train", "train", ("auxiliary_train",))
                 for root in roots)
     if local or len(roots) == 1:  # present, or no local folder at all: the hub has it
         return MMLU("auxiliary_train", data_dir)
