@@ -34,7 +34,7 @@ COMMANDS: dict = {
         "chat": ("chatforge.eval.chat_stage", "the chat task suite and ChatCORE"),
     }),
     "chat": ("chatforge.chat_cli", "chat with a checkpoint in the terminal"),
-    "serve": ("chatforge.serve.app", "OpenAI-compatible API and web UI on the engine"),
+    "serve": ("chatforge.serve.command", "OpenAI-compatible API and web UI on the engine"),
     "export": ("chatforge.export:export", "write a checkpoint as a Hugging Face transformers (NanoChat) folder"),
     "import": ("chatforge.export:import", "a transformers NanoChat folder -> a chatforge checkpoint"),
     "report": ("chatforge.report", "assemble report.md (and plots) from every stage's JSON"),

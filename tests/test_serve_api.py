@@ -14,7 +14,8 @@ import pytest
 
 from chatforge.conversation import render_for_completion
 from chatforge.infer.engine import Engine
-from chatforge.serve.app import Limits, ServerThread, create_app
+from chatforge.serve.app import Limits, create_app
+from chatforge.serve.command import ServerThread
 from chatforge.serve.workers import WorkerPool
 from tiny_chat import save_tiny_checkpoint, tiny_model, tiny_tokenizer
 
@@ -273,12 +274,12 @@ def test_a_busy_port_is_one_line_and_exit_2_before_the_model_loads(monkeypatch, 
     import socket
 
     from chatforge import cli
-    from chatforge.serve import app as serve_app
+    from chatforge.serve import command as serve_command
 
     def must_not_load(args):
         raise AssertionError("the model was loaded although the port is taken")
 
-    monkeypatch.setattr(serve_app, "load_engines", must_not_load)
+    monkeypatch.setattr(serve_command, "load_engines", must_not_load)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -17,7 +17,9 @@ import pytest
 from chatforge.bench.soak import run_soak
 from chatforge.infer.engine import Engine
 from chatforge.serve import app as serve_app
-from chatforge.serve.app import Limits, ServerThread, create_app
+from chatforge.serve import command as serve_command
+from chatforge.serve.app import Limits, create_app
+from chatforge.serve.command import ServerThread
 from chatforge.serve.guard import Connections, check_exposure, default_allowed_hosts, host_allowed, resident_bytes
 from chatforge.serve.workers import WorkerPool
 from tiny_chat import tiny_model, tiny_tokenizer
@@ -239,7 +241,7 @@ def test_serving_beyond_loopback_needs_a_key_or_an_explicit_flag(monkeypatch, ca
     def load(args):
         raise Loaded
 
-    monkeypatch.setattr(serve_app, "load_engines", load)
+    monkeypatch.setattr(serve_command, "load_engines", load)
     monkeypatch.delenv("CHATFORGE_API_KEY", raising=False)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["serve", "--host", "0.0.0.0", "--port", "0"])

@@ -10,7 +10,8 @@ import torch
 
 from chatforge.infer.engine import Engine
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.serve.app import Limits, ServerThread, create_app
+from chatforge.serve.app import Limits, create_app
+from chatforge.serve.command import ServerThread
 from chatforge.serve.workers import WorkerPool
 from tiny_chat import tiny_tokenizer
 

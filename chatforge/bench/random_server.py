@@ -64,7 +64,8 @@ def random_engine(args) -> Engine:
 
 
 def main(argv=None) -> int:
-    from chatforge.serve.app import Limits, bind_port, create_app, run_server
+    from chatforge.serve.app import Limits, create_app
+    from chatforge.serve.command import bind_port, run_server
     from chatforge.serve.workers import WorkerPool
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
