@@ -8,29 +8,35 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from functools import partial
 
 import openai
 import pytest
+from tiny_chat import save_tiny_checkpoint, tiny_engine, tiny_model, tiny_tokenizer
 
 from chatforge.conversation import render_for_completion
 from chatforge.infer.engine import Engine
 from chatforge.serve.app import Limits, create_app
 from chatforge.serve.command import ServerThread
+from chatforge.serve.engine_process import ProcessPool
 from chatforge.serve.workers import WorkerPool
-from tiny_chat import save_tiny_checkpoint, tiny_model, tiny_tokenizer
 
 MODEL_ID = "chatforge-test"
 CONTEXT = 256
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["batches", "continuous"])
+@pytest.fixture(scope="module", params=["batches", "continuous", "process"])
 def served(request):
     """(base url, engine for references, pool) of a server on a tiny random model, scheduling by
-    whole batches or with continuous batching (every API test runs against both)."""
+    whole batches or with continuous batching in the server's process, or continuous batching in
+    an engine process of its own as `chatforge serve` runs it (every API test runs against all three)."""
     tok = tiny_tokenizer()
-    server_engine = Engine(tiny_model(tok.vocab_size, sequence_len=CONTEXT), tok)
-    reference = Engine(tiny_model(tok.vocab_size, sequence_len=CONTEXT), tok)  # same weights, own cache
-    pool = WorkerPool([server_engine], max_batch=32, continuous=request.param)
+    reference = Engine(tiny_model(tok.vocab_size, sequence_len=CONTEXT), tok)  # the server's weights, own cache
+    if request.param == "process":
+        pool = ProcessPool(partial(tiny_engine, CONTEXT), max_batch=32)
+    else:
+        server_engine = Engine(tiny_model(tok.vocab_size, sequence_len=CONTEXT), tok)
+        pool = WorkerPool([server_engine], max_batch=32, continuous=request.param == "continuous")
     app = create_app(pool, MODEL_ID, Limits(context=CONTEXT, max_message_chars=2000, max_body_bytes=50_000,
                                             default_max_tokens=24))
     server = ServerThread(app)
@@ -279,7 +285,7 @@ def test_a_busy_port_is_one_line_and_exit_2_before_the_model_loads(monkeypatch, 
     def must_not_load(args):
         raise AssertionError("the model was loaded although the port is taken")
 
-    monkeypatch.setattr(serve_command, "load_engines", must_not_load)
+    monkeypatch.setattr(serve_command, "start_pool", must_not_load)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

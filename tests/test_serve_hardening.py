@@ -11,8 +11,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from functools import partial
 
 import pytest
+from tiny_chat import refuse_to_load, tiny_engine, tiny_model, tiny_tokenizer
 
 from chatforge.bench.soak import run_soak
 from chatforge.infer.engine import Engine
@@ -20,29 +22,34 @@ from chatforge.serve import app as serve_app
 from chatforge.serve import command as serve_command
 from chatforge.serve.app import Limits, create_app
 from chatforge.serve.command import ServerThread
+from chatforge.serve.engine_process import TIMING_EVERY, ProcessPool
 from chatforge.serve.guard import Connections, check_exposure, default_allowed_hosts, host_allowed, resident_bytes
 from chatforge.serve.workers import WorkerPool
-from tiny_chat import tiny_model, tiny_tokenizer
 
 CONTEXT = 1024
 HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 class Served:
-    """A server on the tiny model; `forwards` counts the model's forward passes."""
+    """A server on the tiny model; `forwards` counts the model's forward passes (engine="thread"),
+    or its engine runs in a process of its own as `chatforge serve` runs it (engine="process")."""
 
-    def __init__(self, continuous=False, max_batch=32, max_queue=256, limits=None, **app_kwargs):
-        tok = tiny_tokenizer()
-        self.engine = Engine(tiny_model(tok.vocab_size, sequence_len=CONTEXT), tok)
-        self.forwards = 0
-        forward = self.engine.model.forward
+    def __init__(self, continuous=False, max_batch=32, max_queue=256, limits=None, engine="thread", **app_kwargs):
+        if engine == "process":
+            self.pool = ProcessPool(partial(tiny_engine, CONTEXT), max_batch=max_batch, max_queue=max_queue,
+                                    continuous=continuous)
+        else:
+            tok = tiny_tokenizer()
+            self.engine = Engine(tiny_model(tok.vocab_size, sequence_len=CONTEXT), tok)
+            self.forwards = 0
+            forward = self.engine.model.forward
 
-        def counted(*args, **kwargs):
-            self.forwards += 1
-            return forward(*args, **kwargs)
+            def counted(*args, **kwargs):
+                self.forwards += 1
+                return forward(*args, **kwargs)
 
-        self.engine.model.forward = counted
-        self.pool = WorkerPool([self.engine], max_batch=max_batch, max_queue=max_queue, continuous=continuous)
+            self.engine.model.forward = counted
+            self.pool = WorkerPool([self.engine], max_batch=max_batch, max_queue=max_queue, continuous=continuous)
         self.app = create_app(self.pool, "chatforge-test", limits or Limits(context=CONTEXT), **app_kwargs)
         self.server = ServerThread(self.app)
         self.url = self.server.url
@@ -155,8 +162,48 @@ def test_a_client_that_leaves_frees_its_slot_within_one_decode_step(served, stre
     assert post(s.url, HI)[0] == 200
 
 
-def test_clients_that_left_hold_no_place_in_the_queue(served):
-    s = served(max_batch=1, max_queue=2)
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_client_that_leaves_stops_its_rows_in_the_engine_process(served, stream):
+    """As above, across the pipe: the cancel reaches the engine process, which decodes no further."""
+    s = served(continuous=True, engine="process")
+    conn = s.open_request({**LONG, "stream": stream})
+    s.wait_for(lambda h: h["busy_slots"] == 1 and h["timing"].get("decode launch", {}).get("n", 0) >= 3)
+    conn.close()
+    s.wait_for(lambda h: h["busy"] == 0 and h["busy_slots"] == 0)
+    steps, deadline = -1, time.monotonic() + 30
+    while time.monotonic() < deadline:  # until the engine's reports show no more steps
+        time.sleep(3 * TIMING_EVERY)
+        steps, before = s.health()["timing"]["decode launch"]["n"], steps
+        if steps == before:
+            break
+    assert steps == before and steps < 300  # it stopped, far short of the 900 tokens asked for
+    assert post(s.url, HI)[0] == 200
+
+
+def test_a_dead_engine_process_fails_its_requests_and_then_answers_503(served):
+    s = served(continuous=True, engine="process")
+    conn = s.open_request(LONG)
+    s.wait_for(lambda h: h["busy_slots"] == 1)
+    [replica] = s.pool.replicas
+    replica.process.kill()
+    response = conn.getresponse()
+    body = json.loads(response.read())
+    assert response.status == 503 and "engine process" in body["error"]["message"]
+    code, body, _ = post(s.url, HI)
+    assert code == 503 and "restart the server" in body["error"]["message"]
+    assert s.health()["busy_slots"] == 0
+
+
+def test_an_engine_process_that_cannot_load_raises_its_error_in_the_server():
+    from chatforge.errors import UsageError
+
+    with pytest.raises(UsageError, match="no such checkpoint, on purpose"):
+        ProcessPool(partial(refuse_to_load, "no such checkpoint, on purpose"))
+
+
+@pytest.mark.parametrize("engine", ["thread", "process"])
+def test_clients_that_left_hold_no_place_in_the_queue(served, engine):
+    s = served(max_batch=1, max_queue=2, engine=engine)
     running = s.open_request(LONG)  # holds the only slot
     s.wait_for(lambda h: h["busy_slots"] == 1)
     waiting = [s.open_request({**HI, "stream": True}) for _ in range(2)]
@@ -174,8 +221,9 @@ def test_clients_that_left_hold_no_place_in_the_queue(served):
     s.wait_for(lambda h: h["busy_slots"] == 0 and h["waiting"] == 0)
 
 
-def test_health_and_metrics_count_slots_queue_and_connections(served):
-    s = served()
+@pytest.mark.parametrize("engine", ["thread", "process"])
+def test_health_and_metrics_count_slots_queue_and_connections(served, engine):
+    s = served(engine=engine)
     idle = [socket.create_connection((s.host, s.port)) for _ in range(3)]
     h = s.wait_for(lambda h: h["connections"] == 4)  # three idle ones and this request's
     assert (h["busy_slots"], h["waiting"], h["busy"]) == (0, 0, 0)
@@ -241,7 +289,7 @@ def test_serving_beyond_loopback_needs_a_key_or_an_explicit_flag(monkeypatch, ca
     def load(args):
         raise Loaded
 
-    monkeypatch.setattr(serve_command, "load_engines", load)
+    monkeypatch.setattr(serve_command, "start_pool", load)
     monkeypatch.delenv("CHATFORGE_API_KEY", raising=False)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["serve", "--host", "0.0.0.0", "--port", "0"])
@@ -397,14 +445,16 @@ def test_json_nested_thousands_deep_is_a_400_and_integers_stay_numbers(shared):
 # ---- the soak -------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("continuous", [False, True], ids=["batches", "continuous"])
-def test_soak_64_clients_leaving_abandoning_and_misbehaving(served, continuous):
-    s = served(continuous=continuous, limits=Limits(context=256))
+@pytest.mark.parametrize("continuous,engine", [(False, "thread"), (True, "thread"), (True, "process")],
+                         ids=["batches", "continuous", "process"])
+def test_soak_64_clients_leaving_abandoning_and_misbehaving(served, continuous, engine):
+    s = served(continuous=continuous, limits=Limits(context=256), engine=engine)
     report = run_soak(s.url, clients=64, duration=5, warmup=2, max_tokens=16, max_rss_growth=0.05)
     assert report.failures() == []
     assert report.outcomes["leave"] > 50 and report.outcomes["abandon"] > 20 and report.outcomes["bad"] > 20
     assert sum(len(t) for t in report.replies.values()) >= 8  # completed replies were compared
     assert (report.after["busy_slots"], report.after["waiting"]) == (0, 0)
+    assert (report.after.get("engine_rss_bytes") is not None) == (engine == "process")  # its memory is checked too
 
 
 @pytest.mark.slow

@@ -29,6 +29,22 @@ def tiny_model(vocab_size: int, sequence_len: int = 64, seed: int = 0) -> GPT:
     return model.eval()
 
 
+def tiny_engine(sequence_len: int, index: int = 0):
+    """A tiny chat engine from its context length alone: what an engine process builds in the
+    server tests (serve/engine_process.py; module level, so it pickles)."""
+    from chatforge.infer.engine import Engine
+
+    tok = tiny_tokenizer()
+    return Engine(tiny_model(tok.vocab_size, sequence_len=sequence_len), tok)
+
+
+def refuse_to_load(message: str, index: int = 0):
+    """An engine process's recipe that fails as a missing checkpoint does."""
+    from chatforge.errors import UsageError
+
+    raise UsageError(message)
+
+
 def save_tiny_checkpoint(stage: str = "sft", tag: str = "d2", sequence_len: int = 256, vocab_size=None):
     """Train and save a tokenizer into the base directory and a tiny model checkpoint of `stage`."""
     from chatforge import paths

@@ -63,9 +63,17 @@ def random_engine(args) -> Engine:
     return Engine(model, vocab, rt.device, rt.dtype, compile=compile_ and cuda)
 
 
+def random_replica(args, index: int) -> Engine:
+    """The engine process's recipe (module level, so it pickles): one replica of random weights."""
+    return random_engine(args)
+
+
 def main(argv=None) -> int:
+    from functools import partial
+
     from chatforge.serve.app import Limits, create_app
     from chatforge.serve.command import bind_port, run_server
+    from chatforge.serve.engine_process import ProcessPool
     from chatforge.serve.workers import WorkerPool
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,16 +82,22 @@ def main(argv=None) -> int:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-queue", type=int, default=256)
     parser.add_argument("--scheduling", choices=("continuous", "batch"), default="continuous")
+    parser.add_argument("--engine", choices=("process", "thread"), default="process")
     add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     sock = bind_port("127.0.0.1", args.port)
-    engine = random_engine(args)
-    pool = WorkerPool([engine], max_batch=args.max_batch, max_queue=args.max_queue,
-                      continuous=args.scheduling == "continuous")
+    continuous = args.scheduling == "continuous"
+    if args.engine == "process":
+        pool = ProcessPool(partial(random_replica, args), max_batch=args.max_batch, max_queue=args.max_queue,
+                           continuous=continuous)
+    else:
+        pool = WorkerPool([random_engine(args)], max_batch=args.max_batch, max_queue=args.max_queue,
+                          continuous=continuous)
+    engine = pool.engine
     app = create_app(pool, f"chatforge-random-d{args.depth}", Limits(context=args.max_seq_len))
     return run_server(app, pool, sock, lambda host, port: (
         f"serve: listening on http://{host}:{port} (random weights, depth {args.depth}, {engine.device}, "
-        f"compile {engine.compile})"))
+        f"compile {engine.compile}, engine {args.engine})"))
 
 
 if __name__ == "__main__":

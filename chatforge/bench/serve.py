@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the server's scheduling (default: continuous)")
     parser.add_argument("--continuous-batching", dest="scheduling", action="store_const", const="continuous",
                         help=argparse.SUPPRESS)  # the default now; older command lines still run
+    parser.add_argument("--engine", choices=("process", "thread"), default="process",
+                        help="the server's --engine: its decode loop in a process of its own (default) or a thread")
     add_compile_flag(parser, "the decode step", auto="on with --depth on CUDA, else off")
     parser.add_argument("--engine-baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the engine alone at each batch (default: on)")
@@ -206,7 +208,7 @@ def _timing(port: int) -> dict:
 
 def _server_command(args, port: int, max_batch: int, max_queue: int) -> list[str]:
     common = ["--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_queue),
-              "--scheduling", args.scheduling]
+              "--scheduling", args.scheduling, "--engine", args.engine]
     if args.device:
         common += ["--device", args.device]
     if args.depth is not None:

@@ -14,7 +14,7 @@ streams it reads to the end (one of the ten samples with a seed, the rest are gr
 - once the clients are gone: no busy slot, nothing waiting, no connection but the checker's own,
   within a few seconds;
 - the server's resident memory grew by at most --max-rss-growth over the run (measured after a
-  warm-up of the same load).
+  warm-up of the same load), and so did its engine processes' (serve/engine_process.py).
 
     chatforge bench serve --soak --duration 180 --streams 64 --max-new-tokens 128 --source sft
     chatforge bench serve --soak --duration 20 --streams 16 --max-new-tokens 16 --device cpu   # CPU
@@ -60,8 +60,9 @@ class SoakReport:
     # (reported, with where, but not a failure)
     exact_replies: bool = True
 
-    def rss_growth(self) -> float | None:
-        a, b = self.before.get("rss_bytes"), self.after.get("rss_bytes")
+    def rss_growth(self, key: str = "rss_bytes") -> float | None:
+        """Growth of the server process's memory, or with key="engine_rss_bytes" the engine processes'."""
+        a, b = self.before.get(key), self.after.get(key)
         return None if not a or not b else b / a - 1
 
     def failures(self) -> list[str]:
@@ -74,9 +75,10 @@ class SoakReport:
             out.append(f"the server did not drain: {self.after}")
         elif self.after.get("connections", 0) > 1:
             out.append(f"{self.after['connections']} connections still open after the clients left")
-        growth = self.rss_growth()
-        if growth is not None and growth > self.max_rss_growth:
-            out.append(f"resident memory grew {growth:.1%} (at most {self.max_rss_growth:.0%} allowed)")
+        for key, whose in (("rss_bytes", "the server process's"), ("engine_rss_bytes", "the engine processes'")):
+            growth = self.rss_growth(key)
+            if growth is not None and growth > self.max_rss_growth:
+                out.append(f"{whose} resident memory grew {growth:.1%} (at most {self.max_rss_growth:.0%} allowed)")
         return out
 
 
@@ -117,6 +119,8 @@ class _Client:
         for line in body.decode().splitlines() if status == 200 else []:
             if line.startswith("process_resident_memory_bytes "):
                 counters["rss_bytes"] = int(float(line.split()[1]))
+            elif line.startswith("chatforge_engine_resident_memory_bytes "):
+                counters["engine_rss_bytes"] = int(float(line.split()[1]))
         return counters
 
 
@@ -310,20 +314,21 @@ def run_soak(base_url: str, clients: int = 64, duration: float = 180.0, max_toke
 
 
 def print_report(report: SoakReport) -> None:
-    def mb(counters):
-        return f"{counters['rss_bytes'] / 2 ** 20:.0f} MB" if counters.get("rss_bytes") else "?"
+    def mb(counters, key="rss_bytes"):
+        return f"{counters[key] / 2 ** 20:.0f} MB" if counters.get(key) else "?"
 
     done = sum(report.outcomes.values())
     print0(f"soak: {done} requests in {report.seconds:.0f}s: " + ", ".join(f"{k} {v}" for k, v in
                                                                            sorted(report.outcomes.items())))
     print0("soak: statuses " + ", ".join(f"{s}: {n}" for s, n in sorted(report.statuses.items())))
-    print0(f"{'':>8} {'busy slots':>10} {'waiting':>8} {'connections':>11} {'RSS':>9}")
+    print0(f"{'':>8} {'busy slots':>10} {'waiting':>8} {'connections':>11} {'RSS':>9} {'engine RSS':>10}")
     for name, c in (("before", report.before), ("after", report.after)):
         print0(f"{name:>8} {c.get('busy_slots', '?'):>10} {c.get('waiting', '?'):>8} {c.get('connections', '?'):>11} "
-               f"{mb(c):>9}")
-    growth = report.rss_growth()
+               f"{mb(c):>9} {mb(c, 'engine_rss_bytes'):>10}")
+    growth, engine_growth = report.rss_growth(), report.rss_growth("engine_rss_bytes")
     drained = "never" if report.drained_s is None else f"in {report.drained_s:.2f}s"
-    print0(f"soak: drained {drained}; RSS growth {'?' if growth is None else f'{growth:+.1%}'}; "
+    engine = "" if engine_growth is None else f", engine processes {engine_growth:+.1%}"
+    print0(f"soak: drained {drained}; RSS growth {'?' if growth is None else f'{growth:+.1%}'}{engine}; "
            f"{sum(len(t) for t in report.replies.values())} distinct replies checked against the same "
            f"request alone, {len(report.mismatched)} differ"
            f"{'' if report.exact_replies else ' (bf16: batch-dependent rounding, not a failure)'}; "

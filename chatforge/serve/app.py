@@ -91,7 +91,7 @@ from chatforge.conversation import render_for_completion, validate_conversation
 from chatforge.errors import ChatforgeError
 from chatforge.runtime import print0
 from chatforge.serve.guard import Connections, HostCheck, default_allowed_hosts, metrics_text, resident_bytes
-from chatforge.serve.workers import Delta, Job, QueueFull, WorkerPool
+from chatforge.serve.workers import Delta, EngineUnavailable, Job, QueueFull, WorkerPool
 
 STATIC_DIR = Path(__file__).parent / "static"
 STAGES = ("sft", "mid", "base", "rl")
@@ -335,6 +335,8 @@ def watch_disconnect(request, job: Job, wake: bool) -> asyncio.Task:
 
 
 def _raise_job_error(exc: Exception):
+    if isinstance(exc, EngineUnavailable):
+        raise ApiError(503, str(exc), code="engine_unavailable", type_="server_error")
     if isinstance(exc, ChatforgeError):
         raise ApiError(400, str(exc))
     raise ApiError(500, f"generation failed ({type(exc).__name__}); see the server log")
@@ -385,17 +387,18 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits, api_key: str | N
                 "root": model_id, "context_length": limits.context}
 
     def counters() -> dict:
-        return {"busy": pool.busy(), "busy_slots": pool.busy_slots(), "waiting": pool.queue.waiting(),
+        return {"busy": pool.busy(), "busy_slots": pool.busy_slots(), "waiting": pool.waiting(),
                 "connections": connections.count(), "evicted": connections.evicted, "refused": connections.refused}
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, "replicas": len(pool.engines), **counters(),
-                "timing": pool.timing_report()}
+                "timing": await asyncio.to_thread(pool.timing_report)}  # an engine process is asked
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(metrics_text({**counters(), "rss_bytes": resident_bytes()}),
+        engine_rss = getattr(pool, "engine_resident_bytes", lambda: None)()  # engine processes, when apart
+        return PlainTextResponse(metrics_text({**counters(), "rss_bytes": resident_bytes(), "engine_rss_bytes": engine_rss}),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -422,6 +425,8 @@ def create_app(pool: WorkerPool, model_id: str, limits: Limits, api_key: str | N
             pool.submit(job)
         except QueueFull as exc:
             raise ApiError(429, str(exc), code="queue_full", type_="server_busy") from None
+        except EngineUnavailable as exc:
+            _raise_job_error(exc)
         state["watcher"] = watch_disconnect(request, job, wake=not req.stream)  # held: tasks are weakly kept
         rid = "chatcmpl-" + state["request_id"]
         header = {"id": rid, "created": int(time.time()), "model": model_id, "system_fingerprint": None}

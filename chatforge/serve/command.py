@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-continuous-batching", dest="scheduling", action="store_const", const="batch",
                         help="the same as --scheduling batch")
     parser.add_argument("--max-queue", type=int, default=256, help="most waiting requests before 429s")
+    parser.add_argument("--engine", choices=("process", "thread"), default="process",
+                        help="where each replica's decode loop runs: process (default), a process of its own, so "
+                             "HTTP work never holds the GIL it needs; thread: inside the server process")
     parser.add_argument("--max-messages", type=int, default=256, help="most messages in one request")
     parser.add_argument("--max-message-chars", type=int, default=32_000, help="longest message, in characters")
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (413 past it)")
@@ -57,11 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_arguments(parser)
 
 
-def load_engines(args) -> list:
-    """One Engine per replica: GPU i for replica i on CUDA, one replica elsewhere."""
+def replica_devices(args) -> list[str]:
+    """The device of each replica: GPU i for replica i on CUDA, one replica elsewhere."""
     import torch
 
-    from chatforge.infer.engine import Engine
     from chatforge.runtime import pick_device
 
     device = pick_device(args.device)[0]
@@ -70,13 +72,44 @@ def load_engines(args) -> list:
         replicas = args.replicas or count
         if not 1 <= replicas <= count:
             raise UsageError(f"--replicas {replicas} must be between 1 and the {count} visible GPUs")
-        devices = [torch.device("cuda", i) for i in range(replicas)]
-    else:
-        if args.replicas not in (None, 1):
-            raise UsageError(f"--replicas {args.replicas}: only one replica runs on {device.type}")
-        devices = [device]
-    return [Engine.from_checkpoint(args.source, tag=args.tag, step=args.step, device=d, dtype=args.dtype,
-                                   compile=args.compile == "on") for d in devices]
+        return [f"cuda:{i}" for i in range(replicas)]
+    if args.replicas not in (None, 1):
+        raise UsageError(f"--replicas {args.replicas}: only one replica runs on {device.type}")
+    return [str(device)]
+
+
+def checkpoint_engine(source: str, tag: str | None, step: int | None, dtype, compile_: bool, devices: list[str],
+                      index: int):
+    """Replica `index`'s Engine from the checkpoint (an engine process's recipe, hence module level)."""
+    import torch
+
+    from chatforge.infer.engine import Engine
+
+    return Engine.from_checkpoint(source, tag=tag, step=step, device=torch.device(devices[index]), dtype=dtype,
+                                  compile=compile_)
+
+
+def load_engines(args) -> list:
+    """One Engine per replica, in this process (--engine thread)."""
+    devices = replica_devices(args)
+    return [checkpoint_engine(args.source, args.tag, args.step, args.dtype, args.compile == "on", devices, i)
+            for i in range(len(devices))]
+
+
+def start_pool(args):
+    """The replicas' pool: engine processes (serve/engine_process.py), or threads over engines loaded here."""
+    continuous = args.scheduling == "continuous"
+    if args.engine == "thread":
+        return WorkerPool(load_engines(args), max_batch=args.max_batch, max_queue=args.max_queue,
+                          continuous=continuous)
+    from functools import partial
+
+    from chatforge.serve.engine_process import ProcessPool
+
+    devices = replica_devices(args)
+    recipe = partial(checkpoint_engine, args.source, args.tag, args.step, args.dtype, args.compile == "on", devices)
+    return ProcessPool(recipe, replicas=len(devices), max_batch=args.max_batch, max_queue=args.max_queue,
+                       continuous=continuous)
 
 
 def check_args(args) -> None:
@@ -100,25 +133,29 @@ def _api_key(args) -> str | None:
 def build_server(args):
     """(app, pool) for the arguments; `main` runs the app with uvicorn."""
     check_args(args)
-    engines = load_engines(args)
-    engine = engines[0]
-    meta = engine.meta
+    pool = start_pool(args)
+    engines = pool.engines
+    meta = engines[0].meta
     model_id = f"chatforge-{args.source}-{meta.get('tag') or args.tag or 'model'}"
-    limits = Limits(context=engine.config.sequence_len, max_messages=args.max_messages,
+    limits = Limits(context=_context(engines[0]), max_messages=args.max_messages,
                     max_message_chars=args.max_message_chars, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                     default_max_tokens=args.max_new_tokens)
-    pool = WorkerPool(engines, max_batch=args.max_batch, max_queue=args.max_queue,
-                      continuous=args.scheduling == "continuous")
     api_key = _api_key(args)
     hosts = default_allowed_hosts(args.host, args.allowed_hosts)
     app = create_app(pool, model_id, limits, api_key=api_key, cors_origins=args.cors_origin,
                      log_content=args.log_content, allowed_hosts=hosts,
                      connections=Connections(max_open=args.max_connections, read_timeout=args.read_timeout))
     cors = ", ".join(args.cors_origin) if args.cors_origin else "off"
-    print0(f"serve: {model_id} step {meta.get('step')} on {', '.join(str(e.device) for e in engines)}; "
+    where = "engine process" if args.engine == "process" else "engine thread"
+    print0(f"serve: {model_id} step {meta.get('step')} on {', '.join(str(e.device) for e in engines)} ({where}); "
            f"auth {'on' if api_key else 'off'}; CORS {cors}; Host {'any' if '*' in hosts else ', '.join(hosts)} "
            "and IP addresses")
     return app, pool
+
+
+def _context(engine) -> int:
+    """The model's context, of an Engine (thread pool) or an engine process's EngineInfo."""
+    return engine.sequence_len if hasattr(engine, "sequence_len") else engine.config.sequence_len
 
 
 def bind_port(host: str, port: int):

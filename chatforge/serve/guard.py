@@ -201,10 +201,10 @@ def server_config(app, connections: Connections, timeout_graceful_shutdown: int 
 
 # ---- counters -----------------------------------------------------------------------------------
 
-def resident_bytes() -> int | None:
-    """This process's resident memory now (Linux), else None."""
+def resident_bytes(pid: int | str = "self") -> int | None:
+    """A process's resident memory now (Linux; this one by default), else None."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid}/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
@@ -218,6 +218,7 @@ METRICS = {  # name -> (counters key, help)
     "chatforge_connections_evicted_total": ("evicted", "idle or slow connections closed to make room"),
     "chatforge_connections_refused_total": ("refused", "connections refused at --max-connections"),
     "process_resident_memory_bytes": ("rss_bytes", "resident memory of the server process"),
+    "chatforge_engine_resident_memory_bytes": ("engine_rss_bytes", "resident memory of the engine processes"),
 }
 
 

@@ -3,6 +3,9 @@
 Where it sits: `serve/app.py` turns an HTTP request into a `Job` (prompt ids + sampling settings)
 and submits it to a `WorkerPool`; one worker thread per replica (one per GPU, or one on CPU) owns an
 `Engine` and runs jobs; the job's text comes back to the asyncio side as `Delta`s on its own queue.
+`chatforge serve` runs each replica's `WorkerPool` in a process of its own (serve/engine_process.py,
+where the jobs' token ids cross a pipe and become text on the server's side); `--engine thread`
+and the tests' in-process servers use this pool directly.
 
 Scheduling. A worker takes the oldest waiting job and, with it, every other waiting job that can
 share its decode (same temperature, top-k, top-p, stop strings, n and tool use; and unseeded or
@@ -162,6 +165,14 @@ class Job:
     finished: int = 0            # choices that have ended (an error ends them all)
     ttft: float | None = None    # seconds from submit to the first token
     submitted: float = field(default_factory=time.perf_counter)
+    stopped: set = field(default_factory=set)  # choices whose text reached a stop string (engine process side)
+    # Set when the job runs in an engine process (serve/engine_process.py). There: `outlet` takes its
+    # tokens and errors, `remote_id` names it to the server process. Here: `on_cancel` tells the
+    # engine process the client left; `on_stop(choice)` that the text side reached a stop string.
+    outlet: object = None
+    remote_id: int | None = None
+    on_cancel: object = None
+    on_stop: object = None
 
     def batch_key(self):
         """Jobs with equal keys can share one generate call; None: this job runs alone."""
@@ -170,7 +181,11 @@ class Job:
         return (self.n, self.temperature, self.top_k, self.top_p, self.stop, self.use_tools)
 
     def cancel(self) -> None:
+        if self.cancelled.is_set():
+            return
         self.cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     def live_rows(self) -> int:
         """Rows still decoding for a client that is still there (0 once it left: the worker drops
@@ -188,12 +203,18 @@ class Job:
         """Called from a worker thread: hand the delta to the job's asyncio queue (errors; tokens go
         through `_Outbox`, once per step for all jobs)."""
         self.count_finish(delta)
-        if self.loop is not None and not self.loop.is_closed():
+        if self.outlet is not None:
+            self.outlet.error(self.remote_id, delta.error)
+        elif self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
 
 
 class QueueFull(ChatforgeError):
     """More requests are waiting than --max-queue allows; the client should retry later."""
+
+
+class EngineUnavailable(ChatforgeError):
+    """The replica's engine process has exited; nothing can be generated until the server restarts."""
 
 
 class JobQueue:
@@ -204,6 +225,12 @@ class JobQueue:
         self.jobs: deque[Job] = deque()
         self.cond = threading.Condition()
         self.closed = False
+        self.on_taken = None  # called with the jobs each take hands out (an engine process reports them)
+
+    def _taken(self, jobs: list[Job]) -> list[Job]:
+        if jobs and self.on_taken is not None:
+            self.on_taken(jobs)
+        return jobs
 
     def put(self, job: Job) -> None:
         with self.cond:
@@ -234,7 +261,7 @@ class JobQueue:
                     elif job.batch_key() == key:
                         self.jobs.remove(job)
                         batch.append(job)
-            return batch
+            return self._taken(batch)
 
     def take_compatible(self, key, free_rows: int) -> list[Job]:
         """Without waiting: the oldest jobs that share `key` and fit in `free_rows` rows. Stops at the
@@ -250,7 +277,7 @@ class JobQueue:
                     break
                 taken.append(self.jobs.popleft())
                 free_rows -= job.n
-        return taken
+        return self._taken(taken)
 
     def waiting(self) -> int:
         """Waiting requests whose clients are still there."""
@@ -310,6 +337,9 @@ class WorkerPool:
     def busy(self) -> int:
         return sum(self.running)
 
+    def waiting(self) -> int:
+        return self.queue.waiting()
+
     def timing_report(self) -> dict:
         """Seconds and counts per phase since start, all replicas and the event loop together."""
         return merge_reports([t.report() for t in self.timing] + [self.loop_timing.report()])
@@ -362,7 +392,7 @@ class _Choice:
 
     def over(self) -> bool:
         """Whether the decode thread should stop feeding this choice (and free its row)."""
-        return self.done or self.stopped or self.job.cancelled.is_set()
+        return self.done or self.stopped or self.job.cancelled.is_set() or self.index in self.job.stopped
 
     def text(self, tokens: list[int], reason: str | None) -> Delta | None:
         """The Delta for some new tokens of this choice (and its end, when `reason`)."""
@@ -417,9 +447,16 @@ class _Outbox:
             return
         start = time.perf_counter()
         by_loop: dict = {}
+        remote: dict = {}
         for choice, (tokens, reason) in self.tokens.items():
-            by_loop.setdefault(choice.job.loop, []).append((choice, tokens, reason))
+            job = choice.job
+            if job.outlet is not None:  # in an engine process: the ids go to the server process as they are
+                remote.setdefault(job.outlet, []).append((job.remote_id, choice.index, tokens, reason))
+            else:
+                by_loop.setdefault(job.loop, []).append((choice, tokens, reason))
         self.tokens = {}
+        for outlet, items in remote.items():
+            outlet.tokens(items)
         for loop, items in by_loop.items():
             if loop is None:  # no event loop: a direct caller (tests) gets its deltas here, in order
                 _emit(items)
@@ -434,10 +471,13 @@ def _emit(items: list) -> None:
     count = 0
     for choice, tokens, reason in items:
         count += len(tokens)
+        was_stopped = choice.stopped
         delta = choice.text(tokens, reason)
+        job = choice.job
+        if choice.stopped and not was_stopped and job.on_stop is not None:
+            job.on_stop(choice.index)  # the engine process frees the row
         if delta is None:
             continue
-        job = choice.job
         if job.loop is None:
             job.send(delta)
         else:
