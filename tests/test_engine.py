@@ -120,7 +120,7 @@ class ScriptedModel(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.tok, self.script = tok, script
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, logits_at=None):
         B, T = idx.shape
         logits = torch.zeros(B, T, self.config.vocab_size)
         start, end = self.tok.special_id("<|output_start|>"), self.tok.special_id("<|output_end|>")
@@ -144,7 +144,7 @@ class ScriptedModel(torch.nn.Module):
                                      else self.tok.special_id("<|assistant_end|>"))
             logits[b, -1, nxt] = 10.0
         kv_cache.lengths += T
-        return logits
+        return logits if logits_at is None else logits[torch.arange(B), logits_at][:, None]
 
 
 def test_tool_call_forces_sandbox_output_and_masks_it(tok):
@@ -220,7 +220,7 @@ class ToolThenNoise(ScriptedModel):
     """Rows whose prompt holds the word 'calc' follow the script (a tool call); every other token is
     drawn from flat logits, so the sampled ids come from the noise alone."""
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, logits_at=None):
         at = kv_cache.lengths.clone()
         logits = super().forward(idx, kv_cache)
         calc = self.tok.encode(" calc")[-1]
@@ -229,7 +229,7 @@ class ToolThenNoise(ScriptedModel):
             produced = logits[b, -1].argmax().item()
             if calc not in history or produced == self.tok.special_id("<|assistant_end|>"):
                 logits[b, -1] = 0.0  # past the script, or not a tool row: any token
-        return logits
+        return logits if logits_at is None else logits[torch.arange(idx.shape[0]), logits_at][:, None]
 
 
 def delayed_sandbox(monkeypatch, delays):

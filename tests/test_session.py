@@ -173,3 +173,51 @@ def test_a_warmed_session_has_every_step_shape_and_decodes_the_same(engine):
     with pytest.raises(RuntimeError, match="before anything is admitted"):
         session.admit(a, max_tokens=4)
         session.warm()
+
+
+def test_bucketed_prefill_decodes_the_same_and_uses_only_the_shapes_warm_ran(monkeypatch):
+    """Bucketed prefill (the CUDA default) pads each prefill to one of a few shapes; `warm` runs
+    every one of them up front, so no request meets a shape first. Replies equal the unpadded ones."""
+    import random
+
+    tok = tiny_tokenizer()
+    engine = Engine(tiny_model(tok.vocab_size, sequence_len=256), tok)
+    shapes = []
+    forward = engine.model.forward
+
+    def recorded(ids, *args, kv_cache=None, **kwargs):
+        if ids.shape[1] > 1:  # a prefill (decode steps are one token)
+            shapes.append((tuple(ids.shape), kv_cache.max_len))
+        return forward(ids, *args, kv_cache=kv_cache, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", recorded)
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(["the", "cat", "sat", "dog", "ran", "42"]) for _ in range(rng.randint(1, 60)))
+             for _ in range(12)]
+    prompts = [prompt(engine, t) for t in texts]
+    assert max(map(len, prompts)) > 64  # some take the chunked path
+
+    def serve(bucketed):
+        session = DecodeSession(engine, capacity=4, temperature=0.0, use_tools=False, prefill_chunk=64,
+                                bucketed=bucketed)
+        if bucketed:
+            session.warm()
+        warmed = set(shapes)
+        shapes.clear()
+        outputs, waiting = {}, list(enumerate(prompts))
+        while waiting or session.active():
+            while waiting and session.free_slots():  # arrivals join as slots free up
+                i, p = waiting.pop(0)
+                [slot] = session.admit(p, max_tokens=8)
+                outputs[i] = slot
+            for t in session.step():
+                outputs.setdefault(("tokens", t.row), [[]])[-1].append(t.token)
+                if t.done:
+                    outputs[("tokens", t.row)].append([])
+        return warmed, set(shapes), outputs
+
+    warmed, used, bucketed = serve(True)
+    assert used <= warmed and len(warmed) < 30
+    _, unpadded_shapes, plain = serve(False)
+    assert len(unpadded_shapes) > len(used)  # without buckets, shapes follow the prompts
+    assert bucketed == plain

@@ -339,8 +339,9 @@ class Engine:
         dst[i * num_samples : (i + 1) * num_samples]. Returns those rows' last-position logits (fp32)."""
         ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
         small = KVCache(self.config, len(prompts), ids.shape[1], self.device, self.dtype)
-        with self._autocast():
-            last = self.model(ids, kv_cache=small)[:, -1]  # (G, V)
+        at = torch.full((len(prompts),), ids.shape[1] - 1, dtype=torch.long, device=self.device)
+        with self._autocast():  # the head at the last position only: (G, V), not (G, T, V) of fp32
+            last = self.model(ids, kv_cache=small, logits_at=at)[:, 0]
         src = [g for g in range(len(prompts)) for _ in range(num_samples)]
         cache.copy_rows(small, src, dst)
         return self._mask_padding(last[src].float())

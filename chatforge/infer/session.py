@@ -54,6 +54,11 @@ from chatforge.infer.timing import TimeSpent
 
 TOOL_POLL = 0.005   # seconds a step waits for a tool when every row waits, before it returns to admit
 PREFILL_CHUNK = 512  # most prompt tokens prefilled per step, so running streams wait one chunk at most
+SHORTEST_BUCKET = 16  # bucketed prefill: prompt lengths are padded to a power of two from here
+
+
+def _pow2(n: int, floor: int = 1) -> int:
+    return max(floor, 1 << (n - 1).bit_length())
 
 
 @dataclass
@@ -86,7 +91,7 @@ class DecodeSession:
     @torch.inference_mode()
     def __init__(self, engine: Engine, capacity: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_tools: bool = True, prefill_chunk: int | None = PREFILL_CHUNK,
-                 timing: TimeSpent | None = None):
+                 timing: TimeSpent | None = None, bucketed: bool | None = None):
         from chatforge.model.gpt import KVCache
 
         if capacity < 1:
@@ -99,6 +104,12 @@ class DecodeSession:
         self.prefill_chunk = prefill_chunk
         self.timing = timing or TimeSpent()
         device = engine.device
+        # Bucketed prefill (the default on CUDA, with a chunk): every prefill forward takes one of a few
+        # shapes, which `warm` runs once up front, so no request pays a new shape's first-time cost
+        # (kernel selection, attention plans) and the eager forward's shapes stay a small set.
+        self.bucketed = (device.type == "cuda") if bucketed is None else bucketed
+        if self.bucketed and prefill_chunk is None:
+            raise UsageError("bucketed prefill needs a prefill chunk")
         max_len = -(-(engine.config.sequence_len + 1) // CACHE_ROUND) * CACHE_ROUND  # +1: the scratch slot
         self.cache = KVCache(engine.config, capacity, max_len, device, engine.dtype)
         self.static_in = torch.zeros(capacity, dtype=torch.long, device=device)  # each slot's next input
@@ -169,43 +180,57 @@ class DecodeSession:
             a = self.admitted[0]
             self._prefill_chunk(a, int(min(budget, len(a.prompt) - a.done)))
 
-    def _forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, cache, last: torch.Tensor) -> torch.Tensor:
+        """(G, V) logits of each row at its position `last[g]`."""
         e = self.engine
         with e._autocast():
-            return e.model(ids, kv_cache=cache)  # (G, T, V)
+            return e.model(ids, kv_cache=cache, logits_at=last)[:, 0]
 
     def _prefill_together(self, group: list[_Admission]) -> None:
         from chatforge.model.gpt import KVCache
 
         e, clock = self.engine, _Clock(self.timing)
         lengths = [len(a.prompt) for a in group]
-        T = max(lengths)
-        ids = torch.tensor([a.prompt + [0] * (T - len(a.prompt)) for a in group], device=e.device)
-        small = KVCache(e.config, len(group), T, e.device, e.dtype)
+        T, G = max(lengths), len(group)
+        if self.bucketed:  # pad to the bucket's shape: rows of one token stand in for the missing prompts
+            T, G = min(_pow2(T, SHORTEST_BUCKET), self.prefill_chunk), min(_pow2(G), PREFILL_GROUP)
+            T = max(T, *lengths)
+        rows = [a.prompt + [0] * (T - len(a.prompt)) for a in group] + [[0] * T] * (G - len(group))
+        ids = torch.tensor(rows, device=e.device)
+        small = KVCache(e.config, G, T, e.device, e.dtype)
+        last = torch.tensor(lengths + [1] * (G - len(group)), device=e.device)
         clock.lap("prefill: inputs and cache (host)")
-        logits = self._forward(ids, small)
+        logits = self._forward(ids, small, last - 1)  # (G, V)
         clock.lap("prefill: forward launch (host)")
-        last = torch.tensor(lengths, device=e.device)
         small.lengths.copy_(last)  # the padding's keys/values lie past each row's length
-        logits = logits[torch.arange(len(group), device=e.device), last - 1]  # (G, V)
         for g, a in enumerate(group):
             self._start_rows(a, small, g, logits[g:g + 1])
         clock.lap("prefill: rows started (host)")
+
+    def _chunk_cache_len(self, prompt_len: int) -> int:
+        """A long prompt's own cache: its length, or bucketed, whole chunks (within the session's cache)."""
+        if not self.bucketed:
+            return prompt_len
+        return min(-(-prompt_len // self.prefill_chunk) * self.prefill_chunk, self.cache.max_len)
 
     def _prefill_chunk(self, a: _Admission, size: int) -> None:
         from chatforge.model.gpt import KVCache
 
         e = self.engine
-        if len(a.prompt) - a.done - size == 1:
+        if not self.bucketed and len(a.prompt) - a.done - size == 1:
             size += 1  # never leave a one-token chunk: a one-token forward takes the decode path
         clock = _Clock(self.timing)
         if a.cache is None:
-            a.cache = KVCache(e.config, 1, len(a.prompt), e.device, e.dtype)
-        ids = torch.tensor([a.prompt[a.done:a.done + size]], device=e.device)
+            a.cache = KVCache(e.config, 1, self._chunk_cache_len(len(a.prompt)), e.device, e.dtype)
+        # bucketed: every chunk is a whole chunk long (the last one padded), so there is one shape per cache length
+        T = min(self.prefill_chunk, a.cache.max_len - a.done) if self.bucketed else size
+        ids = torch.tensor([a.prompt[a.done:a.done + size] + [0] * (T - size)], device=e.device)
         clock.lap("prefill: inputs and cache (host)")
-        logits = self._forward(ids, a.cache)[:, -1]
+        logits = self._forward(ids, a.cache, torch.tensor([size - 1], device=e.device))
         clock.lap("prefill: forward launch (host)")
         a.done += size
+        if T != size:
+            a.cache.lengths.fill_(a.done)  # the padding's keys/values lie past the prompt
         if a.done == len(a.prompt):
             self.admitted.popleft()
             self._start_rows(a, a.cache, 0, logits)
@@ -298,7 +323,39 @@ class DecodeSession:
                 break
             R *= 2
         self.cache.lengths.zero_()
+        if self.bucketed:
+            self._warm_prefill()
         return time.perf_counter() - start
+
+    def _warm_prefill(self) -> None:
+        """One forward of every shape a bucketed prefill can take: groups of G prompts padded to T
+        tokens, and a long prompt's whole chunks into each length its own cache can have."""
+        from chatforge.model.gpt import KVCache
+
+        e = self.engine
+        T = SHORTEST_BUCKET
+        while True:
+            T = min(T, self.prefill_chunk)
+            G = 1
+            while G <= _pow2(min(PREFILL_GROUP, self.capacity)):
+                cache = KVCache(e.config, G, T, e.device, e.dtype)
+                self._forward(torch.zeros(G, T, dtype=torch.long, device=e.device), cache,
+                              torch.zeros(G, dtype=torch.long, device=e.device))
+                G *= 2
+            if T == self.prefill_chunk:
+                break
+            T *= 2
+        lengths = {self._chunk_cache_len(n) for n in range(self.prefill_chunk + 1, self.engine.config.sequence_len,
+                                                           self.prefill_chunk)}
+        lengths.add(self._chunk_cache_len(self.engine.config.sequence_len - 1))
+        for L in sorted(lengths):
+            if L <= self.prefill_chunk:
+                continue
+            cache = KVCache(e.config, 1, L, e.device, e.dtype)
+            for done in range(0, L, self.prefill_chunk):
+                cache.lengths.fill_(done)
+                self._forward(torch.zeros(1, min(self.prefill_chunk, L - done), dtype=torch.long, device=e.device),
+                              cache, torch.zeros(1, dtype=torch.long, device=e.device))
 
     @contextmanager
     def _gpu_mark(self, phase: str):

@@ -285,9 +285,11 @@ class GPT(nn.Module):
         return 6.0 * matmul_params + attn
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: "KVCache | None" = None,
-                loss_reduction: str = "mean"):
+                loss_reduction: str = "mean", logits_at: torch.Tensor | None = None):
         """idx (B, T) int64. Returns fp32 logits (B, T, V), or with targets the cross-entropy loss:
-        a scalar for "mean"/"sum", (B, T) for "none" (0 where targets == -1, which is ignored)."""
+        a scalar for "mean"/"sum", (B, T) for "none" (0 where targets == -1, which is ignored).
+        logits_at (B,) int64: only row b's logits at position logits_at[b], (B, 1, V) (a prefill
+        samples from one position per prompt; the head over every position is most of its memory)."""
         B, T = idx.shape
         if kv_cache is None:
             if T > self.rotary_len:
@@ -304,6 +306,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache, step)
         x = norm(x)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, C)
         if targets is not None and self._fused_loss_applies(kv_cache, loss_reduction):
             return linear_softcap_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T),
                                                 self.config.softcap, loss_reduction, self.loss_chunk_rows)
