@@ -197,12 +197,13 @@ def test_bucketed_prefill_decodes_the_same_and_uses_only_the_shapes_warm_ran(mon
     prompts = [prompt(engine, t) for t in texts]
     assert max(map(len, prompts)) > 64  # some take the chunked path
 
-    def serve(bucketed):
+    def serve(bucketed, graphs=False):
         session = DecodeSession(engine, capacity=4, temperature=0.0, use_tools=False, prefill_chunk=64,
-                                bucketed=bucketed)
+                                bucketed=bucketed, prefill_graphs=graphs)
         if bucketed:
             session.warm()
-        warmed = set(shapes)
+        built = set(session.graphs.graphs) if graphs else set()
+        warmed = set(shapes) | {((G, T), T) for G, T in built}  # a graph's shape, as the forward sees it
         shapes.clear()
         outputs, waiting = {}, list(enumerate(prompts))
         while waiting or session.active():
@@ -214,6 +215,8 @@ def test_bucketed_prefill_decodes_the_same_and_uses_only_the_shapes_warm_ran(mon
                 outputs.setdefault(("tokens", t.row), [[]])[-1].append(t.token)
                 if t.done:
                     outputs[("tokens", t.row)].append([])
+        if graphs:
+            assert set(session.graphs.graphs) == built  # nothing was built while serving
         return warmed, set(shapes), outputs
 
     warmed, used, bucketed = serve(True)
@@ -221,3 +224,6 @@ def test_bucketed_prefill_decodes_the_same_and_uses_only_the_shapes_warm_ran(mon
     _, unpadded_shapes, plain = serve(False)
     assert len(unpadded_shapes) > len(used)  # without buckets, shapes follow the prompts
     assert bucketed == plain
+    # the prefill graphs' static buffers (on the CPU run eagerly, as the recorded graphs run on a GPU)
+    warmed, used, graphed = serve(True, graphs=True)
+    assert used <= warmed and graphed == plain

@@ -39,6 +39,7 @@ for the GPU, the engine's bookkeeping, and on CUDA the GPU's own time for decode
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections import deque
@@ -91,7 +92,8 @@ class DecodeSession:
     @torch.inference_mode()
     def __init__(self, engine: Engine, capacity: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_tools: bool = True, prefill_chunk: int | None = PREFILL_CHUNK,
-                 timing: TimeSpent | None = None, bucketed: bool | None = None):
+                 timing: TimeSpent | None = None, bucketed: bool | None = None,
+                 prefill_graphs: bool | None = None):
         from chatforge.model.gpt import KVCache
 
         if capacity < 1:
@@ -110,6 +112,17 @@ class DecodeSession:
         self.bucketed = (device.type == "cuda") if bucketed is None else bucketed
         if self.bucketed and prefill_chunk is None:
             raise UsageError("bucketed prefill needs a prefill chunk")
+        # Bucketed groups of prompts run as recorded CUDA graphs (infer/prefill_graphs.py) where the
+        # engine records its decode steps; CHATFORGE_PREFILL_GRAPHS=0 runs them eagerly.
+        if prefill_graphs is None:
+            prefill_graphs = self.bucketed and engine.cuda_graph and os.environ.get("CHATFORGE_PREFILL_GRAPHS") != "0"
+        self.graphs = None
+        if prefill_graphs:
+            if not self.bucketed:
+                raise UsageError("prefill graphs need bucketed prefill")
+            from chatforge.infer.prefill_graphs import PrefillGraphs
+
+            self.graphs = PrefillGraphs(engine, min(_pow2(min(PREFILL_GROUP, capacity)), PREFILL_GROUP))
         max_len = -(-(engine.config.sequence_len + 1) // CACHE_ROUND) * CACHE_ROUND  # +1: the scratch slot
         self.cache = KVCache(engine.config, capacity, max_len, device, engine.dtype)
         self.static_in = torch.zeros(capacity, dtype=torch.long, device=device)  # each slot's next input
@@ -197,14 +210,18 @@ class DecodeSession:
             T = max(T, *lengths)
         rows = [a.prompt + [0] * (T - len(a.prompt)) for a in group] + [[0] * T] * (G - len(group))
         ids = torch.tensor(rows, device=e.device)
-        small = KVCache(e.config, G, T, e.device, e.dtype)
-        last = torch.tensor(lengths + [1] * (G - len(group)), device=e.device)
-        clock.lap("prefill: inputs and cache (host)")
-        logits = self._forward(ids, small, last - 1)  # (G, V)
-        clock.lap("prefill: forward launch (host)")
-        small.lengths.copy_(last)  # the padding's keys/values lie past each row's length
-        for g, a in enumerate(group):
-            self._start_rows(a, small, g, logits[g:g + 1])
+        last = torch.tensor(lengths + [1] * (G - len(group)), device=e.device) - 1
+        if self.graphs is not None and self.graphs.fits(G, T):
+            clock.lap("prefill: inputs and cache (host)")
+            small, logits = self.graphs.run(ids, last)  # (G, V)
+            clock.lap("prefill: forward launch (host)")
+        else:
+            small = KVCache(e.config, G, T, e.device, e.dtype)
+            clock.lap("prefill: inputs and cache (host)")
+            logits = self._forward(ids, small, last)  # (G, V)
+            clock.lap("prefill: forward launch (host)")
+            small.lengths.copy_(last + 1)  # the padding's keys/values lie past each row's length
+        self._start_rows([(a, g) for g, a in enumerate(group)], small, logits)
         clock.lap("prefill: rows started (host)")
 
     def _chunk_cache_len(self, prompt_len: int) -> int:
@@ -233,24 +250,32 @@ class DecodeSession:
             a.cache.lengths.fill_(a.done)  # the padding's keys/values lie past the prompt
         if a.done == len(a.prompt):
             self.admitted.popleft()
-            self._start_rows(a, a.cache, 0, logits)
+            self._start_rows([(a, 0)], a.cache, logits)
             clock.lap("prefill: rows started (host)")
 
-    def _start_rows(self, a: _Admission, small, src: int, logits: torch.Tensor) -> None:
-        """Copy a prefilled prompt (row `src` of `small`) into its live slots and sample their first tokens."""
+    def _start_rows(self, started: list[tuple[_Admission, int]], small, logits: torch.Tensor) -> None:
+        """Copy prefilled prompts (admission, its row in `small` and `logits`) into their live slots
+        and sample their first tokens: one copy and one sampling for the whole group."""
         e = self.engine
-        samples = [j for j, slot in enumerate(a.slots) if slot not in a.released]
-        slots = [a.slots[j] for j in samples]
-        self.cache.copy_rows(small, [src] * len(slots), slots)
-        index = torch.tensor(slots, device=e.device)
-        self.keys[index] = row_keys(a.seed, len(a.slots), e.device)[samples]
-        logits = e._mask_padding(logits.float()[[0] * len(slots)])  # a copy per sample: sampling works in place
-        first = sample_next(logits, *self.sampling, keys=self.keys[index], positions=self.cache.lengths[index])
-        self.next_ids[index] = first
-        self.static_in[index] = first
-        for i in slots:
-            self.reserved.discard(i)
-            self.rows[i] = _Row(len(a.prompt), a.max_tokens, a.stops)
+        sources, slots, keys = [], [], []
+        for a, src in started:
+            samples = [j for j, slot in enumerate(a.slots) if slot not in a.released]
+            sources += [src] * len(samples)
+            slots += [a.slots[j] for j in samples]
+            keys.append(row_keys(a.seed, len(a.slots), "cpu")[samples])  # the same keys as on the device
+        if slots:
+            self.cache.copy_rows(small, sources, slots)
+            index = torch.tensor(slots, device=e.device)
+            self.keys[index] = torch.cat(keys).to(e.device)
+            rows = e._mask_padding(logits.float()[torch.tensor(sources, device=e.device)])  # a copy per sample
+            first = sample_next(rows, *self.sampling, keys=self.keys[index], positions=self.cache.lengths[index])
+            self.next_ids[index] = first
+            self.static_in[index] = first
+        for a, _ in started:
+            for slot in a.slots:
+                if slot not in a.released:
+                    self.reserved.discard(slot)
+                    self.rows[slot] = _Row(len(a.prompt), a.max_tokens, a.stops)
 
     # ---- decoding --------------------------------------------------------------------------------
 
@@ -328,23 +353,29 @@ class DecodeSession:
         return time.perf_counter() - start
 
     def _warm_prefill(self) -> None:
-        """One forward of every shape a bucketed prefill can take: groups of G prompts padded to T
-        tokens, and a long prompt's whole chunks into each length its own cache can have."""
+        """One forward of every shape a bucketed prefill can take (recorded as a graph where it
+        fits the prefill graphs' buffers, largest first): groups of G prompts padded to T tokens,
+        and a long prompt's whole chunks into each length its own cache can have."""
         from chatforge.model.gpt import KVCache
 
         e = self.engine
-        T = SHORTEST_BUCKET
+        buckets, T = [], SHORTEST_BUCKET
         while True:
             T = min(T, self.prefill_chunk)
             G = 1
             while G <= _pow2(min(PREFILL_GROUP, self.capacity)):
-                cache = KVCache(e.config, G, T, e.device, e.dtype)
-                self._forward(torch.zeros(G, T, dtype=torch.long, device=e.device), cache,
-                              torch.zeros(G, dtype=torch.long, device=e.device))
+                buckets.append((G, T))
                 G *= 2
             if T == self.prefill_chunk:
                 break
             T *= 2
+        for G, T in sorted(buckets, key=lambda b: -b[0] * b[1]):
+            if self.graphs is not None and self.graphs.fits(G, T):
+                self.graphs.build(G, T)
+            else:
+                cache = KVCache(e.config, G, T, e.device, e.dtype)
+                self._forward(torch.zeros(G, T, dtype=torch.long, device=e.device), cache,
+                              torch.zeros(G, dtype=torch.long, device=e.device))
         lengths = {self._chunk_cache_len(n) for n in range(self.prefill_chunk + 1, self.engine.config.sequence_len,
                                                            self.prefill_chunk)}
         lengths.add(self._chunk_cache_len(self.engine.config.sequence_len - 1))

@@ -243,8 +243,14 @@ class ProcessPool:
         job.on_stop = lambda choice: self._stop(r, job_id, choice)
         self.jobs[job_id] = job
         r.waiting.add(job_id)
-        self._send(r, ("submit", job_id, job.prompt, job.max_tokens, job.n, job.temperature, job.top_k, job.top_p,
-                       job.seed, tuple(job.stop), job.use_tools))
+        try:
+            self._send(r, ("submit", job_id, job.prompt, job.max_tokens, job.n, job.temperature, job.top_k,
+                           job.top_p, job.seed, tuple(job.stop), job.use_tools))
+        except (OSError, ValueError):  # it died just now; its reader will say so in the log
+            with self.registry:
+                self._forget(r, job_id, job.n)
+            raise EngineUnavailable(f"the engine process of replica {r.index} has exited; restart the server") \
+                from None
 
     def waiting(self) -> int:
         """Requests sent to an engine and not taken yet, whose clients are still there."""
