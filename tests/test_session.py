@@ -227,3 +227,36 @@ def test_bucketed_prefill_decodes_the_same_and_uses_only_the_shapes_warm_ran(mon
     # the prefill graphs' static buffers (on the CPU run eagerly, as the recorded graphs run on a GPU)
     warmed, used, graphed = serve(True, graphs=True)
     assert used <= warmed and graphed == plain
+
+
+@pytest.mark.parametrize("context, chunk", [(32, 512), (600, 1024)], ids=["context-under-chunk", "chunk-over-cache"])
+def test_bucketed_prefill_keeps_its_shapes_within_the_context_and_the_cache(context, chunk):
+    """A context shorter than the prefill chunk (a tiny model on CUDA) warms only shapes a prompt can
+    take; a chunk longer than the session's cache never pads a group past that cache. Replies are
+    those of plain prefill."""
+    tok = tiny_tokenizer()
+    engine = Engine(tiny_model(tok.vocab_size, sequence_len=context), tok)
+    shapes = []
+    forward = engine.model.forward
+
+    def recorded(ids, *args, kv_cache=None, **kwargs):
+        if ids.shape[1] > 1:
+            shapes.append(tuple(ids.shape))
+        return forward(ids, *args, kv_cache=kv_cache, **kwargs)
+
+    engine.model.forward = recorded
+    prompts = [prompt(engine, "hi"), [tok.special_id("<|bos|>")] * (context - 1)]
+
+    def serve(bucketed):
+        session = DecodeSession(engine, capacity=2, temperature=0.0, use_tools=False, prefill_chunk=chunk,
+                                bucketed=bucketed, prefill_graphs=bucketed)
+        if bucketed:
+            session.warm()
+            longest = max(T for _, T in set(shapes) | set(session.graphs.graphs))
+            assert longest <= session.cache.max_len and longest < 2 * context  # none that no prompt can take
+        outputs = {}
+        slots = [session.admit(p, max_tokens=4)[0] for p in prompts]
+        drain(session, outputs)
+        return [outputs[s] for s in slots]
+
+    assert serve(True) == serve(False)

@@ -206,8 +206,7 @@ class DecodeSession:
         lengths = [len(a.prompt) for a in group]
         T, G = max(lengths), len(group)
         if self.bucketed:  # pad to the bucket's shape: rows of one token stand in for the missing prompts
-            T, G = min(_pow2(T, SHORTEST_BUCKET), self.prefill_chunk), min(_pow2(G), PREFILL_GROUP)
-            T = max(T, *lengths)
+            T, G = self._group_len(T), min(_pow2(G), PREFILL_GROUP)
         rows = [a.prompt + [0] * (T - len(a.prompt)) for a in group] + [[0] * T] * (G - len(group))
         ids = torch.tensor(rows, device=e.device)
         last = torch.tensor(lengths + [1] * (G - len(group)), device=e.device) - 1
@@ -223,6 +222,12 @@ class DecodeSession:
             small.lengths.copy_(last + 1)  # the padding's keys/values lie past each row's length
         self._start_rows([(a, g) for g, a in enumerate(group)], small, logits)
         clock.lap("prefill: rows started (host)")
+
+    def _group_len(self, longest: int) -> int:
+        """Bucketed: the padded length of a group whose longest prompt has `longest` tokens. Within
+        the chunk (the group's budget) and the session's cache (its rows are copied there), which a
+        prompt, shorter than the context, never exceeds."""
+        return min(_pow2(longest, SHORTEST_BUCKET), self.prefill_chunk, self.cache.max_len)
 
     def _chunk_cache_len(self, prompt_len: int) -> int:
         """A long prompt's own cache: its length, or bucketed, whole chunks (within the session's cache)."""
@@ -359,16 +364,10 @@ class DecodeSession:
         from chatforge.model.gpt import KVCache
 
         e = self.engine
-        buckets, T = [], SHORTEST_BUCKET
-        while True:
-            T = min(T, self.prefill_chunk)
-            G = 1
-            while G <= _pow2(min(PREFILL_GROUP, self.capacity)):
-                buckets.append((G, T))
-                G *= 2
-            if T == self.prefill_chunk:
-                break
-            T *= 2
+        longest = min(self.prefill_chunk, e.config.sequence_len - 1)  # the longest prompt a group can hold
+        group_lengths = {self._group_len(n) for n in range(1, longest + 1)}
+        rows = [1 << i for i in range(_pow2(min(PREFILL_GROUP, self.capacity)).bit_length())]
+        buckets = [(G, T) for G in rows for T in group_lengths]
         for G, T in sorted(buckets, key=lambda b: -b[0] * b[1]):
             if self.graphs is not None and self.graphs.fits(G, T):
                 self.graphs.build(G, T)
