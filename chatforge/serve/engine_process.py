@@ -179,7 +179,7 @@ class ProcessPool:
         self.jobs: dict[int, Job] = {}  # id -> job not over yet
         self.choices: dict[tuple[int, int], _Choice] = {}  # (id, choice) -> its text side
         self.over: set[tuple[int, int]] = set()  # (id, choice) that send nothing more
-        self.registry = threading.Lock()  # jobs, choices, over: the readers and the event loop change them
+        self.registry = threading.Lock()  # jobs, choices, over, replicas' waiting and running: readers and event loop change them
         self.ids = itertools.count()
         self.closing = False
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))  # the readers hand tokens on promptly
@@ -241,8 +241,11 @@ class ProcessPool:
         job.remote_id = job_id
         job.on_cancel = lambda: self._cancel(r, job_id)
         job.on_stop = lambda choice: self._stop(r, job_id, choice)
-        self.jobs[job_id] = job
-        r.waiting.add(job_id)
+        with self.registry:  # its reader fails the jobs it holds once it sees the engine die: this one, or none
+            if not r.alive:
+                raise EngineUnavailable(f"the engine process of replica {r.index} has exited; restart the server")
+            self.jobs[job_id] = job
+            r.waiting.add(job_id)
         try:
             self._send(r, ("submit", job_id, job.prompt, job.max_tokens, job.n, job.temperature, job.top_k,
                            job.top_p, job.seed, tuple(job.stop), job.use_tools))
@@ -338,10 +341,11 @@ class ProcessPool:
             if kind == "tokens":
                 self._tokens(r, message[1])
             elif kind == "taken":
-                for i in message[1]:
-                    if i in r.waiting:
-                        r.waiting.discard(i)
-                        r.running.add(i)
+                with self.registry:  # a job the event loop forgets meanwhile must not come back as running
+                    for i in message[1]:
+                        if i in r.waiting:
+                            r.waiting.discard(i)
+                            r.running.add(i)
             elif kind == "timing":
                 r.timing = message[1]
                 r.reported.set()
@@ -356,20 +360,21 @@ class ProcessPool:
     def _tokens(self, r: _Replica, items: list) -> None:
         now = time.perf_counter()
         by_loop: dict = {}
-        for job_id, index, tokens, reason in items:
-            job = self.jobs.get(job_id)
-            key = (job_id, index)
-            if job is None or key in self.over:  # cancelled, or stopped by its text, meanwhile
-                continue
-            if job.ttft is None:
-                job.ttft = now - job.submitted
-            job.completion_tokens += len(tokens)
-            choice = self.choices.get(key)
-            if choice is None:
-                choice = self.choices[key] = _Choice(self.engine, job, index)
-            if reason is not None:
-                self._choice_over(r, job_id, index)
-            by_loop.setdefault(job.loop, []).append((choice, tokens, reason))
+        with self.registry:  # a choice made for a job the event loop forgets meanwhile would stay forever
+            for job_id, index, tokens, reason in items:
+                job = self.jobs.get(job_id)
+                key = (job_id, index)
+                if job is None or key in self.over:  # cancelled, or stopped by its text, meanwhile
+                    continue
+                if job.ttft is None:
+                    job.ttft = now - job.submitted
+                job.completion_tokens += len(tokens)
+                choice = self.choices.get(key)
+                if choice is None:
+                    choice = self.choices[key] = _Choice(self.engine, job, index)
+                if reason is not None:
+                    self._over(r, job_id, index)
+                by_loop.setdefault(job.loop, []).append((choice, tokens, reason))
         for loop, batch in by_loop.items():
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_emit, batch)
@@ -383,14 +388,17 @@ class ProcessPool:
             pass
 
     def _choice_over(self, r: _Replica, job_id: int, index: int) -> None:
-        """Note that a choice sends nothing more; once all of a job's have, forget the job."""
         with self.registry:
-            job = self.jobs.get(job_id)
-            if job is None or (job_id, index) in self.over:
-                return
-            self.over.add((job_id, index))
-            if all((job_id, c) in self.over for c in range(job.n)):
-                self._forget(r, job_id, job.n)
+            self._over(r, job_id, index)
+
+    def _over(self, r: _Replica, job_id: int, index: int) -> None:
+        """Note that a choice sends nothing more; once all of a job's have, forget the job (registry held)."""
+        job = self.jobs.get(job_id)
+        if job is None or (job_id, index) in self.over:
+            return
+        self.over.add((job_id, index))
+        if all((job_id, c) in self.over for c in range(job.n)):
+            self._forget(r, job_id, job.n)
 
     def _forget(self, r: _Replica, job_id: int, n: int) -> Job | None:
         r.waiting.discard(job_id)
