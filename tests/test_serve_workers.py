@@ -225,3 +225,33 @@ def test_a_session_that_failed_mid_batch_is_not_reused(engine, monkeypatch):
     before, delta, after = asyncio.run(run())
     assert failures == ["raised"] and isinstance(delta.error, RuntimeError)
     assert after == before
+
+
+def test_a_warm_up_that_fails_at_start_fails_requests_instead_of_losing_the_replica(monkeypatch):
+    """On CUDA a replica warms its session before the first request; if that fails (out of memory
+    capturing the steps), the replica must live on and fail requests with the error, not leave them
+    waiting forever (the engine process has already reported itself ready)."""
+    import torch
+
+    from chatforge.serve import workers
+
+    tok = tiny_tokenizer()
+    engine = Engine(tiny_model(tok.vocab_size, sequence_len=128), tok)
+    engine.device = torch.device("cuda")  # only where the replica decides to warm up front; no CUDA work runs
+
+    def failing_session(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (warm-up)")
+
+    monkeypatch.setattr(workers, "new_session", failing_session)
+
+    async def run():
+        pool = WorkerPool([engine], max_batch=2, continuous=True)
+        try:
+            job = Job(prompt(engine, "hello"), 4, temperature=0.0)
+            pool.submit(job)
+            return await asyncio.wait_for(job.queue.get(), timeout=10)
+        finally:
+            pool.close()
+
+    delta = asyncio.run(run())
+    assert isinstance(delta.error, RuntimeError) and "out of memory" in str(delta.error)

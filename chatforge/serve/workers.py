@@ -350,7 +350,10 @@ class WorkerPool:
 
     def _serve(self, index: int, engine: Engine) -> None:
         if self.continuous and engine.device.type == "cuda":  # the API's default settings, ready before any request
-            self.sessions[index] = new_session(engine, self.max_batch, (1.0, None, None), True, self.timing[index])
+            try:
+                self.sessions[index] = new_session(engine, self.max_batch, (1.0, None, None), True, self.timing[index])
+            except Exception as exc:  # the replica lives on: a request's own session tries again and fails it
+                print0(f"serve: replica {index}'s warm-up failed ({type(exc).__name__}: {exc}); requests will try again")
         while not self._stop.is_set():
             batch = self.queue.take(self.max_batch, timeout=0.5)
             if not batch:
