@@ -260,3 +260,29 @@ def test_bucketed_prefill_keeps_its_shapes_within_the_context_and_the_cache(cont
         return [outputs[s] for s in slots]
 
     assert serve(True) == serve(False)
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["first-gpu", "second-gpu"])
+def test_recorded_prefill_and_decode_graphs_give_the_eager_replies_on_any_gpu(index):
+    """GPU only. The recorded graphs (decode steps, bucketed prefill) against the same session run
+    eagerly, on GPU 0 and on GPU 1 (a second replica: the capture must happen on that GPU, though
+    its thread's current device is 0)."""
+    import torch
+
+    if torch.cuda.device_count() <= index:
+        pytest.skip(f"needs {index + 1} CUDA GPUs")
+    tok = tiny_tokenizer()
+    device = torch.device("cuda", index)
+    texts = ["hi", "the cat sat on the mat " * 3, "what is 6 * 7", "the dog ran " * 30]
+
+    def serve(graphs: bool):
+        engine = Engine(tiny_model(tok.vocab_size, sequence_len=256).to(device), tok, device, cuda_graph=graphs)
+        session = DecodeSession(engine, capacity=4, temperature=0.0, use_tools=False, prefill_chunk=64,
+                                bucketed=True, prefill_graphs=graphs)
+        session.warm()
+        outputs = {}
+        slots = [session.admit(prompt(engine, t), max_tokens=12)[0] for t in texts]
+        drain(session, outputs)
+        return [outputs[s] for s in slots]
+
+    assert serve(True) == serve(False)
