@@ -122,7 +122,13 @@ class DecodeSession:
                 raise UsageError("prefill graphs need bucketed prefill")
             from chatforge.infer.prefill_graphs import PrefillGraphs
 
-            self.graphs = PrefillGraphs(engine, min(_pow2(min(PREFILL_GROUP, capacity)), PREFILL_GROUP))
+            rows = min(_pow2(min(PREFILL_GROUP, capacity)), PREFILL_GROUP)
+            # kept on the engine: prefill does not depend on sampling, so a session for new settings
+            # (one engine runs one session at a time) reuses the buffers and graphs recorded before
+            shared = getattr(engine, "prefill_graphs", None)
+            if shared is None or shared.max_rows < rows:
+                shared = engine.prefill_graphs = PrefillGraphs(engine, rows)
+            self.graphs = shared
         max_len = -(-(engine.config.sequence_len + 1) // CACHE_ROUND) * CACHE_ROUND  # +1: the scratch slot
         self.cache = KVCache(engine.config, capacity, max_len, device, engine.dtype)
         self.static_in = torch.zeros(capacity, dtype=torch.long, device=device)  # each slot's next input

@@ -349,6 +349,11 @@ class WorkerPool:
         return sum(job.live_rows() for jobs in list(self.serving) for job in list(jobs))
 
     def _serve(self, index: int, engine: Engine) -> None:
+        import torch
+
+        if engine.device.type == "cuda" and torch.cuda.is_available():
+            # a new thread's current device is GPU 0; graph recording, streams and events follow it
+            torch.cuda.set_device(engine.device)
         if self.continuous and engine.device.type == "cuda":  # the API's default settings, ready before any request
             try:
                 self.sessions[index] = new_session(engine, self.max_batch, (1.0, None, None), True, self.timing[index])
