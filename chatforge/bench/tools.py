@@ -61,8 +61,8 @@ class ScriptedCalls(torch.nn.Module):
         self.register_buffer("script", torch.full((rows, max_len), -1, dtype=torch.long,
                                                   device=next(model.parameters()).device), persistent=False)
 
-    def forward(self, idx, kv_cache=None):
-        logits = self.model(idx, kv_cache=kv_cache)
+    def forward(self, idx, kv_cache=None, logits_at=None):
+        logits = self.model(idx, kv_cache=kv_cache, logits_at=logits_at)
         if idx.shape[1] != 1 or self.script.shape[0] != idx.shape[0]:
             return logits  # prefill: the first token is always free
         at = kv_cache.lengths.clamp(max=self.script.shape[1] - 1)[:, None]  # the position being sampled
