@@ -322,7 +322,7 @@ def main(args) -> int:
     baseline = engine_baseline(args, levels) if args.engine_baseline else {}
     model = f"random weights depth {args.depth}" if args.depth is not None else f"source {args.source}"
     print0(f"bench serve: {model}, device {args.device or 'auto'}, max_tokens {args.max_new_tokens}, "
-           f"max-batch {max_batch}, scheduling {args.scheduling}, compile {args.compile}")
+           f"max-batch {max_batch}, scheduling {args.scheduling}, compile {args.compile}, engine {args.engine}")
     print0("| streams | requests | req/s | tok/s | engine tok/s | server/engine | TTFT p50 / p90 | latency p50 | "
            "client CPU |")
     print0("|---|---|---|---|---|---|---|---|---|")
