@@ -286,3 +286,25 @@ def test_recorded_prefill_and_decode_graphs_give_the_eager_replies_on_any_gpu(in
         return [outputs[s] for s in slots]
 
     assert serve(True) == serve(False)
+
+
+def test_a_prefill_graph_that_fails_to_record_leaves_eager_prefill_serving(engine, monkeypatch, capsys):
+    """A GPU where recording fails (a driver, an op that cannot be captured) must still serve: one
+    line says so, prefill runs eagerly with the same replies, and the engine does not try again."""
+    from chatforge.infer.prefill_graphs import PrefillGraphs
+
+    def refuse(self, G, T):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(PrefillGraphs, "build", refuse)
+    monkeypatch.setattr(engine, "prefill_graphs", None)  # the module's engine: restored afterwards
+    a, b = prompt(engine, "hello there"), prompt(engine, "the cat sat on the mat")
+    session = DecodeSession(engine, capacity=4, temperature=0.0, use_tools=False, bucketed=True, prefill_graphs=True)
+    session.warm()
+    assert session.graphs is None and engine.prefill_graphs is False
+    assert capsys.readouterr().out.count("prefill runs eagerly") == 1
+    outputs = {}
+    [sa] = session.admit(a, max_tokens=10)
+    [sb] = session.admit(b, max_tokens=10)
+    drain(session, outputs)
+    assert [outputs[sa], outputs[sb]] == [alone(engine, a, 10), alone(engine, b, 10)]

@@ -116,7 +116,7 @@ class Engine:
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.meta: dict = {}  # the checkpoint's meta.json when loaded with from_checkpoint
-        self.prefill_graphs = None  # a DecodeSession's recorded prefills (infer/prefill_graphs.py), kept across sessions
+        self.prefill_graphs = None  # a DecodeSession's recorded prefills (infer/prefill_graphs.py); False: recording failed
         self._decoder = None  # ((R, max_len), cache, static input, row keys, forward, {sampling: step})
         self.tool_stats = {"calls": 0, "blocked_s": 0.0}  # sandbox calls made; seconds every row waited on one
 

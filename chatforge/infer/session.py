@@ -52,6 +52,7 @@ from chatforge.errors import UsageError
 from chatforge.infer.engine import CACHE_ROUND, PREFILL_GROUP, Engine, StepToken, _Row
 from chatforge.infer.sampling import check_sampling_args, row_keys, sample_next
 from chatforge.infer.timing import TimeSpent
+from chatforge.runtime import print0
 
 TOOL_POLL = 0.005   # seconds a step waits for a tool when every row waits, before it returns to admit
 PREFILL_CHUNK = 512  # most prompt tokens prefilled per step, so running streams wait one chunk at most
@@ -115,7 +116,8 @@ class DecodeSession:
         # Bucketed groups of prompts run as recorded CUDA graphs (infer/prefill_graphs.py) where the
         # engine records its decode steps; CHATFORGE_PREFILL_GRAPHS=0 runs them eagerly.
         if prefill_graphs is None:
-            prefill_graphs = self.bucketed and engine.cuda_graph and os.environ.get("CHATFORGE_PREFILL_GRAPHS") != "0"
+            prefill_graphs = (self.bucketed and engine.cuda_graph and os.environ.get("CHATFORGE_PREFILL_GRAPHS") != "0"
+                              and getattr(engine, "prefill_graphs", None) is not False)  # False: recording failed
         self.graphs = None
         if prefill_graphs:
             if not self.bucketed:
@@ -126,7 +128,7 @@ class DecodeSession:
             # kept on the engine: prefill does not depend on sampling, so a session for new settings
             # (one engine runs one session at a time) reuses the buffers and graphs recorded before
             shared = getattr(engine, "prefill_graphs", None)
-            if shared is None or shared.max_rows < rows:
+            if not shared or shared.max_rows < rows:
                 shared = engine.prefill_graphs = PrefillGraphs(engine, rows)
             self.graphs = shared
         max_len = -(-(engine.config.sequence_len + 1) // CACHE_ROUND) * CACHE_ROUND  # +1: the scratch slot
@@ -376,11 +378,16 @@ class DecodeSession:
         buckets = [(G, T) for G in rows for T in group_lengths]
         for G, T in sorted(buckets, key=lambda b: -b[0] * b[1]):
             if self.graphs is not None and self.graphs.fits(G, T):
-                self.graphs.build(G, T)
-            else:
-                cache = KVCache(e.config, G, T, e.device, e.dtype)
-                self._forward(torch.zeros(G, T, dtype=torch.long, device=e.device), cache,
-                              torch.zeros(G, dtype=torch.long, device=e.device))
+                try:
+                    self.graphs.build(G, T)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - whatever failed, eager prefill still serves
+                    print0(f"prefill graphs: recording bucket {G}x{T} failed ({type(exc).__name__}: {exc}); "
+                           "prefill runs eagerly (CHATFORGE_PREFILL_GRAPHS=0 skips the attempt)")
+                    e.prefill_graphs, self.graphs = False, None  # not tried again on this engine
+            cache = KVCache(e.config, G, T, e.device, e.dtype)
+            self._forward(torch.zeros(G, T, dtype=torch.long, device=e.device), cache,
+                          torch.zeros(G, dtype=torch.long, device=e.device))
         lengths = {self._chunk_cache_len(n) for n in range(self.prefill_chunk + 1, self.engine.config.sequence_len,
                                                            self.prefill_chunk)}
         lengths.add(self._chunk_cache_len(self.engine.config.sequence_len - 1))
