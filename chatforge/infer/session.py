@@ -133,6 +133,11 @@ class DecodeSession:
             self.graphs = shared
         max_len = -(-(engine.config.sequence_len + 1) // CACHE_ROUND) * CACHE_ROUND  # +1: the scratch slot
         self.cache = KVCache(engine.config, capacity, max_len, device, engine.dtype)
+        # Without recorded or compiled steps (the CPU) shapes may change every step, so a step attends
+        # over a window of the cache that covers what its rows have written (a multiple of CACHE_ROUND),
+        # not the whole context: on a CPU, attention over an unused 2k-position cache dominated the step.
+        self.windowed = not engine.cuda_graph and not engine.compile
+        self.since = [0] * capacity  # steps each slot has decoded since its prefill: its position's bound
         self.static_in = torch.zeros(capacity, dtype=torch.long, device=device)  # each slot's next input
         self.next_ids = torch.zeros(capacity, dtype=torch.long, device=device)   # each slot's next output
         self.keys = torch.zeros(capacity, dtype=torch.long, device=device)      # each slot's noise key
@@ -289,6 +294,7 @@ class DecodeSession:
                 if slot not in a.released:
                     self.reserved.discard(slot)
                     self.rows[slot] = _Row(len(a.prompt), a.max_tokens, a.stops)
+                    self.since[slot] = 0
 
     # ---- decoding --------------------------------------------------------------------------------
 
@@ -318,10 +324,12 @@ class DecodeSession:
         free = [i for i in range(R) if i not in live]
         if free:  # junk stays in the scratch slot, never past the cache
             self.cache.lengths[torch.tensor(free, device=e.device)] = 0
-        self._build_step(R)
+        key = self._build_step(R, self._window(live))
+        for i in live:
+            self.since[i] += 1
         launched = time.perf_counter()
         with self._gpu_mark("gpu decode"):
-            self.steps[R]()
+            self.steps[key]()
         waited = time.perf_counter()
         if self.cuda:
             self.arrived.synchronize()
@@ -340,10 +348,23 @@ class DecodeSession:
         self._read_gpu_marks()
         return out
 
-    def _build_step(self, R: int) -> None:
-        if R not in self.steps:
-            self.steps[R] = self.engine._session_step(self.cache.head(R), self.static_in[:R], self.next_ids[:R],
-                                                      self.keys[:R], self.sampling)
+    def _window(self, live: dict) -> int:
+        """The cache positions this step attends over: every live row writes below
+        prompt + steps since its prefill + 1; the whole cache where steps keep one shape."""
+        if not self.windowed:
+            return self.cache.max_len
+        need = max(row.prompt_len + self.since[i] for i, row in live.items()) + 2
+        return min(-(-need // CACHE_ROUND) * CACHE_ROUND, self.cache.max_len)
+
+    def _build_step(self, R: int, length: int | None = None):
+        """The step over the first R rows (and `length` cache positions); returns its key in `steps`."""
+        length = length or self.cache.max_len
+        key = R if length == self.cache.max_len else (R, length)
+        if key not in self.steps:
+            cache = self.cache.head(R) if length == self.cache.max_len else self.cache.window(R, length)
+            self.steps[key] = self.engine._session_step(cache, self.static_in[:R], self.next_ids[:R],
+                                                        self.keys[:R], self.sampling)
+        return key
 
     @torch.inference_mode()
     def warm(self) -> float:

@@ -393,6 +393,15 @@ class KVCache:
         view.lengths = self.lengths[:rows]
         return view
 
+    def window(self, rows: int, length: int) -> "KVCache":
+        """The first `rows` rows' first `length` positions as a cache sharing this one's storage (a
+        view: writes go through); for attending over what the rows have written, not the whole cache."""
+        view = self.head(rows)
+        view.max_len = length
+        view.k = [t[:, :, :length] for t in view.k]
+        view.v = [t[:, :, :length] for t in view.v]
+        return view
+
     @torch.no_grad()
     def copy_rows(self, src_cache: "KVCache", src_rows, dst_rows) -> None:
         """Copy rows src_rows of src_cache into rows dst_rows of this cache (keys, values, lengths).
