@@ -243,7 +243,8 @@ class BusyCorpus:
 def test_close_stops_and_joins_the_background_threads(tokenizer):
     loader = PackedLoader(BusyCorpus(), tokenizer, batch_size=2, seq_len=16, buffer_docs=4, tokenize_batch=4)
     with loader:
-        next(iter(loader))
+        batches = iter(loader)  # held: a dropped iterator stops its threads itself, racing the check below
+        next(batches)
         threads = [w.thread for w in loader._workers]
         assert {t.name for t in threads} == {"pack", "tokenize"} and all(t.is_alive() for t in threads)
     assert not any(t.is_alive() for t in threads)
