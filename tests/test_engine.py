@@ -147,6 +147,15 @@ class ScriptedModel(torch.nn.Module):
         return logits if logits_at is None else logits[torch.arange(B), logits_at][:, None]
 
 
+def scripted_tool_engine(index: int = 0) -> Engine:
+    """An engine whose model calls the Python tool with 6 * 7, then says the answer: what an engine
+    process builds in the server test of tool use (module level, so it pickles)."""
+    tok = tiny_tokenizer()
+    sp = tok.special_id
+    script = [sp("<|python_start|>"), *tok.encode("6 * 7"), sp("<|python_end|>"), *tok.encode(" the answer is 42")]
+    return Engine(ScriptedModel(tok, script), tok)
+
+
 def test_tool_call_forces_sandbox_output_and_masks_it(tok):
     sp = tok.special_id
     code, after = tok.encode("6 * 7"), tok.encode(" the answer is 42")

@@ -321,3 +321,25 @@ def test_cli_serves_a_checkpoint_and_logs_one_line_per_request_without_content(t
     request_lines = [x for x in log.splitlines() if "POST /v1/chat/completions 200" in x]
     assert len(request_lines) == 1 and "in=" in request_lines[0] and "out=4" in request_lines[0]
     assert "secret" not in log
+
+
+def test_the_engine_process_runs_the_python_tool_and_streams_its_output():
+    """The tool runs where the engine runs (the engine process, with its own sandbox helper); the
+    reply shows the call and its output fenced, streamed or not."""
+    from test_engine import scripted_tool_engine
+
+    pool = ProcessPool(partial(scripted_tool_engine), max_batch=4)
+    server = ServerThread(create_app(pool, MODEL_ID, Limits(context=128)))
+    try:
+        messages = [{"role": "user", "content": "what is 6 * 7"}]
+        out = client(server.url).chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=60,
+                                                         temperature=0)
+        content = out.choices[0].message.content
+        assert "```python\n6 * 7\n```" in content and "```output\n42\n```" in content
+        assert content.endswith(" the answer is 42") and out.choices[0].finish_reason == "stop"
+        stream = client(server.url).chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=60,
+                                                            temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == content
+    finally:
+        server.stop()
+        pool.close()
