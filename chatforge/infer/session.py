@@ -117,7 +117,7 @@ class DecodeSession:
         # engine records its decode steps; CHATFORGE_PREFILL_GRAPHS=0 runs them eagerly.
         if prefill_graphs is None:
             prefill_graphs = (self.bucketed and engine.cuda_graph and os.environ.get("CHATFORGE_PREFILL_GRAPHS") != "0"
-                              and getattr(engine, "prefill_graphs", None) is not False)  # False: recording failed
+                              and engine.prefill_graphs is not False)  # False: recording failed
         self.graphs = None
         if prefill_graphs:
             if not self.bucketed:
@@ -127,7 +127,7 @@ class DecodeSession:
             rows = min(_pow2(min(PREFILL_GROUP, capacity)), PREFILL_GROUP)
             # kept on the engine: prefill does not depend on sampling, so a session for new settings
             # (one engine runs one session at a time) reuses the buffers and graphs recorded before
-            shared = getattr(engine, "prefill_graphs", None)
+            shared = engine.prefill_graphs
             if not shared or shared.max_rows < rows:
                 shared = engine.prefill_graphs = PrefillGraphs(engine, rows)
             self.graphs = shared
@@ -416,7 +416,7 @@ class DecodeSession:
             if L <= self.prefill_chunk:
                 continue
             cache = KVCache(e.config, 1, L, e.device, e.dtype)
-            for done in range(0, L, self.prefill_chunk):
+            for done in {0, (L - 1) // self.prefill_chunk * self.prefill_chunk}:  # whole chunks, and the last
                 cache.lengths.fill_(done)
                 self._forward(torch.zeros(1, min(self.prefill_chunk, L - done), dtype=torch.long, device=e.device),
                               cache, torch.zeros(1, dtype=torch.long, device=e.device))

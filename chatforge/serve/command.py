@@ -137,7 +137,7 @@ def build_server(args):
     engines = pool.engines
     meta = engines[0].meta
     model_id = f"chatforge-{args.source}-{meta.get('tag') or args.tag or 'model'}"
-    limits = Limits(context=_context(engines[0]), max_messages=args.max_messages,
+    limits = Limits(context=engines[0].config.sequence_len, max_messages=args.max_messages,
                     max_message_chars=args.max_message_chars, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                     default_max_tokens=args.max_new_tokens)
     api_key = _api_key(args)
@@ -151,11 +151,6 @@ def build_server(args):
            f"auth {'on' if api_key else 'off'}; CORS {cors}; Host {'any' if '*' in hosts else ', '.join(hosts)} "
            "and IP addresses")
     return app, pool
-
-
-def _context(engine) -> int:
-    """The model's context, of an Engine (thread pool) or an engine process's EngineInfo."""
-    return engine.sequence_len if hasattr(engine, "sequence_len") else engine.config.sequence_len
 
 
 def bind_port(host: str, port: int):

@@ -45,7 +45,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
-from chatforge.errors import ChatforgeError
+from chatforge.errors import ChatforgeError, UsageError
 from chatforge.infer.timing import TimeSpent, merge_reports
 from chatforge.runtime import print0
 from chatforge.serve.guard import resident_bytes
@@ -61,7 +61,7 @@ class EngineInfo:
     """What the server process needs of a replica it does not hold: the tokenizer (prompts, text)
     and what it reports."""
     tokenizer: object
-    sequence_len: int
+    config: object  # the model's GPTConfig (its context, as an Engine's)
     meta: dict
     device: str
     compile: bool
@@ -103,7 +103,7 @@ def _engine_main(conn, recipe, index: int, max_batch: int, continuous: bool) -> 
 
     try:
         engine = recipe(index)
-        info = EngineInfo(engine.tokenizer, engine.config.sequence_len, dict(getattr(engine, "meta", {}) or {}),
+        info = EngineInfo(engine.tokenizer, engine.config, dict(getattr(engine, "meta", {}) or {}),
                           str(engine.device), bool(engine.compile))
     except BaseException as exc:  # noqa: BLE001 - whatever stopped the load is the server's error too
         send(("failed", _portable(exc)))
@@ -173,7 +173,7 @@ class ProcessPool:
     def __init__(self, recipe, replicas: int = 1, max_batch: int = 32, max_queue: int = 256,
                  continuous: bool = True):
         if max_batch < 1:
-            raise ChatforgeError(f"--max-batch {max_batch} must be at least 1")
+            raise UsageError(f"--max-batch {max_batch} must be at least 1")
         self.max_batch, self.max_queue = max_batch, max_queue
         self.loop_timing = TimeSpent()  # the event loop's share: text of the tokens, SSE chunks
         self.jobs: dict[int, Job] = {}  # id -> job not over yet
